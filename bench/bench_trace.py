@@ -1,0 +1,122 @@
+"""Benchmark: fast causal tracing against ROME's original algorithm.
+
+The original runs one forward pass of batch ``samples + 1`` (a clean row and
+``samples`` corrupted rows) for every (kind, token, layer), patching from the
+clean row of the same batch. ``trace_fact`` gives the same scores from cached
+runs. Both use the default model, the demo prompt and the same noise.
+
+Each method runs in its own subprocess so that peak memory (max RSS) is its own.
+
+    python bench/bench_trace.py            # both, then the ratios
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "The Eiffel Tower"
+KINDS = ("resid", "mlp", "attn")
+SAMPLES, WINDOW, SEED = 10, 10, 0
+
+
+def original_trace(model, noise_scale: float) -> torch.Tensor:
+    """ROME's loop: one hooked forward pass per (kind, token, layer)."""
+    from rome_lens.tokens import subject_range
+    from rome_lens.tracing import window_layers
+
+    tokens = model.to_tokens(PROMPT)
+    first, last = subject_range(model, PROMPT, SUBJECT)
+    g = torch.Generator().manual_seed(SEED)
+    noise = torch.randn((SAMPLES, last - first, model.cfg.d_model), generator=g) * noise_scale
+    batch = tokens.expand(SAMPLES + 1, -1)
+    target = int(model(tokens)[0, -1].argmax())
+
+    def corrupt(act, hook):
+        act = act.clone()
+        act[1:, first:last] += noise
+        return act
+
+    def restore(t):
+        def hook(act, hook):
+            act[1:, t] = act[0, t]
+            return act
+
+        return hook
+
+    n_layers, n_pos = model.cfg.n_layers, tokens.shape[1]
+    scores = torch.zeros(len(KINDS), n_pos, n_layers)
+    for k, kind in enumerate(KINDS):
+        for t in range(n_pos):
+            for layer in range(n_layers):
+                if kind == "resid":
+                    names = [f"blocks.{layer}.hook_resid_post"]
+                else:
+                    layers = window_layers(layer, WINDOW, n_layers)
+                    names = [f"blocks.{j}.hook_{kind}_out" for j in layers]
+                fwd = [("hook_embed", corrupt)] + [(n, restore(t)) for n in names]
+                logits = model.run_with_hooks(batch, fwd_hooks=fwd)
+                scores[k, t, layer] = logits[1:, -1].softmax(-1)[:, target].mean()
+    return scores
+
+
+def run_one(method: str, out: Path) -> None:
+    import rome_lens
+
+    model = rome_lens.load_model()
+    noise_scale = rome_lens.embedding_noise_scale(model, [SUBJECT])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if method == "original":
+            scores = original_trace(model, noise_scale)
+        else:
+            trace = rome_lens.trace_fact(
+                model, PROMPT, SUBJECT, kinds=KINDS, samples=SAMPLES, window=WINDOW,
+                seed=SEED, noise_scale=noise_scale, progress=False,
+            )
+            scores = trace.scores
+    seconds = time.perf_counter() - start
+    torch.save(scores, out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    print(json.dumps({"method": method, "seconds": seconds, "peak_mib": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["original", "fast"])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.method:
+        run_one(args.method, args.out)
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in ("fast", "original"):
+            out = Path(tmp) / f"{method}.pt"
+            cmd = [sys.executable, __file__, "--method", method, "--out", str(out)]
+            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[method] = json.loads(line.strip().splitlines()[-1])
+            results[method]["scores"] = torch.load(out)
+    fast, orig = results["fast"], results["original"]
+    diff = float((fast["scores"] - orig["scores"]).abs().max())
+    print(f"model: SmolLM2-135M-Instruct, prompt {PROMPT!r}, kinds {KINDS}, "
+          f"samples {SAMPLES}, window {WINDOW}, threads {torch.get_num_threads()}")
+    print(f"{'method':<10}{'seconds':>10}{'peak MiB':>10}")
+    for name, r in (("original", orig), ("trace_fact", fast)):
+        print(f"{name:<10}{r['seconds']:>10.1f}{r['peak_mib']:>10.0f}")
+    print(f"speed ratio (original / trace_fact): {orig['seconds'] / fast['seconds']:.1f}x")
+    print(f"largest |score difference|: {diff:.2e}")
+    print(f"peak memory ratio (trace_fact / original): {fast['peak_mib'] / orig['peak_mib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

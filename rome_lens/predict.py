@@ -1,0 +1,148 @@
+"""Next-token predictions for many prompts at once, padded correctly.
+
+Prompts of different lengths share a batch only through padding, and padding
+is where factual recall quietly breaks: pad tokens must be masked out of
+attention, and with left padding every position must be shifted so that the
+real text still starts at position 0. TransformerLens does both when it is
+given an explicit ``attention_mask``, which is what this module builds (it
+never infers the mask from pad-token ids, which fails when the pad token is
+also BOS). Either padding side then gives the same probabilities as running
+each prompt alone.
+
+>>> import rome_lens
+>>> from rome_lens.predict import predict_next
+>>> model = rome_lens.tiny_model()
+>>> preds = predict_next(model, ["The Eiffel Tower is in", "Paris is"], targets=["Paris", "a"])
+>>> preds.target_prob.shape
+torch.Size([2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from rome_lens.tokens import prompt_tokens, target_token_ids
+
+__all__ = ["NextTokenPredictions", "known_facts", "pad", "predict_next"]
+
+PaddingSide = Literal["left", "right"]
+
+
+@dataclass
+class NextTokenPredictions:
+    """What the model predicts after each prompt."""
+
+    prompts: list[str]
+    top_token: Int[Tensor, " prompt"]  # arg-max next token
+    top_prob: Float[Tensor, " prompt"]
+    target_token: Int[Tensor, " prompt"] | None  # first token of each target, if given
+    target_prob: Float[Tensor, " prompt"] | None
+
+    @property
+    def target_is_top(self) -> Tensor:
+        """Whether each target's first token is the top-1 prediction."""
+        if self.target_token is None:
+            raise ValueError("no targets were given to predict_next")
+        return self.top_token == self.target_token
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per prompt."""
+        data: dict[str, object] = {
+            "prompt": self.prompts,
+            "top_token": self.top_token.tolist(),
+            "top_prob": self.top_prob.tolist(),
+        }
+        if self.target_token is not None and self.target_prob is not None:
+            data["target_token"] = self.target_token.tolist()
+            data["target_prob"] = self.target_prob.tolist()
+        return pd.DataFrame(data)
+
+
+def pad(
+    sequences: Sequence[Tensor], pad_id: int, side: PaddingSide
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Stack 1-d token tensors into ``(tokens, attention_mask)``, padded on ``side``."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        tokens[i, span] = seq
+        mask[i, span] = 1
+    return tokens, mask
+
+
+def predict_next(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    *,
+    targets: Sequence[str] | None = None,
+    batch_size: int = 64,
+    padding_side: PaddingSide = "right",
+    prepend_bos: bool | None = None,
+    progress: bool = False,
+) -> NextTokenPredictions:
+    """Top-1 next token, and each target's first-token probability, for every prompt."""
+    prompts = list(prompts)
+    if targets is not None and len(targets) != len(prompts):
+        raise ValueError(f"got {len(targets)} targets for {len(prompts)} prompts")
+    sequences = [prompt_tokens(model, p, prepend_bos)[0] for p in prompts]
+    target_token = None
+    if targets is not None:
+        target_token = torch.tensor(
+            [target_token_ids(model, p, t)[0] for p, t in zip(prompts, targets, strict=True)]
+        )
+    assert model.tokenizer is not None
+    pad_id = model.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else int(pad_id)
+    top_probs, top_tokens, target_probs = [], [], []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(prompts), batch_size), disable=not progress):
+            chunk = sequences[start : start + batch_size]
+            tokens, mask = pad(chunk, pad_id, padding_side)
+            logits = model(tokens, attention_mask=mask)
+            last = mask.shape[1] - 1 if padding_side == "left" else mask.sum(1) - 1
+            rows = torch.arange(len(chunk))
+            probs = logits[rows, last].float().softmax(-1)
+            top = probs.max(-1)
+            top_probs.append(top.values)
+            top_tokens.append(top.indices)
+            if target_token is not None:
+                target_probs.append(probs[rows, target_token[start : start + batch_size]])
+    return NextTokenPredictions(
+        prompts,
+        top_token=torch.cat(top_tokens),
+        top_prob=torch.cat(top_probs),
+        target_token=target_token,
+        target_prob=torch.cat(target_probs) if target_probs else None,
+    )
+
+
+def known_facts(
+    model: HookedTransformer,
+    facts: Sequence[Mapping[str, str]],
+    *,
+    answer_key: str = "attribute",
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[Mapping[str, str]]:
+    """The facts whose answer (``fact[answer_key]``) starts with the model's top-1 token."""
+    preds = predict_next(
+        model,
+        [f["prompt"] for f in facts],
+        targets=[f[answer_key] for f in facts],
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return [f for f, known in zip(facts, preds.target_is_top.tolist(), strict=True) if known]
