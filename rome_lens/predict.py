@@ -111,10 +111,13 @@ def predict_next(
         for start in tqdm(range(0, len(prompts), batch_size), disable=not progress):
             chunk = sequences[start : start + batch_size]
             tokens, mask = pad(chunk, pad_id, padding_side)
-            logits = model(tokens, attention_mask=mask)
+            n_layers = model.cfg.n_layers
+            resid = model(tokens, attention_mask=mask, stop_at_layer=n_layers)
             last = mask.shape[1] - 1 if padding_side == "left" else mask.sum(1) - 1
             rows = torch.arange(len(chunk))
-            probs = logits[rows, last].float().softmax(-1)
+            # Unembed only the last real position: the vocabulary is most of the cost.
+            logits = model(resid[rows, last][:, None], start_at_layer=n_layers)[:, 0]
+            probs = logits.float().softmax(-1)
             top = probs.max(-1)
             top_probs.append(top.values)
             top_tokens.append(top.indices)

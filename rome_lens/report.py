@@ -36,7 +36,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em}
 Subject: <code>{escape(trace.subject)}</code> (tokens {first}&ndash;{last - 1})<br>
 Target: <code>{escape(repr(trace.target_str))}</code>:
 clean p = {trace.clean_prob:.3f}, corrupted p = {trace.corrupted_prob:.3f}
-(noise scale {trace.noise_scale:.3f}, {trace.samples} samples, window {trace.window}, seed {trace.seed})</p>
+(noise scale {trace.noise_scale:.3f}, {trace.samples} samples,
+window {trace.window}, seed {trace.seed})</p>
 <h2>Peaks</h2>
 <table><tr><th>kind</th><th>token</th><th>layer</th><th>p restored</th><th>indirect effect</th></tr>
 {rows}

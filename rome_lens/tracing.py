@@ -58,6 +58,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from rome_lens import hooks
+from rome_lens.models import linear_layout
 from rome_lens.tokens import prompt_tokens, subject_range, target_token_ids
 
 __all__ = [
@@ -261,7 +262,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
 def embedding_noise_scale(
     model: HookedTransformer, subjects: Iterable[str], factor: float = NOISE_FACTOR
 ) -> float:
-    """``factor`` × the standard deviation of the subjects' token embeddings, pooled as ROME does."""
+    """``factor`` × the std of the subjects' token embeddings, pooled as ROME does."""
     rows = [model.embed(model.to_tokens(s, prepend_bos=False))[0] for s in subjects]
     if not rows:
         raise ValueError("subjects is empty: need at least one subject to measure embeddings")
@@ -281,7 +282,7 @@ def trace_fact(
     window: int = 10,
     seed: int = 0,
     prepend_bos: bool | None = None,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     progress: bool = True,
 ) -> CausalTrace:
     """Trace where ``model`` recalls the answer to ``prompt`` about ``subject``.
@@ -338,7 +339,7 @@ def trace_severed(
     noise_scale: float | None = None,
     seed: int = 0,
     prepend_bos: bool | None = None,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     progress: bool = True,
 ) -> SeveredTrace:
     """ROME's severed-path experiment at one token.
@@ -518,7 +519,8 @@ def _prepare(
         )
 
     with torch.inference_mode():
-        clean_logits, clean = model.run_with_cache(
+        clean_logits, clean = _run_with_cache(
+            model,
             tokens,
             names_filter=lambda n: n.endswith(("hook_resid_post", "hook_mlp_out", "hook_attn_out")),
         )
@@ -530,13 +532,17 @@ def _prepare(
         )
         kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, samples)
         noisy = [("hook_embed", hooks.add_at_positions(noise, slice(first, last)))]
-        with model.hooks(fwd_hooks=noisy):
+        with hooks.attached(model, noisy):
             batch = tokens.expand(samples, -1)
-            corrupted_logits, corrupted = model.run_with_cache(
-                batch, past_kv_cache=kv, attention_mask=torch.ones_like(batch), names_filter=wanted
+            corrupted_logits, corrupted = _run_with_cache(
+                model,
+                batch,
+                past_kv_cache=kv,
+                attention_mask=torch.ones_like(batch),
+                names_filter=wanted,
             )
     corrupted_probs = corrupted_logits[:, -1].float().softmax(-1)[:, target_id]
-    resid_before = [corrupted[f"blocks.{l}.hook_resid_pre"] for l in range(n_layers)]
+    resid_before = [corrupted[f"blocks.{i}.hook_resid_pre"] for i in range(n_layers)]
     resid_before.append(corrupted[f"blocks.{n_layers - 1}.hook_resid_post"])
     return _Run(
         tokens=tokens,
@@ -557,6 +563,13 @@ def _prepare(
     )
 
 
+def _run_with_cache(
+    model: HookedTransformer, tokens: Tensor, **kwargs: Any
+) -> tuple[Float[Tensor, "batch pos d_vocab"], ActivationCache]:
+    logits, cache = model.run_with_cache(tokens, **kwargs)
+    return logits, cache
+
+
 def _stack(cache: ActivationCache, hook_name: str, n_layers: int) -> Tensor:
     return torch.stack([cache[f"blocks.{layer}.{hook_name}"] for layer in range(n_layers)])
 
@@ -569,47 +582,57 @@ def _run_jobs(
     progress: bool,
     desc: str,
 ) -> Float[Tensor, " job"]:
-    """Mean P(target) over the noise samples for each job, batched by token."""
+    """Mean P(target) over the noise samples for each job; one descent per token."""
     by_token: dict[int, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         by_token[job.token].append(i)
-    per_batch = max(1, batch_size // run.samples)
-    batches = [
-        ids[i : i + per_batch] for ids in by_token.values() for i in range(0, len(ids), per_batch)
-    ]
     result = torch.empty(len(jobs))
-    with torch.inference_mode():
-        for ids in tqdm(batches, desc=desc, disable=not progress):
-            result[ids] = _descend(model, run, [jobs[i] for i in ids])
+    with linear_layout(model), torch.inference_mode():
+        for ids in tqdm(by_token.values(), desc=desc, disable=not progress):
+            result[ids] = _descend(model, run, [jobs[i] for i in ids], batch_size)
     return result
 
 
-def _descend(model: HookedTransformer, run: _Run, jobs: list[_Job]) -> Float[Tensor, " job"]:
+def _descend(
+    model: HookedTransformer, run: _Run, jobs: list[_Job], batch_size: int
+) -> Float[Tensor, " job"]:
     """Run jobs that share a token down the layers; each joins the batch at its start layer.
 
     Only positions from the token on are computed; the earlier positions' keys
     and values are the cached corrupted ones, which no restoration at the token
-    can change.
+    can change. Each layer runs in chunks of ``batch_size`` sequences, which
+    keeps the activations small enough to stay in the CPU's caches.
     """
     token, samples, n_layers = jobs[0].token, run.samples, model.cfg.n_layers
-    starts = torch.tensor([job.start for job in jobs])
-    order = starts.argsort(stable=True).tolist()  # rows are laid out by start layer
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].start)  # rows by start layer
     jobs = [jobs[i] for i in order]
     row_sample = torch.arange(samples).repeat(len(jobs))
     resid = run.corrupted_resid[0, :, token:][:0]  # empty [0, pos, d_model]
-    for layer in range(n_layers + 1):
+    for layer in range(n_layers):
         resid = torch.cat([resid, _entering(run, jobs, layer)])
-        if layer == n_layers:
-            break
-        n_rows = resid.shape[0]
-        kv = _prefix_cache(run, layer, row_sample[:n_rows], token, n_layers)
-        with model.hooks(fwd_hooks=_layer_hooks(run, jobs, layer, n_rows, row_sample)):
-            resid = model(resid, start_at_layer=layer, stop_at_layer=layer + 1, past_kv_cache=kv)
-    logits = model(resid[:, -1:], start_at_layer=n_layers)[:, 0]
-    probs = logits.float().softmax(-1)[:, run.target].view(len(jobs), samples).mean(1)
-    out = torch.empty_like(probs)
-    out[order] = probs
-    return out
+        patches = _layer_patches(run, jobs, layer, resid.shape[0], row_sample)
+        out = torch.empty_like(resid)
+        for lo in range(0, resid.shape[0], batch_size):
+            hi = min(lo + batch_size, resid.shape[0])
+            kv = _prefix_cache(run, layer, row_sample[lo:hi], token)
+            with hooks.attached(model, _chunk_hooks(patches, lo, hi)):
+                out[lo:hi] = model(
+                    resid[lo:hi], start_at_layer=layer, stop_at_layer=layer + 1, past_kv_cache=kv
+                )
+        resid = out
+    final = torch.cat([resid[:, -1:], _entering(run, jobs, n_layers)[:, -1:]])
+    probs = torch.cat(
+        [
+            model(final[lo : lo + batch_size], start_at_layer=n_layers)[:, 0]
+            .float()
+            .softmax(-1)[:, run.target]
+            for lo in range(0, final.shape[0], batch_size)
+        ]
+    )
+    means = probs.view(len(jobs), samples).mean(1)
+    out_means = torch.empty_like(means)
+    out_means[order] = means
+    return out_means
 
 
 def _entering(run: _Run, jobs: list[_Job], layer: int) -> Tensor:
@@ -619,36 +642,47 @@ def _entering(run: _Run, jobs: list[_Job], layer: int) -> Tensor:
     resid = run.corrupted_resid[layer, :, token:].repeat(len(entering), 1, 1)
     for i, job in enumerate(entering):
         if job.restore_input is not None:
-            resid[i * run.samples : (i + 1) * run.samples, 0] = run.clean_resid[
-                job.restore_input, token
-            ]
+            rows = slice(i * run.samples, (i + 1) * run.samples)
+            resid[rows, 0] = run.clean_resid[job.restore_input, token]
     return resid
 
 
-def _layer_hooks(
+# A patch: (hook name, batch rows, the values those rows get at the token).
+_Patch = tuple[str, Tensor, Tensor]
+
+
+def _layer_patches(
     run: _Run, jobs: list[_Job], layer: int, n_rows: int, row_sample: Tensor
-) -> list[tuple[str, hooks.Hook]]:
-    """Restore or freeze the MLP/attention output at the token for the rows that ask for it."""
+) -> list[_Patch]:
+    """The MLP/attention outputs to restore or freeze at the token in ``layer``."""
     token, samples = jobs[0].token, run.samples
-    restore: dict[str, list[int]] = defaultdict(list)
-    freeze: dict[str, list[int]] = defaultdict(list)
-    for j, job in enumerate(jobs):
-        if j * samples >= n_rows:
-            break
-        if job.restore and layer in job.restore[1]:
-            restore[job.restore[0]].append(j)
-        if job.freeze and layer in job.freeze[1]:
-            freeze[job.freeze[0]].append(j)
-    fwd_hooks = []
+    present = jobs[: n_rows // samples]
+    patches = []
     for kind, hook_name in _OUTPUT_HOOK.items():
         name = f"blocks.{layer}.{hook_name}"
-        if restore[kind]:
-            rows = _rows(restore[kind], samples)
-            fwd_hooks.append((name, hooks.set_at_position(rows, 0, run.clean_out[kind][layer, token])))
-        if freeze[kind]:
-            rows = _rows(freeze[kind], samples)
-            frozen = run.corrupted_out[kind][layer, row_sample[rows], token]
-            fwd_hooks.append((name, hooks.set_at_position(rows, 0, frozen)))
+        restored = [j for j, job in enumerate(present) if _covers(job.restore, kind, layer)]
+        if restored:
+            rows = _rows(restored, samples)
+            clean = run.clean_out[kind][layer, token].expand(len(rows), -1)
+            patches.append((name, rows, clean))
+        frozen = [j for j, job in enumerate(present) if _covers(job.freeze, kind, layer)]
+        if frozen:
+            rows = _rows(frozen, samples)
+            patches.append((name, rows, run.corrupted_out[kind][layer, row_sample[rows], token]))
+    return patches
+
+
+def _covers(patch: tuple[str, range] | None, kind: str, layer: int) -> bool:
+    return patch is not None and patch[0] == kind and layer in patch[1]
+
+
+def _chunk_hooks(patches: list[_Patch], lo: int, hi: int) -> list[tuple[str, hooks.Hook]]:
+    """The hooks for batch rows ``[lo, hi)``, with rows renumbered from 0."""
+    fwd_hooks = []
+    for name, rows, values in patches:
+        inside = (rows >= lo) & (rows < hi)
+        if inside.any():
+            fwd_hooks.append((name, hooks.set_at_position(rows[inside] - lo, 0, values[inside])))
     return fwd_hooks
 
 
@@ -657,7 +691,7 @@ def _rows(job_indices: list[int], samples: int) -> Tensor:
 
 
 def _prefix_cache(
-    run: _Run, layer: int, row_sample: Tensor, token: int, n_layers: int
+    run: _Run, layer: int, row_sample: Tensor, token: int
 ) -> TransformerLensKeyValueCache:
     """A frozen KV cache holding the corrupted keys and values of positions before ``token``."""
     entry = TransformerLensKeyValueCacheEntry(
@@ -665,7 +699,7 @@ def _prefix_cache(
         past_values=run.values[layer][row_sample, :token],
         frozen=True,
     )
-    entries = [entry] * n_layers  # only this layer's entry is read
+    entries = [entry] * len(run.keys)  # start_at_layer reads only this layer's entry
     mask = torch.ones(len(row_sample), token, dtype=torch.int)
     return TransformerLensKeyValueCache(entries, mask, frozen=True)
 

@@ -115,7 +115,8 @@ class TestTraceResult:
         trace = trace_fact(tiny, PROMPT, SUBJECT, samples=2, progress=False)
         df = trace.to_dataframe()
         assert len(df) == trace.scores.numel()
-        best = df[df.kind == "mlp"].sort_values("score").iloc[-1]
+        mlp = df[df.kind == "mlp"]
+        best = mlp.loc[mlp.score.idxmax()]
         peak = trace.peak("mlp")
         assert (best.token, best.layer) == (peak.token, peak.layer)
         assert peak.indirect_effect == pytest.approx(peak.score - trace.corrupted_prob)

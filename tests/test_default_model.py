@@ -1,0 +1,104 @@
+"""The science on the default model: where SmolLM2-135M recalls the Eiffel Tower."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rome_lens import average_causal_effects, trace_fact, trace_severed
+from rome_lens.predict import predict_next
+
+from .conftest import SHARED_DATA
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "The Eiffel Tower"
+
+
+@pytest.fixture(scope="module")
+def demo_trace(smol):
+    """The demo trace: all three kinds, 10 samples, window 10, seed 0."""
+    return trace_fact(smol, PROMPT, SUBJECT, progress=False)
+
+
+class TestEiffelTowerTrace:
+    def test_clean_and_corrupted_probabilities(self, demo_trace):
+        """' Paris' is the clean top-1 at p ≈ 0.30; noise on the subject drops it to ≈ 0.017."""
+        assert demo_trace.target_str == " Paris"
+        assert demo_trace.clean_prob == pytest.approx(0.30, abs=0.02)
+        assert demo_trace.corrupted_prob == pytest.approx(0.017, abs=0.01)
+
+    def test_mlp_effect_peaks_at_a_subject_token_in_the_first_layers(self, demo_trace):
+        """The largest MLP indirect effect is at 'iffel', within the first layers, ≈ +0.37."""
+        peak = demo_trace.peak("mlp")
+        first, last = demo_trace.subject_range
+        assert first <= peak.token < last
+        assert peak.str_token == "iffel"
+        assert peak.layer <= 3
+        assert 0.3 < peak.indirect_effect < 0.45
+
+    def test_mlp_effect_at_the_subject_beats_the_tokens_after_it(self, demo_trace):
+        """No token after the subject gets more than a third of the subject's MLP effect."""
+        effect = demo_trace.indirect_effect()[demo_trace.kinds.index("mlp")]
+        first, last = demo_trace.subject_range
+        assert effect[last:].max() < effect[first:last].max() / 3
+
+    def test_attention_carries_the_answer_at_the_last_token(self, demo_trace):
+        """Attention restored at the last token, in upper layers, recovers the answer."""
+        peak = demo_trace.peak("attn")
+        assert peak.token == len(demo_trace.str_tokens) - 1
+        assert peak.layer >= demo_trace.scores.shape[2] // 2
+
+    def test_reproducible_for_a_fixed_seed(self, smol, demo_trace):
+        """Tracing MLPs again with seed 0 gives the demo trace's MLP scores."""
+        again = trace_fact(smol, PROMPT, SUBJECT, kinds=("mlp",), progress=False)
+        mlp = demo_trace.kinds.index("mlp")
+        torch.testing.assert_close(again.scores[0], demo_trace.scores[mlp], atol=1e-6, rtol=0)
+
+
+class TestSeveredPath:
+    def test_severing_mlps_shrinks_the_early_effect(self, smol, demo_trace):
+        """With the MLPs at 'iffel' frozen, restoring its early residual state helps less."""
+        token = demo_trace.peak("mlp").token
+        severed = trace_severed(smol, PROMPT, SUBJECT, token=token, samples=5, progress=False)
+        early = slice(0, 4)
+        assert severed.severed_scores[early].mean() < severed.scores[early].mean()
+
+
+class TestAverageEffects:
+    def test_a_few_known_facts(self, smol, known_facts):
+        """Averages over known facts have one value per (kind, group, layer) and finite bands."""
+        facts = [{"prompt": f["prompt"], "subject": f["subject"]} for f in known_facts[:3]]
+        result = average_causal_effects(smol, facts, kinds=("mlp",), samples=4, progress=False)
+        assert tuple(result.mean.shape) == (1, 6, smol.cfg.n_layers)
+        assert result.n_facts == 3 and result.counts[0] == 3 and result.counts[-1] == 3
+        assert torch.isfinite(result.ci95[0, 0]).all()
+        assert len(result.to_dataframe()) == 6 * smol.cfg.n_layers
+
+
+class TestPadding:
+    @pytest.fixture(scope="class")
+    def facts(self):
+        return json.loads((SHARED_DATA / "known_1000.json").read_text())
+
+    def test_padded_batches_equal_unpadded_runs(self, smol, facts):
+        """Left- and right-padded batches give each prompt's unpadded probabilities."""
+        prompts = [f["prompt"] for f in facts[:96]]
+        targets = [f["attribute"] for f in facts[:96]]
+        alone = predict_next(smol, prompts, targets=targets, batch_size=1)
+        for side in ("left", "right"):
+            padded = predict_next(smol, prompts, targets=targets, padding_side=side, batch_size=32)
+            assert torch.equal(padded.top_token, alone.top_token)
+            torch.testing.assert_close(padded.target_prob, alone.target_prob, atol=1e-4, rtol=0)
+
+    def test_factual_recall_survives_left_padding(self, smol, facts):
+        """Over all 1,209 known facts, left padding answers exactly as many as right padding."""
+        prompts = [f["prompt"] for f in facts]
+        targets = [f["attribute"] for f in facts]
+        right = predict_next(smol, prompts, targets=targets, padding_side="right")
+        left = predict_next(smol, prompts, targets=targets, padding_side="left")
+        assert torch.equal(left.target_is_top, right.target_is_top)
+        assert int(right.target_is_top.sum()) > 200
