@@ -16,8 +16,8 @@ demo: setup
 	$(PYTHON) -m rome_lens demo --out rome_lens_demo
 
 lint:
-	$(PYTHON) -m ruff check rome_lens tests bench
-	$(PYTHON) -m ruff format --check rome_lens tests bench
+	$(PYTHON) -m ruff check rome_lens tests bench examples docs
+	$(PYTHON) -m ruff format --check rome_lens tests bench examples docs
 	$(PYTHON) -m mypy rome_lens
 
 test: setup lint

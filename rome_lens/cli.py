@@ -3,9 +3,9 @@
     rome-lens demo [--out DIR]
     rome-lens trace PROMPT --subject S [--target T] [--kinds resid mlp attn] [--out DIR]
 
-Each command loads the default model (SmolLM2-135M-Instruct) unless
-``--model-path`` names a folder saved by ``rome_lens``; bad input exits with
-status 2 and a one-line message.
+Each command loads the default model (SmolLM2-135M-Instruct), writes a heatmap,
+a CSV of every score and an HTML page into its output folder, and prints where
+they are. Bad input exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations

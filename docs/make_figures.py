@@ -1,0 +1,69 @@
+"""Make the figures and numbers quoted in docs/tracing.md, on the default model.
+
+    python docs/make_figures.py [--facts 16]
+
+Reads ROME's known facts from ../shared/data (development data, not shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import rome_lens
+from rome_lens import average_causal_effects, trace_fact, trace_severed
+
+HERE = Path(__file__).resolve().parent
+FIGURES = HERE / "figures"
+DATA = HERE.parents[1] / "shared" / "data" / "known_smollm2.json"
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--facts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=5)
+    args = parser.parse_args()
+    FIGURES.mkdir(exist_ok=True)
+    model = rome_lens.load_model()
+
+    trace = trace_fact(model, PROMPT, SUBJECT)
+    trace.plot(FIGURES / "eiffel_trace.png")
+    window1 = trace_fact(model, PROMPT, SUBJECT, kinds=("mlp", "attn"), window=1)
+    window1.plot(FIGURES / "eiffel_trace_window1.png")
+    lines = [f"clean p = {trace.clean_prob:.3f}, corrupted p = {trace.corrupted_prob:.3f}"]
+    for t in (trace, window1):
+        for kind in t.kinds:
+            p = t.peak(kind)
+            lines.append(
+                f"window {t.window} {kind}: peak at token {p.token} {p.str_token!r}, "
+                f"layer {p.layer}, p = {p.score:.3f}, effect {p.indirect_effect:+.3f}"
+            )
+
+    token = trace.peak("mlp").token
+    for severed in ("mlp", "attn"):
+        result = trace_severed(model, PROMPT, SUBJECT, severed=severed, token=token)
+        result.plot(FIGURES / f"eiffel_severed_{severed}.png")
+        lines.append(
+            f"severed {severed} at {result.str_tokens[token]!r}: mean effect layers 0-9 "
+            f"{(result.scores[:10] - result.corrupted_prob).mean():+.3f} -> "
+            f"{(result.severed_scores[:10] - result.corrupted_prob).mean():+.3f}"
+        )
+
+    facts = json.loads(DATA.read_text())[: args.facts]
+    average = average_causal_effects(model, facts, samples=args.samples)
+    average.plot(FIGURES / "average_effects.png")
+    average.to_dataframe().to_csv(FIGURES / "average_effects.csv", index=False)
+    for k, kind in enumerate(average.kinds):
+        for g, group in enumerate(average.groups):
+            row = average.mean[k, g]
+            lines.append(
+                f"average {kind} / {group}: max {row.max():+.3f} at layer {int(row.argmax())}"
+            )
+    (FIGURES / "numbers.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
