@@ -25,6 +25,7 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -60,7 +61,7 @@ def add_at_positions(values: Float[Tensor, "batch n_pos d"], positions: slice) -
 
     def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
         act = act.clone()
-        act[:, positions] += values.to(act.dtype)
+        act[:, positions] += values.to(act)
         return act
 
     return hook
@@ -70,9 +71,9 @@ def add_at_position(values: Float[Tensor, "batch d"], position: Int[Tensor, " ba
     """Add one vector per batch row at that row's ``position`` (ROME's δ on ``hook_mlp_out``)."""
 
     def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
-        rows = position.new_tensor(range(act.shape[0]))
+        rows = torch.arange(act.shape[0], device=act.device)
         act = act.clone()
-        act[rows, position] += values.to(act.dtype)
+        act[rows, position.to(act.device)] += values.to(act)
         return act
 
     return hook
@@ -84,7 +85,7 @@ def set_at_position(
     """Overwrite batch ``rows`` of the activation at ``position`` (restoring or freezing)."""
 
     def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
-        act[rows, position] = values.to(act.dtype)
+        act[rows.to(act.device), position] = values.to(act)
         return act
 
     return hook

@@ -154,12 +154,7 @@ class CausalTrace:
 
     def plot(self, path: str | Path | None = None) -> Any:
         """ROME's heatmaps, one panel per kind (a matplotlib figure, saved if ``path`` is given)."""
-        from rome_lens.plots import plot_trace, save_figure
-
-        fig = plot_trace(self)
-        if path is not None:
-            save_figure(fig, path)
-        return fig
+        return _plot("plot_trace", self, path)
 
 
 @dataclass
@@ -194,12 +189,7 @@ class SeveredTrace:
 
     def plot(self, path: str | Path | None = None) -> Any:
         """Bars of the indirect effect by layer, with and without the severed path."""
-        from rome_lens.plots import plot_severed, save_figure
-
-        fig = plot_severed(self)
-        if path is not None:
-            save_figure(fig, path)
-        return fig
+        return _plot("plot_severed", self, path)
 
 
 TOKEN_GROUPS = (
@@ -243,12 +233,7 @@ class AverageEffects:
 
     def plot(self, path: str | Path | None = None) -> Any:
         """Lines of the mean indirect effect by layer, with 95% bands, one panel per kind."""
-        from rome_lens.plots import plot_average_effects, save_figure
-
-        fig = plot_average_effects(self)
-        if path is not None:
-            save_figure(fig, path)
-        return fig
+        return _plot("plot_average_effects", self, path)
 
 
 # --------------------------------------------------------------------------- public API
@@ -263,10 +248,10 @@ def embedding_noise_scale(
     model: HookedTransformer, subjects: Iterable[str], factor: float = NOISE_FACTOR
 ) -> float:
     """``factor`` × the std of the subjects' token embeddings, pooled as ROME does."""
-    rows = [model.embed(model.to_tokens(s, prepend_bos=False))[0] for s in subjects]
-    if not rows:
-        raise ValueError("subjects is empty: need at least one subject to measure embeddings")
     with torch.inference_mode():
+        rows = [model.embed(model.to_tokens(s, prepend_bos=False))[0] for s in subjects]
+        if not rows:
+            raise ValueError("subjects is empty: need at least one subject to measure embeddings")
         return factor * float(torch.cat(rows).float().std())
 
 
@@ -510,7 +495,7 @@ def _prepare(
         noise_scale = embedding_noise_scale(model, [subject])
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, last - first, model.cfg.d_model), generator=generator)
-    noise = noise * noise_scale
+    noise = (noise * noise_scale).to(model.cfg.device)
     n_layers = model.cfg.n_layers
 
     def wanted(name: str) -> bool:
@@ -589,7 +574,7 @@ def _run_jobs(
     result = torch.empty(len(jobs))
     with linear_layout(model), torch.inference_mode():
         for ids in tqdm(by_token.values(), desc=desc, disable=not progress):
-            result[ids] = _descend(model, run, [jobs[i] for i in ids], batch_size)
+            result[ids] = _descend(model, run, [jobs[i] for i in ids], batch_size).cpu()
     return result
 
 
@@ -700,11 +685,21 @@ def _prefix_cache(
         frozen=True,
     )
     entries = [entry] * len(run.keys)  # start_at_layer reads only this layer's entry
-    mask = torch.ones(len(row_sample), token, dtype=torch.int)
+    mask = torch.ones(len(row_sample), token, dtype=torch.int, device=entry.past_keys.device)
     return TransformerLensKeyValueCache(entries, mask, frozen=True)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _plot(plotter: str, result: Any, path: str | Path | None) -> Any:
+    """Draw ``result`` with ``rome_lens.plots.<plotter>``, saving it if ``path`` is given."""
+    from rome_lens import plots
+
+    fig = getattr(plots, plotter)(result)
+    if path is not None:
+        plots.save_figure(fig, path)
+    return fig
 
 
 def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
