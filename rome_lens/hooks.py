@@ -25,13 +25,12 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-__all__ = ["add_at_position", "add_at_positions", "attached", "set_at_position", "store"]
+__all__ = ["add_at_positions", "attached", "set_at_position"]
 
 Hook = Callable[[Tensor, HookPoint], Tensor]
 _levels = itertools.count(1_000_000)  # context levels of our own, apart from model.hooks()'s
@@ -67,18 +66,6 @@ def add_at_positions(values: Float[Tensor, "batch n_pos d"], positions: slice) -
     return hook
 
 
-def add_at_position(values: Float[Tensor, "batch d"], position: Int[Tensor, " batch"]) -> Hook:
-    """Add one vector per batch row at that row's ``position`` (ROME's δ on ``hook_mlp_out``)."""
-
-    def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
-        rows = torch.arange(act.shape[0], device=act.device)
-        act = act.clone()
-        act[rows, position.to(act.device)] += values.to(act)
-        return act
-
-    return hook
-
-
 def set_at_position(
     rows: Int[Tensor, " n"], position: int, values: Float[Tensor, "n d"] | Float[Tensor, " d"]
 ) -> Hook:
@@ -86,17 +73,6 @@ def set_at_position(
 
     def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
         act[rows.to(act.device), position] = values.to(act)
-        return act
-
-    return hook
-
-
-def store(into: dict[str, Tensor]) -> Hook:
-    """Record the activation under the hook's name (for activations run_with_cache cannot reach)."""
-
-    def hook(act: Tensor, hook: HookPoint) -> Tensor:
-        assert hook.name is not None
-        into[hook.name] = act.detach()
         return act
 
     return hook
