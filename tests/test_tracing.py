@@ -72,6 +72,30 @@ class TestEngineMatchesReference:
         small = trace_fact(tiny, PROMPT, SUBJECT, samples=3, batch_size=4, progress=False)
         torch.testing.assert_close(big.scores, small.scores, atol=1e-6, rtol=0)
 
+    def test_subject_at_position_zero_without_bos(self, tiny):
+        """With no BOS the subject starts the sequence; restoring it there still matches."""
+        prompt, subject = "The Eiffel Tower is located in", "The Eiffel"
+        trace = trace_fact(tiny, prompt, subject, prepend_bos=False, samples=2, progress=False)
+        assert trace.subject_range == (0, 2)
+        tokens = tiny.to_tokens(prompt, prepend_bos=False).expand(2, -1)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn((2, 2, tiny.cfg.d_model), generator=g) * trace.noise_scale
+        _, clean = tiny.run_with_cache(tokens[:1])
+
+        def corrupt(act, hook):
+            act = act.clone()
+            act[:, 0:2] += noise
+            return act
+
+        def restore(act, hook):
+            act[:, 0] = clean[hook.name][0, 0]
+            return act
+
+        fwd = [("hook_embed", corrupt), ("blocks.1.hook_resid_post", restore)]
+        logits = tiny.run_with_hooks(tokens, fwd_hooks=fwd)
+        expected = logits[:, -1].softmax(-1)[:, trace.target_token].mean().item()
+        assert trace.scores[0, 0, 1].item() == pytest.approx(expected, abs=1e-6)
+
 
 class TestTraceResult:
     def test_reproducible_for_a_fixed_seed(self, tiny):
