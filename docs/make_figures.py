@@ -1,6 +1,7 @@
 """Make the figures and numbers quoted in docs/tracing.md, on the default model.
 
     python docs/make_figures.py [--facts 16]
+    python docs/make_figures.py --only-counts   # just the known-fact counts (~1 min)
 
 Reads ROME's known facts from ../shared/data (development data, not shipped).
 """
@@ -13,20 +14,42 @@ from pathlib import Path
 
 import rome_lens
 from rome_lens import average_causal_effects, trace_fact, trace_severed
+from rome_lens.predict import predict_next
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
 DATA = HERE.parents[1] / "shared" / "data" / "known_smollm2.json"
+ALL_KNOWN = DATA.with_name("known_1000.json")
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+
+
+def known_fact_counts(model) -> str:
+    """How many of ROME's known facts the model answers top-1, with and without BOS."""
+    facts = json.loads(ALL_KNOWN.read_text())
+    prompts, answers = [f["prompt"] for f in facts], [f["attribute"] for f in facts]
+    counts = {
+        bos: int(predict_next(model, prompts, targets=answers, prepend_bos=bos).target_is_top.sum())
+        for bos in (True, False)
+    }
+    return (
+        f"known facts answered top-1 (of {len(facts)}): "
+        f"{counts[True]} with BOS, {counts[False]} without"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--facts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--only-counts", action="store_true")
     args = parser.parse_args()
     FIGURES.mkdir(exist_ok=True)
     model = rome_lens.load_model()
+    counts = known_fact_counts(model)
+    (FIGURES / "known_facts.txt").write_text(counts + "\n")
+    print(counts)
+    if args.only_counts:
+        return
 
     trace = trace_fact(model, PROMPT, SUBJECT)
     trace.plot(FIGURES / "eiffel_trace.png")
