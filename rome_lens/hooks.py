@@ -22,6 +22,8 @@ torch.Size([2, 4, 400])
 from __future__ import annotations
 
 import itertools
+
+import torch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -30,7 +32,14 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-__all__ = ["add_at_positions", "attached", "set_at_position"]
+__all__ = [
+    "add_at_positions",
+    "add_at_rows",
+    "add_product",
+    "attached",
+    "capture",
+    "set_at_position",
+]
 
 Hook = Callable[[Tensor, HookPoint], Tensor]
 _levels = itertools.count(1_000_000)  # context levels of our own, apart from model.hooks()'s
@@ -74,5 +83,37 @@ def set_at_position(
     def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
         act[rows.to(act.device), position] = values.to(act)
         return act
+
+    return hook
+
+
+def capture(store: list[Tensor]) -> Hook:
+    """Append a detached copy of the activation to ``store`` (reading keys and values)."""
+
+    def hook(act: Tensor, hook: HookPoint) -> Tensor:
+        store.append(act.detach().clone())
+        return act
+
+    return hook
+
+
+def add_at_rows(
+    rows: Int[Tensor, " n"], positions: Int[Tensor, " n"], values: Float[Tensor, "n d"] | Tensor
+) -> Hook:
+    """Add ``values[i]`` at ``(rows[i], positions[i])``, keeping the autograd graph (ROME's delta)."""
+
+    def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
+        shift = torch.zeros_like(act)
+        shift = shift.index_put((rows, positions), values.to(act).expand(len(rows), -1))
+        return act + shift
+
+    return hook
+
+
+def add_product(keys: list[Tensor], weight: Tensor) -> Hook:
+    """Add ``keys[-1] @ weight`` (the last captured MLP key times a weight change)."""
+
+    def hook(act: Tensor, hook: HookPoint) -> Tensor:
+        return act + keys[-1] @ weight.to(act)
 
     return hook

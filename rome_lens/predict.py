@@ -30,9 +30,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from rome_lens.models import linear_layout
 from rome_lens.tokens import prompt_tokens, target_token_ids
 
-__all__ = ["NextTokenPredictions", "known_facts", "pad", "predict_next"]
+__all__ = ["NextTokenPredictions", "known_facts", "pad", "predict_next", "target_nll"]
 
 PaddingSide = Literal["left", "right"]
 
@@ -149,3 +150,47 @@ def known_facts(
         progress=progress,
     )
     return [f for f, known in zip(facts, preds.target_is_top.tolist(), strict=True) if known]
+
+
+def target_nll(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Float[Tensor, " prompt"]:
+    """Mean per-token negative log-likelihood of each whole target after its prompt.
+
+    This is ROME's CounterFact score: ``exp(-nll)`` is the geometric mean of the
+    target tokens' probabilities, so targets of different lengths compare fairly.
+    Sequences are right-padded, which needs no mask under causal attention.
+    """
+    if len(targets) != len(prompts):
+        raise ValueError(f"got {len(targets)} targets for {len(prompts)} prompts")
+    encoded = []
+    for prompt, target in zip(prompts, targets, strict=True):
+        head = prompt_tokens(model, prompt)[0]
+        answer = torch.tensor(target_token_ids(model, prompt, target))
+        encoded.append((torch.cat([head, answer]), len(head), answer))
+    out = torch.empty(len(encoded))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # little padding
+    n_layers = model.cfg.n_layers
+    with torch.inference_mode(), linear_layout(model):
+        for start in tqdm(range(0, len(order), batch_size), disable=not progress):
+            chunk = order[start : start + batch_size]
+            tokens, _ = pad([encoded[i][0] for i in chunk], 0, "right")
+            resid = model(tokens.to(model.cfg.device), stop_at_layer=n_layers)
+            rows, positions, answers = [], [], []
+            for row, i in enumerate(chunk):
+                _, prompt_len, answer = encoded[i]
+                rows += [row] * len(answer)
+                positions += range(prompt_len - 1, prompt_len - 1 + len(answer))
+                answers += answer.tolist()
+            picked = resid[torch.tensor(rows), torch.tensor(positions)]
+            logits = model(picked[:, None], start_at_layer=n_layers)[:, 0]
+            nll = -logits.float().log_softmax(-1).cpu()[torch.arange(len(answers)), answers]
+            sums = torch.zeros(len(chunk)).index_add(0, torch.tensor(rows), nll)
+            counts = torch.bincount(torch.tensor(rows), minlength=len(chunk))
+            out[torch.tensor(chunk)] = sums / counts
+    return out

@@ -42,16 +42,24 @@ def prompt_tokens(
 
 
 def subject_range(
-    model: HookedTransformer, prompt: str, subject: str, prepend_bos: bool | None = None
+    model: HookedTransformer,
+    prompt: str,
+    subject: str,
+    prepend_bos: bool | None = None,
+    *,
+    start: int | None = None,
 ) -> tuple[int, int]:
     """The half-open range ``[first, last + 1)`` of the tokens that spell ``subject`` in ``prompt``.
 
-    The first occurrence of ``subject`` counts. A token counts when any of its
-    characters falls inside the subject, so a subject that ends mid-token
-    still covers that token.
+    The first occurrence of ``subject`` counts, or the one at character
+    ``start`` when given. A token counts when any of its characters falls
+    inside the subject, so a subject that ends mid-token still covers that token.
     """
     tokens = prompt_tokens(model, prompt, prepend_bos)[0].tolist()
-    start = prompt.find(subject) if subject else -1
+    if start is None:
+        start = prompt.find(subject) if subject else -1
+    elif not subject or prompt[start : start + len(subject)] != subject:
+        start = -1
     if start < 0:
         raise ValueError(
             f"subject {subject!r} is not in the prompt {prompt!r}, "
