@@ -25,3 +25,4 @@ test: setup lint
 
 bench: setup
 	$(PYTHON) bench/bench_trace.py
+	$(PYTHON) bench/bench_rome.py

@@ -1,5 +1,9 @@
 """rome_lens: find where a TransformerLens model stores a fact, and rewrite it.
 
+Find it with causal tracing (:func:`trace_fact`), rewrite it with ROME
+(:func:`rome_edit`), check it with CounterFact (:func:`evaluate_edits`), and
+undo it exactly (:func:`edited`, ``edit.apply(model).revert()``).
+
 >>> import rome_lens
 >>> model = rome_lens.tiny_model()
 >>> trace = rome_lens.trace_fact(model, "The Eiffel Tower is located in the city of",
@@ -8,7 +12,12 @@
 (3, 10, 3)
 """
 
+from rome_lens.evaluate import evaluate_edits, load_counterfact, summarize
+from rome_lens.finetune import FTHyperParams, ft_edit
 from rome_lens.models import DEFAULT_MODEL, load_model, tiny_model
+from rome_lens.patches import AppliedEdit, WeightEdit, WeightPatch, edited
+from rome_lens.rome import EditRequest, RankOneEdit, ROMEHyperParams, rome_edit
+from rome_lens.stats import KeyStats, key_second_moment
 from rome_lens.tracing import (
     AverageEffects,
     CausalTrace,
@@ -21,12 +30,27 @@ from rome_lens.tracing import (
 
 __all__ = [
     "DEFAULT_MODEL",
+    "AppliedEdit",
     "AverageEffects",
     "CausalTrace",
+    "EditRequest",
+    "FTHyperParams",
+    "KeyStats",
+    "ROMEHyperParams",
+    "RankOneEdit",
     "SeveredTrace",
+    "WeightEdit",
+    "WeightPatch",
     "average_causal_effects",
+    "edited",
     "embedding_noise_scale",
+    "evaluate_edits",
+    "ft_edit",
+    "key_second_moment",
+    "load_counterfact",
     "load_model",
+    "rome_edit",
+    "summarize",
     "tiny_model",
     "trace_fact",
     "trace_severed",

@@ -26,7 +26,7 @@ neighbour; their generation prompts are the edit prompt and the paraphrase.
 
 >>> from rome_lens.evaluate import n_gram_entropy
 >>> round(n_gram_entropy("the cat sat on the mat and the dog sat on the rug"), 3)
-3.351
+3.269
 >>> n_gram_entropy("la la la la la la")  # repetition, the failure mode it catches
 0.0
 """
@@ -189,7 +189,8 @@ def n_gram_entropy(text: str) -> float:
     words = re.findall(r"\w+|[^\w\s]", text.lower())
     entropies = []
     for n, weight in ((2, 2 / 3), (3, 4 / 3)):
-        counts = np.array(list(Counter(zip(*(words[i:] for i in range(n)))).values()), float)
+        grams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
+        counts = np.array(list(grams.values()), dtype=float)
         if counts.sum() == 0:
             entropies.append(0.0)
             continue
@@ -248,7 +249,7 @@ def evaluate_edits(
     layer: int | None = None,
     hparams: ROMEHyperParams | FTHyperParams | None = None,
     stats: KeyStats | None = None,
-    fluency: bool = True,
+    fluency: bool | int = True,
     generation_tokens: int = 100,
     seed: int = 0,
     progress: bool = True,
@@ -258,13 +259,19 @@ def evaluate_edits(
     Returns one row per case: ``pre_*`` and ``post_*`` columns for every
     metric, the edit's wall-clock ``edit_seconds`` and the ``method``. With
     ``method="none"`` nothing is edited and ``post_*`` equals ``pre_*``.
+    Fluency needs generation, the slowest part: ``fluency=n`` measures it on
+    the first ``n`` cases only (``nan`` elsewhere), ``False`` on none.
     """
     editor = _editor(method, layer, hparams, stats)
     if not cases:
         raise ValueError("no cases to evaluate")
     pre = case_scores(model, cases)
-    if fluency:
-        pre["entropy"] = generation_entropy(model, cases, n_tokens=generation_tokens, seed=seed)
+    n_fluent = len(cases) if fluency is True else int(fluency)
+    if n_fluent:
+        pre["entropy"] = math.nan
+        pre.loc[: n_fluent - 1, "entropy"] = generation_entropy(
+            model, cases[:n_fluent], n_tokens=generation_tokens, seed=seed
+        )
     rows = []
     for i, case in enumerate(tqdm(cases, desc=f"evaluating {method}", disable=not progress)):
         row: dict[str, Any] = {"case_id": case.case_id, "method": method, "edit_seconds": 0.0}
@@ -275,10 +282,12 @@ def evaluate_edits(
             row["edit_seconds"] = time.perf_counter() - started
             with edited(model, edit):
                 post = case_scores(model, [case])
-                if fluency:
-                    post["entropy"] = generation_entropy(
-                        model, [case], n_tokens=generation_tokens, seed=seed
-                    )
+                if n_fluent:
+                    post["entropy"] = math.nan
+                    if i < n_fluent:
+                        post["entropy"] = generation_entropy(
+                            model, [case], n_tokens=generation_tokens, seed=seed
+                        )
         for column in pre.columns.drop("case_id"):
             row[f"pre_{column}"] = pre.at[i, column]
             row[f"post_{column}"] = post.at[0, column]

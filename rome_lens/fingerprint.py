@@ -9,16 +9,17 @@ summarises a model's config and weights in a short hex string, and
 ``blocks.{L}.mlp.W_out`` therefore leaves that fingerprint unchanged, which is
 what lets edits be stacked at one layer and reuse one set of statistics.
 
-Each weight contributes its name, shape, dtype, its float64 sum and norm and a strided sample of its values: cheap (milliseconds, no copy of the
-model) and different for any two models that differ in more than a few
-cancelling entries.
+Each weight contributes its name, shape, dtype, its float64 sum and norm and
+a strided sample of its values: cheap (no copy of the model) and different for
+any two models that differ in more than a few cancelling entries.
 
 >>> import rome_lens
 >>> from rome_lens.fingerprint import model_fingerprint
 >>> a, b = rome_lens.tiny_model(seed=0), rome_lens.tiny_model(seed=1)
 >>> model_fingerprint(a) == model_fingerprint(b)
 False
->>> model_fingerprint(a, upto_layer=1) == model_fingerprint(rome_lens.tiny_model(seed=0), upto_layer=1)
+>>> same = rome_lens.tiny_model(seed=0)
+>>> model_fingerprint(a, upto_layer=1) == model_fingerprint(same, upto_layer=1)
 True
 """
 
@@ -98,6 +99,8 @@ def model_fingerprint(model: HookedTransformer, *, upto_layer: int | None = None
             step = max(1, flat.numel() // _SAMPLES_PER_WEIGHT)
             total = flat.sum(dtype=torch.float64).item()
             norm = torch.linalg.vector_norm(flat, dtype=torch.float64).item()
-            sha.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{total:.17g}|{norm:.17g}".encode())
+            sha.update(
+                f"{name}|{tuple(param.shape)}|{param.dtype}|{total:.17g}|{norm:.17g}".encode()
+            )
             sha.update(flat[::step].float().cpu().numpy().tobytes())
     return sha.hexdigest()[:16]

@@ -22,11 +22,10 @@ torch.Size([2, 4, 400])
 from __future__ import annotations
 
 import itertools
-
-import torch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -100,7 +99,7 @@ def capture(store: list[Tensor]) -> Hook:
 def add_at_rows(
     rows: Int[Tensor, " n"], positions: Int[Tensor, " n"], values: Float[Tensor, "n d"] | Tensor
 ) -> Hook:
-    """Add ``values[i]`` at ``(rows[i], positions[i])``, keeping the autograd graph (ROME's delta)."""
+    """Add ``values[i]`` at ``(rows[i], positions[i])``, keeping the autograd graph (ROME's δ)."""
 
     def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
         shift = torch.zeros_like(act)

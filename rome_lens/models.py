@@ -54,7 +54,14 @@ from transformers import PreTrainedTokenizerFast
 
 from rome_lens.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_NAME", "frozen", "linear_layout", "load_model", "tiny_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_MODEL_NAME",
+    "frozen",
+    "linear_layout",
+    "load_model",
+    "tiny_model",
+]
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # model.cfg.model_name of the loaded model

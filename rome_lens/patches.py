@@ -147,10 +147,10 @@ class WeightEdit:
         if not issubclass(target, cls):
             raise ValueError(f"{path} holds a {target.__name__}, not a {cls.__name__}")
         edit = target._from_saved(tensors, meta)
-        edit.fingerprint, edit.base_layer = str(meta["fingerprint"]), int(meta["base_layer"])
+        edit.fingerprint, edit.base_layer = str(meta["fingerprint"]), int(str(meta["base_layer"]))
         if model is not None:
             edit.check_model(model)
-        return edit  # type: ignore[return-value]
+        return edit
 
 
 @dataclass

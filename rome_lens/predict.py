@@ -181,7 +181,9 @@ def target_nll(
             chunk = order[start : start + batch_size]
             tokens, _ = pad([encoded[i][0] for i in chunk], 0, "right")
             resid = model(tokens.to(model.cfg.device), stop_at_layer=n_layers)
-            rows, positions, answers = [], [], []
+            rows: list[int] = []
+            positions: list[int] = []
+            answers: list[int] = []
             for row, i in enumerate(chunk):
                 _, prompt_len, answer = encoded[i]
                 rows += [row] * len(answer)

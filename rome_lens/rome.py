@@ -61,8 +61,8 @@ from rome_lens.generation import sample_text
 from rome_lens.hooks import add_at_rows, attached, capture
 from rome_lens.models import DEFAULT_MODEL_NAME, frozen, linear_layout
 from rome_lens.patches import WeightEdit
-from rome_lens.stats import DEFAULT_N_TOKENS, KeyStats, key_second_moment
 from rome_lens.predict import pad
+from rome_lens.stats import DEFAULT_N_TOKENS, KeyStats, key_second_moment
 from rome_lens.tokens import prompt_tokens, subject_range, target_token_ids
 
 __all__ = [
@@ -83,7 +83,7 @@ DEFAULT_LAYERS = {
     "gpt2-xl": 17,
     "gpt-j-6B": 5,
     "gpt-neox-20b": 15,
-    DEFAULT_MODEL_NAME: 4,
+    DEFAULT_MODEL_NAME: 2,
 }
 _CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
 _TEMPLATES: weakref.WeakKeyDictionary[HookedTransformer, dict[object, list[str]]] = (
@@ -142,6 +142,12 @@ class ROMEHyperParams:
     mom2_adjustment: bool = True  # use C = E[kkᵀ]; False edits with C = I (worse specificity)
     mom2_n_tokens: int = DEFAULT_N_TOKENS  # tokens of key statistics when stats=None
     max_condition: float = 1e10  # C above this condition number gets a ridge (and a warning)
+
+    def __post_init__(self) -> None:
+        if "{}" not in self.kl_prompt:
+            raise ValueError(
+                f'kl_prompt must contain "{{}}" for the subject, got {self.kl_prompt!r}'
+            )
 
 
 @dataclass
@@ -202,7 +208,10 @@ class RankOneEdit(WeightEdit):
             condition_number=float(meta["condition_number"]),
             losses=[float(x) for x in meta["losses"]],
             seconds=float(meta["seconds"]),
-            **{name: tensors[name] for name in ("left", "right", "key", "value")},
+            left=tensors["left"],
+            right=tensors["right"],
+            key=tensors["key"],
+            value=tensors["value"],
         )
 
 
@@ -328,7 +337,9 @@ def _ridge(stats: KeyStats | None, max_condition: float) -> tuple[float, float]:
 
 def _mlp_out_params(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor]:
     mlp = model.blocks[layer].mlp
-    return mlp.W_out, mlp.b_out
+    w_out, b_out = mlp.W_out, mlp.b_out
+    assert isinstance(w_out, Tensor) and isinstance(b_out, Tensor)
+    return w_out, b_out
 
 
 def _in_contexts(request: EditRequest, templates: list[str]) -> list[tuple[str, str, int]]:

@@ -260,9 +260,10 @@ def _model_samples(
     cache_root: str | os.PathLike[str] | None,
     progress: bool,
 ) -> list[Tensor]:
-    """``ceil(n_tokens / 64)`` sequences sampled from BOS, cached per model and seed."""
-    n_sequences = math.ceil(n_tokens / SAMPLE_LENGTH)
-    name = f"samples-{model_fingerprint(model)}-s{seed}-{n_sequences}x{SAMPLE_LENGTH}.st"
+    """``ceil(n_tokens / 64)`` sequences sampled from BOS (shorter if n_ctx is), cached."""
+    length = min(SAMPLE_LENGTH, model.cfg.n_ctx - 1)
+    n_sequences = math.ceil(n_tokens / length)
+    name = f"samples-{model_fingerprint(model)}-s{seed}-{n_sequences}x{length}.st"
     path = cache_dir(cache_root) / "samples" / name
     try:
         return list(load_tensors(path)[0]["tokens"])
@@ -280,7 +281,7 @@ def _model_samples(
     ):
         rows = min(batch_size, n_sequences - start)
         prompts = bos[:1].expand(rows, 1)
-        batches.append(sample_tokens(model, prompts, SAMPLE_LENGTH, generator=generator).cpu())
+        batches.append(sample_tokens(model, prompts, length, generator=generator).cpu())
     tokens = torch.cat(batches)
     save_tensors(path, {"tokens": tokens}, {"seed": seed})
     return list(tokens)

@@ -1,0 +1,160 @@
+"""Benchmark: ROME editing on CounterFact with the default model.
+
+    python bench/bench_rome.py                       # everything below, ~1 hour on 2 cores
+    python bench/bench_rome.py --only layers         # one phase
+
+Phases (all seeded, cases in file order from ../shared/data/counterfact_val.json):
+
+* ``stats``: time of the key statistics per layer (first layer includes sampling the corpus);
+* ``layers``: ES / PS / NS / S of ROME at several layers (picks the default layer);
+* ``n_tokens``: the same edits with statistics over more or fewer tokens (and C = I);
+  v* does not depend on C, so each case is optimised once and only u is re-solved;
+* ``main``: unedited / FT+L / ROME over ``--cases`` cases, with median edit time;
+* ``sequential``: ``--sequential`` ROME edits applied one after another.
+
+Tables are printed and written as CSV to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+import rome_lens
+from rome_lens.evaluate import (
+    CounterFactCase,
+    case_scores,
+    evaluate_edits,
+    load_counterfact,
+    sequential_edits,
+    summarize,
+)
+from rome_lens.patches import edited
+from rome_lens.rome import default_layer, rome_edit
+from rome_lens.stats import key_second_moment
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_val.json"
+PHASES = ("stats", "layers", "n_tokens", "main", "sequential")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=200)
+    parser.add_argument("--sweep-cases", type=int, default=20)
+    parser.add_argument("--layers", default="2,4,6,8")
+    parser.add_argument("--n-tokens", default="2000,5000,20000")
+    parser.add_argument("--sequential", type=int, default=100)
+    parser.add_argument("--fluency-cases", type=int, default=20)
+    parser.add_argument("--generation-tokens", type=int, default=50)
+    parser.add_argument("--only", choices=PHASES, action="append")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 30)
+    pd.set_option("display.precision", 3)
+    torch.manual_seed(0)
+
+    model = rome_lens.load_model()
+    cases = load_counterfact(DATA)
+    layer = default_layer(model)
+    phases = args.only or PHASES
+    layers = [int(x) for x in args.layers.split(",")]
+    if "stats" in phases:
+        report(args.out, "stats", stats_times(model, layers))
+    if "layers" in phases:
+        rows = []
+        for candidate in layers:
+            df = evaluate_edits(
+                model, cases[: args.sweep_cases], "rome", layer=candidate, fluency=False
+            )
+            rows.append({"layer": candidate, **summarize(df).iloc[0].to_dict()})
+        report(args.out, "layers", pd.DataFrame(rows))
+    if "n_tokens" in phases:
+        sizes = [int(x) for x in args.n_tokens.split(",")]
+        report(args.out, "n_tokens", n_tokens_sweep(model, cases[: args.sweep_cases], layer, sizes))
+    if "main" in phases:
+        results = pd.concat(
+            evaluate_edits(
+                model,
+                cases[: args.cases],
+                method,
+                layer=layer,
+                fluency=args.fluency_cases,
+                generation_tokens=args.generation_tokens,
+            )
+            for method in ("none", "ft", "rome")
+        )
+        results.to_csv(args.out / "rome_cases.csv", index=False)
+        report(args.out, "main", summarize(results))
+    if "sequential" in phases:
+        n = args.sequential
+        checkpoints = sorted({1, 10, 25, 50, 75, n})
+        curve = sequential_edits(model, cases[:n], checkpoints=checkpoints, layer=layer)
+        report(args.out, "sequential", curve)
+
+
+def stats_times(model: HookedTransformer, layers: list[int]) -> pd.DataFrame:
+    rows = []
+    for layer in layers:
+        start = time.perf_counter()
+        stats = key_second_moment(model, layer, use_cache=False, progress=False)
+        rows.append(
+            {
+                "layer": layer,
+                "seconds": time.perf_counter() - start,
+                "n_tokens": stats.n_tokens,
+                "condition_number": stats.condition_number,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def n_tokens_sweep(
+    model: HookedTransformer, cases: list[CounterFactCase], layer: int, sizes: list[int]
+) -> pd.DataFrame:
+    """ROME scores with C from ``sizes`` tokens and with C = I, reusing each case's v*."""
+    variants = {
+        f"{n} tokens": key_second_moment(model, layer, n_tokens=n, progress=False) for n in sizes
+    }
+    scores: dict[str, list[pd.DataFrame]] = {name: [] for name in ["C = I", *variants]}
+    for case in cases:
+        edit = rome_edit(model, case.request, layer=layer, progress=False)
+        for name in scores:
+            stats = variants.get(name)
+            u = edit.key if stats is None else torch.linalg.solve(stats.moment, edit.key)
+            variant = dataclasses.replace(edit, left=u / (u @ edit.key))
+            with edited(model, variant):
+                scores[name].append(case_scores(model, [case]))
+    rows = []
+    for name, frames in scores.items():
+        df = pd.concat(frames)
+        es, ps, ns = (
+            100 * df[f"{m}_score"].mean() for m in ("efficacy", "paraphrase", "neighborhood")
+        )
+        rows.append(
+            {
+                "statistics": name,
+                "ES": es,
+                "PS": ps,
+                "NS": ns,
+                "S": 3 / (1 / max(es, 1e-9) + 1 / max(ps, 1e-9) + 1 / max(ns, 1e-9)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def report(out: Path, name: str, table: pd.DataFrame) -> None:
+    print(f"\n== {name} ==")
+    print(table.to_string(index=False))
+    table.to_csv(out / f"rome_{name}.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

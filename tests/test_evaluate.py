@@ -1,0 +1,177 @@
+"""CounterFact evaluation: loaders, metrics against hand computations, runners."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rome_lens.evaluate import (
+    CounterFactCase,
+    case_scores,
+    evaluate_edits,
+    load_counterfact,
+    n_gram_entropy,
+    sequential_edits,
+    summarize,
+)
+from rome_lens.predict import target_nll
+from rome_lens.rome import EditRequest, ROMEHyperParams
+
+from .conftest import SHARED_DATA
+
+ROME_RECORD = {
+    "case_id": 0,
+    "requested_rewrite": {
+        "prompt": "{} is located in the city of",
+        "relation_id": "P131",
+        "target_new": {"str": "Rome", "id": "Q220"},
+        "target_true": {"str": "Paris", "id": "Q90"},
+        "subject": "The Eiffel Tower",
+    },
+    "paraphrase_prompts": ["Tourists visit The Eiffel Tower in", "The Eiffel Tower stands in"],
+    "neighborhood_prompts": ["The Louvre is in the city of", "Notre Dame is in"],
+    "attribute_prompts": ["The Colosseum is in"],
+    "generation_prompts": ["The Eiffel Tower is", "Where is The Eiffel Tower?"],
+}
+FAST = ROMEHyperParams(context_lengths=((3, 2),), v_steps=3, mom2_adjustment=False)
+
+
+@pytest.fixture
+def rome_file(tmp_path):
+    path = tmp_path / "counterfact.json"
+    path.write_text(json.dumps([ROME_RECORD, {**ROME_RECORD, "case_id": 1}]))
+    return path
+
+
+class TestLoaders:
+    def test_rome_format(self, rome_file):
+        """ROME's counterfact.json fields map onto a case."""
+        (case, _) = load_counterfact(rome_file)
+        assert case.request == EditRequest(
+            "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"
+        )
+        assert case.paraphrase_prompts == ROME_RECORD["paraphrase_prompts"]
+        assert case.neighborhood_prompts == ROME_RECORD["neighborhood_prompts"]
+        assert case.neighborhood_answer == "Paris"
+        assert case.generation_prompts == ROME_RECORD["generation_prompts"]
+
+    def test_easyedit_format(self):
+        """EasyEdit's validation file loads: subject replaced by the slot, one neighbour."""
+        path = SHARED_DATA / "counterfact_val.json"
+        if not path.exists():
+            pytest.skip(f"{path} is not available")
+        cases = load_counterfact(path, limit=5)
+        raw = json.loads(path.read_text())[:5]
+        assert [c.case_id for c in cases] == [r["case_id"] for r in raw]
+        for case, record in zip(cases, raw, strict=True):
+            assert case.request.text == record["prompt"]
+            assert case.request.target_true == record["ground_truth"]
+            assert case.neighborhood_prompts == [record["locality_prompt"]]
+            assert case.neighborhood_answer == record["locality_ground_truth"]
+
+    def test_limit(self, rome_file):
+        assert len(load_counterfact(rome_file, limit=1)) == 1
+
+    def test_bad_files(self, tmp_path):
+        """Unreadable JSON and records without fields raise errors naming the problem."""
+        bad = tmp_path / "bad.json"
+        bad.write_text("{not json")
+        with pytest.raises(ValueError, match="cannot read CounterFact"):
+            load_counterfact(bad)
+        bad.write_text(json.dumps([{"case_id": 3, "prompt": "x"}]))
+        with pytest.raises(ValueError, match="case 3 .* lacks field"):
+            load_counterfact(bad)
+
+
+class TestMetrics:
+    def test_scores_follow_target_probabilities(self, tiny, rome_file):
+        """Each score compares the whole targets' exp(-mean NLL) as ROME defines them."""
+        (case, _) = load_counterfact(rome_file)
+        row = case_scores(tiny, [case]).iloc[0]
+        req = case.request
+
+        def p(prompt: str, target: str) -> float:
+            return math.exp(-target_nll(tiny, [prompt], [target]).item())
+
+        gap = p(req.text, "Rome") - p(req.text, "Paris")
+        assert row["efficacy_score"] == float(gap > 0)
+        assert row["efficacy_magnitude"] == pytest.approx(gap, abs=1e-6)
+        gaps = [p(q, "Paris") - p(q, "Rome") for q in case.neighborhood_prompts]
+        assert row["neighborhood_score"] == np.mean([g > 0 for g in gaps])
+        assert row["neighborhood_magnitude"] == pytest.approx(np.mean(gaps), abs=1e-6)
+
+    def test_n_gram_entropy_by_hand(self):
+        """(2/3·H2 + 4/3·H3)/2 in bits: four distinct bigrams and three distinct trigrams."""
+        h2, h3 = math.log2(4), math.log2(3)
+        assert n_gram_entropy("a b c d e") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
+        assert n_gram_entropy("word") == 0.0
+
+    def test_summary_is_percent_and_harmonic(self):
+        """ES/PS/NS are percentages and S their harmonic mean."""
+        df = pd.DataFrame(
+            {
+                "method": ["rome", "rome"],
+                "edit_seconds": [1.0, 3.0],
+                **{
+                    f"{stage}_{m}_{kind}": [1.0, v]
+                    for stage in ("pre", "post")
+                    for m, v in (("efficacy", 1.0), ("paraphrase", 0.0), ("neighborhood", 0.5))
+                    for kind in ("score", "magnitude")
+                },
+            }
+        )
+        row = summarize(df).iloc[0]
+        assert (row["post_ES"], row["post_PS"], row["post_NS"]) == (100, 50, 75)
+        assert row["S"] == pytest.approx(3 / (1 / 100 + 1 / 50 + 1 / 75))
+        assert row["median_edit_seconds"] == 2.0
+
+
+class TestRunners:
+    def test_none_changes_nothing(self, tiny, rome_file):
+        """method='none' reports post = pre."""
+        df = evaluate_edits(
+            tiny,
+            load_counterfact(rome_file),
+            "none",
+            fluency=1,
+            generation_tokens=5,
+            progress=False,
+        )
+        for metric in ("efficacy_score", "paraphrase_magnitude", "neighborhood_score"):
+            assert (df[f"pre_{metric}"] == df[f"post_{metric}"]).all()
+        assert not math.isnan(df["pre_entropy"][0]) and math.isnan(df["pre_entropy"][1])
+
+    def test_rome_edits_and_reverts(self, tiny, rome_file):
+        """ROME raises efficacy magnitude on each case and leaves the weights as they were."""
+        before = {n: p.clone() for n, p in tiny.named_parameters()}
+        df = evaluate_edits(
+            tiny,
+            load_counterfact(rome_file),
+            "rome",
+            layer=1,
+            hparams=FAST,
+            fluency=False,
+            progress=False,
+        )
+        assert (df["post_efficacy_magnitude"] > df["pre_efficacy_magnitude"]).all()
+        assert (df["edit_seconds"] > 0).all()
+        assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+    def test_unknown_method(self, tiny, rome_file):
+        with pytest.raises(ValueError, match="method must be"):
+            evaluate_edits(tiny, load_counterfact(rome_file), "memo", progress=False)  # type: ignore[arg-type]
+
+    def test_sequential_edits_curve_and_revert(self, tiny, rome_file):
+        """Sequential editing reports each checkpoint and reverts everything."""
+        before = {n: p.clone() for n, p in tiny.named_parameters()}
+        cases: list[CounterFactCase] = load_counterfact(rome_file)
+        curve = sequential_edits(
+            tiny, cases, checkpoints=(1, 2), layer=1, hparams=FAST, progress=False
+        )
+        assert list(curve["edits"]) == [1, 2] and curve["finite"].all()
+        assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
