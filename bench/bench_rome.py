@@ -9,7 +9,8 @@ Phases (all seeded, cases in file order from ../shared/data/counterfact_val.json
 * ``layers``: ES / PS / NS / S of ROME at several layers (picks the default layer);
 * ``n_tokens``: the same edits with statistics over more or fewer tokens (and C = I);
   v* does not depend on C, so each case is optimised once and only u is re-solved;
-* ``main``: unedited / FT+L / ROME over ``--cases`` cases, with median edit time;
+* ``main``: unedited and ROME over ``--cases`` cases, with median edit time;
+* ``ft``: the FT+L baseline over ``--ft-cases`` cases;
 * ``sequential``: ``--sequential`` ROME edits applied one after another.
 
 Tables are printed and written as CSV to ``--out``.
@@ -40,7 +41,7 @@ from rome_lens.rome import default_layer, rome_edit
 from rome_lens.stats import key_second_moment
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_val.json"
-PHASES = ("stats", "layers", "n_tokens", "main", "sequential")
+PHASES = ("stats", "layers", "n_tokens", "main", "ft", "sequential")
 
 
 def main() -> None:
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--sweep-cases", type=int, default=20)
     parser.add_argument("--layers", default="2,4,6,8")
     parser.add_argument("--n-tokens", default="2000,5000,20000")
+    parser.add_argument("--ft-cases", type=int, default=200)
     parser.add_argument("--sequential", type=int, default=100)
     parser.add_argument("--fluency-cases", type=int, default=20)
     parser.add_argument("--generation-tokens", type=int, default=50)
@@ -89,10 +91,21 @@ def main() -> None:
                 fluency=args.fluency_cases,
                 generation_tokens=args.generation_tokens,
             )
-            for method in ("none", "ft", "rome")
+            for method in ("none", "rome")
         )
         results.to_csv(args.out / "rome_cases.csv", index=False)
         report(args.out, "main", summarize(results))
+    if "ft" in phases:
+        results = evaluate_edits(
+            model,
+            cases[: args.ft_cases],
+            "ft",
+            layer=layer,
+            fluency=args.fluency_cases,
+            generation_tokens=args.generation_tokens,
+        )
+        results.to_csv(args.out / "ft_cases.csv", index=False)
+        report(args.out, "ft", summarize(results))
     if "sequential" in phases:
         n = args.sequential
         checkpoints = sorted({1, 10, 25, 50, 75, n})
