@@ -33,6 +33,7 @@ from rome_lens.evaluate import (
     case_scores,
     evaluate_edits,
     load_counterfact,
+    overall_score,
     sequential_edits,
     summarize,
 )
@@ -152,13 +153,7 @@ def n_tokens_sweep(
             100 * df[f"{m}_score"].mean() for m in ("efficacy", "paraphrase", "neighborhood")
         )
         rows.append(
-            {
-                "statistics": name,
-                "ES": es,
-                "PS": ps,
-                "NS": ns,
-                "S": 3 / (1 / max(es, 1e-9) + 1 / max(ps, 1e-9) + 1 / max(ns, 1e-9)),
-            }
+            {"statistics": name, "ES": es, "PS": ps, "NS": ns, "S": overall_score([es, ps, ns])}
         )
     return pd.DataFrame(rows)
 

@@ -64,6 +64,7 @@ __all__ = [
     "generation_entropy",
     "load_counterfact",
     "n_gram_entropy",
+    "overall_score",
     "sequential_edits",
     "summarize",
 ]
@@ -306,13 +307,14 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
                 row[f"{stage}_{short[0]}M"] = 100 * group[f"{stage}_{metric}_magnitude"].mean()
             if f"{stage}_entropy" in group:
                 row[f"{stage}_entropy"] = group[f"{stage}_entropy"].mean()
-        row["S"] = _harmonic([row["post_ES"], row["post_PS"], row["post_NS"]])
+        row["S"] = overall_score([row["post_ES"], row["post_PS"], row["post_NS"]])
         row["median_edit_seconds"] = group["edit_seconds"].median()
         summary.append(row)
     return pd.DataFrame(summary)
 
 
-def _harmonic(values: Sequence[float]) -> float:
+def overall_score(values: Sequence[float]) -> float:
+    """S: the harmonic mean of ES, PS and NS (0 if any is 0)."""
     if any(v <= 0 or math.isnan(v) for v in values):
         return 0.0
     return len(values) / sum(1 / v for v in values)

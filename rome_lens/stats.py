@@ -240,7 +240,7 @@ def _corpus_id(texts: list[str] | None, seed: int) -> str:
 
 def _chunks(model: HookedTransformer, texts: list[str], n_tokens: int) -> Iterator[Tensor]:
     """Each document with BOS, cut into windows, until ``n_tokens`` non-BOS tokens."""
-    bos = model.to_tokens("", truncate=False)[0]  # [BOS], or nothing for models without one
+    bos = _bos(model)
     step = min(MAX_CHUNK, model.cfg.n_ctx) - len(bos)
     remaining = n_tokens
     for text in texts:
@@ -272,7 +272,7 @@ def _model_samples(
         pass
     except (CacheError, KeyError) as err:
         discard(path, str(err))
-    bos = model.to_tokens("", truncate=False)[0]
+    bos = _bos(model)
     if len(bos) == 0:
         raise ValueError("sampling a corpus needs a BOS token; pass corpus= texts instead")
     generator = torch.Generator().manual_seed(seed)
@@ -326,6 +326,11 @@ def _accumulate(
     return moment / max(count, 1), count
 
 
+def _bos(model: HookedTransformer) -> Int[Tensor, " n"]:
+    """``[BOS]`` as the model prepends it, or an empty tensor for models that prepend nothing."""
+    return model.to_tokens("", truncate=False)[0]
+
+
 def _bos_id(model: HookedTransformer) -> int | None:
-    bos = model.to_tokens("", truncate=False)[0]
+    bos = _bos(model)
     return int(bos[0]) if len(bos) else None
