@@ -1,8 +1,9 @@
 """rome_lens: find where a TransformerLens model stores a fact, and rewrite it.
 
 Find it with causal tracing (:func:`trace_fact`), rewrite it with ROME
-(:func:`rome_edit`), check it with CounterFact (:func:`evaluate_edits`), and
-undo it exactly (:func:`edited`, ``edit.apply(model).revert()``).
+(:func:`rome_edit`) or thousands at once with MEMIT (:func:`memit_edit`), check it
+with CounterFact (:func:`evaluate_edits`), and undo it exactly (:func:`edited`,
+``edit.apply(model).revert()``).
 
 >>> import rome_lens
 >>> model = rome_lens.tiny_model()
@@ -14,6 +15,7 @@ undo it exactly (:func:`edited`, ``edit.apply(model).revert()``).
 
 from rome_lens.evaluate import evaluate_edits, load_counterfact, summarize
 from rome_lens.finetune import FTHyperParams, ft_edit
+from rome_lens.memit import MEMITHyperParams, MultiLayerEdit, memit_edit
 from rome_lens.models import DEFAULT_MODEL, load_model, tiny_model
 from rome_lens.patches import AppliedEdit, WeightEdit, WeightPatch, edited
 from rome_lens.rome import EditRequest, RankOneEdit, ROMEHyperParams, rome_edit
@@ -36,6 +38,8 @@ __all__ = [
     "EditRequest",
     "FTHyperParams",
     "KeyStats",
+    "MEMITHyperParams",
+    "MultiLayerEdit",
     "ROMEHyperParams",
     "RankOneEdit",
     "SeveredTrace",
@@ -49,6 +53,7 @@ __all__ = [
     "key_second_moment",
     "load_counterfact",
     "load_model",
+    "memit_edit",
     "rome_edit",
     "summarize",
     "tiny_model",

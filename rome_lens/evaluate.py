@@ -52,6 +52,7 @@ from transformer_lens import HookedTransformer
 
 from rome_lens.finetune import FTHyperParams, ft_edit
 from rome_lens.generation import sample_text
+from rome_lens.memit import MEMITHyperParams, memit_edit
 from rome_lens.patches import WeightEdit, edited
 from rome_lens.predict import target_nll
 from rome_lens.rome import EditRequest, ROMEHyperParams, rome_edit
@@ -69,7 +70,7 @@ __all__ = [
     "summarize",
 ]
 
-Method = Literal["rome", "ft", "none"]
+Method = Literal["rome", "ft", "memit", "none"]
 _METRICS = ("efficacy", "paraphrase", "neighborhood")
 
 
@@ -224,7 +225,7 @@ def generation_entropy(
 def _editor(
     method: Method,
     layer: int | None,
-    hparams: ROMEHyperParams | FTHyperParams | None,
+    hparams: object,
     stats: KeyStats | None,
 ) -> Callable[[HookedTransformer, EditRequest], WeightEdit] | None:
     if method == "none":
@@ -239,7 +240,7 @@ def _editor(
         return lambda model, request: ft_edit(
             model, request, layer=layer, hparams=ft_hparams, progress=False
         )
-    raise ValueError(f"method must be 'rome', 'ft' or 'none', got {method!r}")
+    raise ValueError(f"method must be 'rome', 'ft', 'memit' or 'none', got {method!r}")
 
 
 def evaluate_edits(
@@ -248,52 +249,109 @@ def evaluate_edits(
     method: Method = "rome",
     *,
     layer: int | None = None,
-    hparams: ROMEHyperParams | FTHyperParams | None = None,
-    stats: KeyStats | None = None,
+    layers: Sequence[int] | None = None,
+    hparams: ROMEHyperParams | FTHyperParams | MEMITHyperParams | None = None,
+    stats: KeyStats | dict[int, KeyStats] | None = None,
     fluency: bool | int = True,
     generation_tokens: int = 100,
     seed: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Edit each case in turn (reverting it after), scoring it before and after.
+    """Edit each case, scoring it before and after.
 
+    ``"rome"`` and ``"ft"`` edit one case at a time, reverting each edit before
+    the next; ``"memit"`` writes every case in one :func:`~rome_lens.memit.memit_edit`
+    batch (into ``layers``) and scores all of them with the whole batch applied.
     Returns one row per case: ``pre_*`` and ``post_*`` columns for every
-    metric, the edit's wall-clock ``edit_seconds`` and the ``method``. With
-    ``method="none"`` nothing is edited and ``post_*`` equals ``pre_*``.
-    Fluency needs generation, the slowest part: ``fluency=n`` measures it on
-    the first ``n`` cases only (``nan`` elsewhere), ``False`` on none.
+    metric, the edit's wall-clock ``edit_seconds`` (for MEMIT, the batch's time
+    over the number of cases) and the ``method``. With ``method="none"``
+    nothing is edited and ``post_*`` equals ``pre_*``. Fluency needs
+    generation, the slowest part: ``fluency=n`` measures it on the first ``n``
+    cases only (``nan`` elsewhere), ``False`` on none.
     """
-    editor = _editor(method, layer, hparams, stats)
     if not cases:
         raise ValueError("no cases to evaluate")
-    pre = case_scores(model, cases)
-    n_fluent = len(cases) if fluency is True else int(fluency)
-    if n_fluent:
-        pre["entropy"] = math.nan
-        pre.loc[: n_fluent - 1, "entropy"] = generation_entropy(
-            model, cases[:n_fluent], n_tokens=generation_tokens, seed=seed
+    if method == "memit":
+        return _evaluate_batch(
+            model, cases, layers, hparams, stats, fluency, generation_tokens, seed, progress
         )
+    if isinstance(stats, dict):
+        raise ValueError(f"statistics per layer are for method='memit'; {method!r} takes one")
+    editor = _editor(method, layer, hparams, stats)
+    n_fluent = len(cases) if fluency is True else int(fluency)
+    pre = _scores(model, cases, n_fluent, generation_tokens, seed)
     rows = []
     for i, case in enumerate(tqdm(cases, desc=f"evaluating {method}", disable=not progress)):
-        row: dict[str, Any] = {"case_id": case.case_id, "method": method, "edit_seconds": 0.0}
-        post = pre.iloc[[i]].reset_index(drop=True)
+        post, seconds = pre.iloc[[i]].reset_index(drop=True), 0.0
         if editor is not None:
             started = time.perf_counter()
             edit = editor(model, case.request)
-            row["edit_seconds"] = time.perf_counter() - started
+            seconds = time.perf_counter() - started
             with edited(model, edit):
-                post = case_scores(model, [case])
-                if n_fluent:
-                    post["entropy"] = math.nan
-                    if i < n_fluent:
-                        post["entropy"] = generation_entropy(
-                            model, [case], n_tokens=generation_tokens, seed=seed
-                        )
-        for column in pre.columns.drop("case_id"):
-            row[f"pre_{column}"] = pre.at[i, column]
-            row[f"post_{column}"] = post.at[0, column]
-        rows.append(row)
+                post = _scores(model, [case], int(i < n_fluent), generation_tokens, seed)
+        rows.append(_row(case, method, seconds, pre.iloc[i], post.iloc[0]))
     return pd.DataFrame(rows)
+
+
+def _evaluate_batch(
+    model: HookedTransformer,
+    cases: Sequence[CounterFactCase],
+    layers: Sequence[int] | None,
+    hparams: object,
+    stats: KeyStats | dict[int, KeyStats] | None,
+    fluency: bool | int,
+    generation_tokens: int,
+    seed: int,
+    progress: bool,
+) -> pd.DataFrame:
+    """MEMIT: one edit for all cases, then every case scored with it applied."""
+    memit_hparams = hparams if isinstance(hparams, MEMITHyperParams) else MEMITHyperParams()
+    if isinstance(stats, KeyStats):
+        stats = {stats.layer: stats}
+    n_fluent = len(cases) if fluency is True else int(fluency)
+    pre = _scores(model, cases, n_fluent, generation_tokens, seed)
+    started = time.perf_counter()
+    edit = memit_edit(
+        model,
+        [case.request for case in cases],
+        layers=layers,
+        hparams=memit_hparams,
+        stats=stats,
+        progress=progress,
+    )
+    seconds = (time.perf_counter() - started) / len(cases)
+    with edited(model, edit):
+        post = _scores(model, cases, n_fluent, generation_tokens, seed)
+    return pd.DataFrame(
+        [_row(case, "memit", seconds, pre.iloc[i], post.iloc[i]) for i, case in enumerate(cases)]
+    )
+
+
+def _scores(
+    model: HookedTransformer,
+    cases: Sequence[CounterFactCase],
+    n_fluent: int,
+    generation_tokens: int,
+    seed: int,
+) -> pd.DataFrame:
+    """:func:`case_scores`, with the generation entropy of the first ``n_fluent`` cases."""
+    scores = case_scores(model, cases)
+    if n_fluent:
+        scores["entropy"] = math.nan
+        scores.loc[: n_fluent - 1, "entropy"] = generation_entropy(
+            model, cases[:n_fluent], n_tokens=generation_tokens, seed=seed
+        )
+    return scores
+
+
+def _row(
+    case: CounterFactCase, method: str, seconds: float, pre: pd.Series, post: pd.Series
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"case_id": case.case_id, "method": method, "edit_seconds": seconds}
+    for column in pre.index.drop("case_id"):
+        row[f"pre_{column}"] = pre[column]
+        row[f"post_{column}"] = post.get(column, math.nan)  # entropy is measured on a few
+    return row
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:

@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ from rome_lens.generation import sample_tokens
 from rome_lens.hooks import attached, capture
 from rome_lens.models import linear_layout
 
-__all__ = ["DEFAULT_N_TOKENS", "KeyStats", "key_second_moment"]
+__all__ = ["DEFAULT_N_TOKENS", "KeyStats", "checked_stats", "key_second_moment"]
 
 DEFAULT_N_TOKENS = 20_000
 SAMPLE_LENGTH = 64  # tokens per sampled sequence, after BOS
@@ -95,6 +96,29 @@ class KeyStats:
                 f"statistics were computed on another model (fingerprint {self.fingerprint}, "
                 f"this model's is {found} at layer {layer})"
             )
+
+    def ridge(self, max_condition: float) -> float:
+        """What to add to C's diagonal for a condition number of at most ``max_condition``.
+
+        Zero for a well-conditioned C; otherwise it warns, since the edit then
+        trusts the statistics less than asked.
+        """
+        condition = self.condition_number
+        if condition <= max_condition:
+            return 0.0
+        low, high = self.eigenvalues[0].item(), self.eigenvalues[-1].item()
+        ridge = (high - max_condition * low) / (max_condition - 1)
+        warnings.warn(
+            f"key statistics of layer {self.layer} are ill-conditioned (condition number "
+            f"{condition:.3g} from {self.n_tokens} tokens): adding {ridge:.3g} to the diagonal; "
+            "compute them over more tokens",
+            stacklevel=3,
+        )
+        return ridge
+
+    def regularised(self, ridge: float) -> Float[Tensor, "d_mlp d_mlp"]:
+        """C + ridge · I (float64)."""
+        return self.moment + ridge * torch.eye(len(self.moment), dtype=self.moment.dtype)
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row: layer, token count, corpus and conditioning."""
@@ -163,6 +187,22 @@ def key_second_moment(
         tensors = {"moment": stats.moment, "eigenvalues": stats.eigenvalues}
         meta = {"layer": layer, "n_tokens": count, "corpus": corpus_name}
         save_tensors(path, tensors, {**meta, "fingerprint": fingerprint})
+    return stats
+
+
+def checked_stats(
+    model: HookedTransformer,
+    layer: int,
+    stats: KeyStats | None,
+    *,
+    n_tokens: int = DEFAULT_N_TOKENS,
+    progress: bool = True,
+) -> KeyStats:
+    """``stats`` after checking they belong to ``model`` at ``layer``; if ``None``, the cached
+    (or newly computed) statistics over ``n_tokens`` sampled tokens."""
+    if stats is None:
+        return key_second_moment(model, layer, n_tokens=n_tokens, progress=progress)
+    stats.check(model, layer)
     return stats
 
 

@@ -10,7 +10,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import rome_lens
-from rome_lens import rome
+from rome_lens import memory, rome
 from rome_lens.finetune import FTHyperParams, ft_edit
 from rome_lens.hooks import add_at_rows, attached
 from rome_lens.models import _hooked_transformer
@@ -90,13 +90,13 @@ class TestRankOneUpdate:
 
     def test_value_objective_matches_plain_forward(self, tiny):
         """The prefix-cached objective gives the log-probs of a full forward pass."""
-        templates = rome.context_templates(tiny, FAST)
-        texts = rome._in_contexts(REQUEST, templates)
-        sequences, last = rome._encode(tiny, texts)
+        templates = memory.context_templates(tiny, FAST)
+        texts = memory.in_contexts(REQUEST, templates)
+        sequences, last = memory.encode(tiny, texts)
         reads = [(row, len(seq) - 1) for row, seq in enumerate(sequences)]
         reads += [(row, last[row]) for row in range(len(sequences))]
-        delta = torch.randn(tiny.cfg.d_model)
-        fast = rome.ValueObjective(tiny, LAYER, sequences, last, reads)(delta)
+        delta = torch.randn(1, tiny.cfg.d_model)
+        fast = memory.ValueObjective(tiny, LAYER, sequences, last, reads)(delta)
         tokens, _ = pad([torch.tensor(s) for s in sequences], 0, "right")
         hook = add_at_rows(torch.arange(len(sequences)), torch.tensor(last), delta)
         with torch.no_grad(), attached(tiny, [(f"blocks.{LAYER}.hook_mlp_out", hook)]):
@@ -107,7 +107,8 @@ class TestRankOneUpdate:
 
     def test_context_templates_hold_the_prompt_slot(self, tiny):
         """Templates are "{}" and sampled prefixes ending in ". {}", as many as asked."""
-        templates = rome.context_templates(tiny, ROMEHyperParams(context_lengths=((2, 3), (4, 2))))
+        hparams = ROMEHyperParams(context_lengths=((2, 3), (4, 2)))
+        templates = memory.context_templates(tiny, hparams)
         assert templates[0] == "{}" and len(templates) == 6
         assert all(t.endswith(". {}") and t.count("{}") == 1 for t in templates[1:])
 
@@ -158,7 +159,7 @@ class TestUndo:
         """An exception inside the v* loop leaves weights, hooks and grad flags as they were."""
         before = weights(tiny)
         calls = []
-        original = rome.ValueObjective.__call__
+        original = memory.ValueObjective.__call__
 
         def failing(self, delta):
             calls.append(1)
@@ -166,7 +167,7 @@ class TestUndo:
                 raise RuntimeError("interrupted")
             return original(self, delta)
 
-        monkeypatch.setattr(rome.ValueObjective, "__call__", failing)
+        monkeypatch.setattr(memory.ValueObjective, "__call__", failing)
         with pytest.raises(RuntimeError, match="interrupted"):
             rome_edit(tiny, REQUEST, layer=LAYER, hparams=FAST, stats=stats, progress=False)
         assert_same_weights(tiny, before)

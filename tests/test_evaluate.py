@@ -19,6 +19,7 @@ from rome_lens.evaluate import (
     sequential_edits,
     summarize,
 )
+from rome_lens.memit import MEMITHyperParams
 from rome_lens.predict import target_nll
 from rome_lens.rome import EditRequest, ROMEHyperParams
 
@@ -160,6 +161,27 @@ class TestRunners:
         )
         assert (df["post_efficacy_magnitude"] > df["pre_efficacy_magnitude"]).all()
         assert (df["edit_seconds"] > 0).all()
+        assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+
+    def test_memit_edits_the_batch_and_reverts(self, tiny, rome_file, tmp_path, monkeypatch):
+        """MEMIT writes every case in one batch, scores them with it applied, then reverts."""
+        monkeypatch.setenv("ROME_LENS_CACHE", str(tmp_path))
+        before = {n: p.clone() for n, p in tiny.named_parameters()}
+        hparams = MEMITHyperParams(context_lengths=(), v_steps=4, mom2_n_tokens=500)
+        df = evaluate_edits(
+            tiny,
+            load_counterfact(rome_file),
+            "memit",
+            layers=[0, 1],
+            hparams=hparams,
+            fluency=1,
+            generation_tokens=5,
+            progress=False,
+        )
+        assert (df["method"] == "memit").all() and len(df) == 2
+        assert (df["post_efficacy_magnitude"] > df["pre_efficacy_magnitude"]).all()
+        assert df["edit_seconds"].nunique() == 1 and df["edit_seconds"][0] > 0
+        assert not math.isnan(df["post_entropy"][0]) and math.isnan(df["post_entropy"][1])
         assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
 
     def test_unknown_method(self, tiny, rome_file):

@@ -1,0 +1,147 @@
+"""Benchmark: MEMIT batches of 1 to 1,000 CounterFact edits on the default model.
+
+    python bench/bench_memit.py                        # sizes 1, 10, 100, 1000 (~30 min)
+    python bench/bench_memit.py --only sweep           # layer sets and λ, on --sweep-cases
+
+Phases (seeded, cases in file order from ../shared/data/counterfact_val.json):
+
+* ``sizes``: for each batch size, one ``memit_edit`` of the first N cases with the
+  default layers, then ES / PS / NS / S of those cases with the batch applied,
+  the unedited NS, the total and per-edit time (key statistics excluded: they
+  are computed first and cached), and the peak resident memory. Each size runs
+  in a fresh process, so its peak memory is its own. The ROME sequential-editing
+  curve (``bench/bench_rome.py --only sequential``) is printed beside it;
+* ``sweep``: quality of candidate layer sets and of λ (``mom2_update_weight``),
+  which picked the defaults (z is computed once per last layer and reused).
+
+Tables are printed and written as CSV to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import rome_lens
+from rome_lens.evaluate import CounterFactCase, case_scores, load_counterfact, overall_score
+from rome_lens.memit import MEMITHyperParams, default_memit_layers, memit_edit
+from rome_lens.patches import edited
+from rome_lens.stats import key_second_moment
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_val.json"
+PHASES = ("sizes", "sweep")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,10,100,1000")
+    parser.add_argument("--sweep-cases", type=int, default=100)
+    parser.add_argument("--sweep-layers", default="0-2;1-4;2-5;1-6")
+    parser.add_argument("--sweep-lambdas", default="1500,5000,15000,50000")
+    parser.add_argument("--only", choices=PHASES, action="append")
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, in a child
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    pd.set_option("display.width", 200)
+    pd.set_option("display.precision", 3)
+    torch.manual_seed(0)
+    if args.size is not None:
+        print(json.dumps(run_size(args.size)))
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = rome_lens.load_model()
+    phases = args.only or PHASES
+    if "sweep" in phases:
+        cases = load_counterfact(DATA, limit=args.sweep_cases)
+        report(args.out, "sweep", sweep(model, cases, args.sweep_layers, args.sweep_lambdas))
+    if "sizes" in phases:
+        for layer in default_memit_layers(model):  # cached, so no size pays for statistics
+            key_second_moment(model, layer)
+        rows = [child(n) for n in (int(x) for x in args.sizes.split(","))]
+        report(args.out, "sizes", pd.DataFrame(rows))
+        rome_curve = args.out / "rome_sequential.csv"
+        if rome_curve.exists():
+            print("\nROME, the same cases edited one after another (bench_rome.py):")
+            print(pd.read_csv(rome_curve).to_string(index=False))
+
+
+def child(n: int) -> dict[str, object]:
+    """Run one size in a fresh process (its own peak memory) and read its JSON row."""
+    command = [sys.executable, __file__, "--size", str(n)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_size(n: int) -> dict[str, object]:
+    """Edit the first ``n`` cases in one batch and score them (z not cached: timed in full)."""
+    model = rome_lens.load_model()
+    loaded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cases = load_counterfact(DATA, limit=n)
+    pre = case_scores(model, cases)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        edit = memit_edit(
+            model, [c.request for c in cases], cache_dir=folder, use_cache=False, progress=False
+        )
+    seconds = time.perf_counter() - started
+    with edited(model, edit):
+        post = case_scores(model, cases)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "edits": n,
+        **scores(post),
+        "NS_unedited": 100 * pre["neighborhood_score"].mean(),
+        "total_s": round(seconds, 1),
+        "s_per_edit": round(seconds / n, 2),
+        "peak_rss_MiB": peak_kib // 1024,
+        "peak_over_loaded_MiB": (peak_kib - loaded_kib) // 1024,
+        "finite": all(bool(torch.isfinite(d).all()) for d in edit.delta.values()),
+    }
+
+
+def sweep(model, cases: list[CounterFactCase], layer_sets: str, lambdas: str) -> pd.DataFrame:
+    """ES / PS / NS / S for each layer set at the default λ, and each λ at the default layers."""
+    requests = [c.request for c in cases]
+    default = MEMITHyperParams()
+    rows = [{"layers": "unedited", "lambda": None, **scores(case_scores(model, cases))}]
+    candidates = [(parse_layers(s), default.mom2_update_weight) for s in layer_sets.split(";")]
+    candidates += [(default_memit_layers(model), float(x)) for x in lambdas.split(",")]
+    for layers, weight in candidates:
+        hparams = dataclasses.replace(default, mom2_update_weight=weight)
+        started = time.perf_counter()
+        edit = memit_edit(model, requests, layers=layers, hparams=hparams, progress=False)
+        seconds = time.perf_counter() - started
+        with edited(model, edit):
+            row = scores(case_scores(model, cases))
+        rows.append({"layers": str(layers), "lambda": weight, **row, "seconds": seconds})
+    return pd.DataFrame(rows)
+
+
+def scores(df: pd.DataFrame) -> dict[str, float]:
+    es, ps, ns = (100 * df[f"{m}_score"].mean() for m in ("efficacy", "paraphrase", "neighborhood"))
+    return {"ES": es, "PS": ps, "NS": ns, "S": overall_score([es, ps, ns])}
+
+
+def parse_layers(text: str) -> list[int]:
+    first, last = (int(x) for x in text.split("-"))
+    return list(range(first, last + 1))
+
+
+def report(out: Path, name: str, table: pd.DataFrame) -> None:
+    print(f"\n== {name} ==")
+    print(table.to_string(index=False))
+    table.to_csv(out / f"memit_{name}.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

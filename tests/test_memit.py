@@ -1,0 +1,257 @@
+"""MEMIT on the tiny model: each layer's least-squares update, batching, undo, saving, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+import rome_lens
+from rome_lens import memit, memory
+from rome_lens.memit import MEMITHyperParams, MultiLayerEdit, memit_edit
+from rome_lens.memory import EditHyperParams, compute_keys, optimise_deltas
+from rome_lens.patches import WeightEdit, edited
+from rome_lens.rome import EditRequest
+from rome_lens.stats import key_second_moment
+
+from .conftest import hooks_left
+from .test_editing import assert_same_weights, weights
+
+REQUESTS = [
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+    EditRequest("{} is located in the city of", "The Louvre", "Berlin", "Paris"),
+    EditRequest("{} is a museum in", "The Prado", "Oslo", "Madrid"),
+]
+LAYERS = [0, 1]
+FAST = MEMITHyperParams(context_lengths=((3, 2),), v_steps=4, mom2_update_weight=50.0)
+
+
+@pytest.fixture(scope="module")
+def stats(tiny: HookedTransformer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Key statistics of the tiny model's layers 0 and 1."""
+    folder = tmp_path_factory.mktemp("cache")
+    return {
+        layer: key_second_moment(tiny, layer, n_tokens=1000, cache_dir=folder, progress=False)
+        for layer in LAYERS
+    }
+
+
+@pytest.fixture(scope="module")
+def z_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A folder for the per-request z cache."""
+    return tmp_path_factory.mktemp("z")
+
+
+@pytest.fixture(scope="module")
+def edit(tiny, stats, z_cache) -> MultiLayerEdit:
+    """Three facts written into layers 0 and 1 of the tiny model."""
+    return memit_edit(
+        tiny, REQUESTS, layers=LAYERS, hparams=FAST, stats=stats, cache_dir=z_cache, progress=False
+    )
+
+
+def subject_residuals(model, layer: int) -> torch.Tensor:
+    return memit._subject_residuals(model, REQUESTS, layer)
+
+
+class TestLeastSquares:
+    def test_each_layer_solves_its_regularised_least_squares(self, tiny, edit, stats):
+        """ΔW_l minimises ‖K ΔW − R‖² + λ tr(ΔWᵀ C ΔW), checked against an augmented lstsq."""
+        templates = memory.context_templates(tiny, FAST)
+        lam = FAST.mom2_update_weight
+        for i, layer in enumerate(LAYERS):
+            earlier = [p for p in edit.deltas() if int(p.split(".")[1]) < layer]
+            partial = rome_lens.WeightPatch.for_model(tiny, {p: edit.deltas()[p] for p in earlier})
+            with edited(tiny, partial):
+                keys = compute_keys(tiny, REQUESTS, layer, templates)
+                residual = edit.targets - subject_residuals(tiny, LAYERS[-1])
+            target = residual / (len(LAYERS) - i)
+            eigenvalues, vectors = torch.linalg.eigh(stats[layer].moment)
+            root = (vectors * eigenvalues.clamp(min=0).sqrt()) @ vectors.T  # C^½
+            a = torch.cat([keys, lam**0.5 * root])
+            b = torch.cat([target, torch.zeros(len(root), target.shape[1], dtype=torch.float64)])
+            expected = torch.linalg.lstsq(a, b, driver="gelsd").solution
+            torch.testing.assert_close(edit.delta[layer], expected, atol=1e-6, rtol=1e-4)
+
+    def test_edit_moves_the_residual_towards_the_targets(self, tiny, edit):
+        """After apply, h at the last layer is closer to every z than before."""
+        before = (edit.targets - subject_residuals(tiny, LAYERS[-1])).norm(dim=1)
+        with edit.apply(tiny):
+            after = (edit.targets - subject_residuals(tiny, LAYERS[-1])).norm(dim=1)
+        assert (after < before).all()
+        assert edit.residual_norms[0] == pytest.approx(before.mean().item(), rel=1e-6)
+
+    def test_targets_are_residual_plus_clamped_delta(self, tiny, edit):
+        """z − h is within MEMIT's clamp of 0.75 ‖h‖."""
+        h = subject_residuals(tiny, LAYERS[-1])
+        ratio = (edit.targets - h).norm(dim=1) / h.norm(dim=1)
+        assert (ratio > 0).all() and (ratio <= FAST.clamp_norm_factor + 1e-5).all()
+
+
+class TestBatchedValues:
+    def test_a_batch_gives_each_request_its_own_delta(self, tiny):
+        """Optimising requests together gives the δ each gets alone (Adam is element-wise)."""
+        hparams = EditHyperParams(context_lengths=((3, 2),), v_steps=6, early_stop_nll=1.0)
+        templates = memory.context_templates(tiny, hparams)
+        norms = torch.tensor([3.0, 5.0, 4.0])
+        together, losses = optimise_deltas(
+            tiny, REQUESTS, 1, templates, norms, hparams, batch_size=3, progress=False
+        )
+        for i, request in enumerate(REQUESTS):
+            alone, alone_losses = optimise_deltas(
+                tiny, [request], 1, templates, norms[i : i + 1], hparams, progress=False
+            )
+            torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-4)
+            assert len(losses[i]) == len(alone_losses[0])
+
+    def test_targets_are_cached_per_request(self, tiny, stats, z_cache, edit, monkeypatch):
+        """A second edit with the same requests reads every z from the cache."""
+        monkeypatch.setattr(memit, "optimise_deltas", lambda *a, **k: pytest.fail("recomputed"))
+        again = memit_edit(
+            tiny,
+            REQUESTS,
+            layers=LAYERS,
+            hparams=FAST,
+            stats=stats,
+            cache_dir=z_cache,
+            progress=False,
+        )
+        assert torch.equal(again.targets, edit.targets)
+
+    def test_corrupt_cached_target_is_rebuilt(self, tiny, stats, tmp_path):
+        """A damaged z file is reported and recomputed."""
+        kwargs = {"layers": LAYERS, "hparams": FAST, "stats": stats, "progress": False}
+        first = memit_edit(tiny, REQUESTS[:1], cache_dir=tmp_path, **kwargs)
+        (path,) = (tmp_path / "memit_z").glob("*.st")
+        path.write_bytes(b"garbage")
+        with pytest.warns(UserWarning, match="rebuilding cache entry"):
+            again = memit_edit(tiny, REQUESTS[:1], cache_dir=tmp_path, **kwargs)
+        torch.testing.assert_close(again.targets, first.targets)
+
+
+class TestUndoAndSaving:
+    def test_revert_is_bit_exact(self, tiny, edit):
+        """Reverting restores every weight bit for bit, and only W_out of the layers changed."""
+        before = weights(tiny)
+        handle = edit.apply(tiny)
+        changed = {n for n, p in tiny.named_parameters() if not torch.equal(p, before[n])}
+        assert changed == {f"blocks.{layer}.mlp.W_out" for layer in LAYERS}
+        handle.revert()
+        assert_same_weights(tiny, before)
+
+    def test_memit_edit_leaves_model_untouched(self, tiny, stats, tmp_path):
+        """Computing an edit changes no weight, leaves no hook, restores requires_grad."""
+        before = weights(tiny)
+        flags = [p.requires_grad for p in tiny.parameters()]
+        memit_edit(
+            tiny,
+            REQUESTS,
+            layers=LAYERS,
+            hparams=FAST,
+            stats=stats,
+            cache_dir=tmp_path,
+            progress=False,
+        )
+        assert_same_weights(tiny, before)
+        assert hooks_left(tiny) == 0
+        assert [p.requires_grad for p in tiny.parameters()] == flags
+
+    def test_failure_between_layers_leaves_model_clean(self, tiny, stats, tmp_path, monkeypatch):
+        """An exception while the first layer's update is applied reverts it."""
+        before = weights(tiny)
+        calls = []
+        real = memit.compute_keys
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("interrupted")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(memit, "compute_keys", failing)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            memit_edit(
+                tiny,
+                REQUESTS,
+                layers=LAYERS,
+                hparams=FAST,
+                stats=stats,
+                cache_dir=tmp_path,
+                progress=False,
+            )
+        assert_same_weights(tiny, before)
+        assert hooks_left(tiny) == 0
+
+    def test_save_load_round_trip(self, tiny, edit, tmp_path):
+        """A saved edit loads with the same tensors and requests, and applies identically."""
+        loaded = WeightEdit.load(edit.save(tmp_path / "batch.safetensors"), model=tiny)
+        assert isinstance(loaded, MultiLayerEdit)
+        assert loaded.requests == edit.requests and loaded.layers == edit.layers
+        assert loaded.residual_norms == edit.residual_norms
+        assert torch.equal(loaded.targets, edit.targets)
+        for layer in LAYERS:
+            assert torch.equal(loaded.delta[layer], edit.delta[layer])
+        with pytest.raises(ValueError, match="another model"):
+            MultiLayerEdit.load(tmp_path / "batch.safetensors", model=rome_lens.tiny_model(seed=1))
+
+    def test_to_dataframe_has_a_row_per_layer(self, edit):
+        """The summary lists each edited layer with its ΔW norm."""
+        df = edit.to_dataframe()
+        assert df["layer"].tolist() == LAYERS and (df["delta_norm"] > 0).all()
+
+
+class TestBadInput:
+    def test_conflicting_targets_name_both(self, tiny):
+        a = EditRequest("{} is in", "The Louvre", "Rome")
+        b = EditRequest("{} is in", "The Louvre", "Oslo")
+        with pytest.raises(ValueError, match="'Rome'.*'Oslo'"):
+            memit_edit(tiny, [a, b], layers=LAYERS, progress=False)
+
+    def test_repeated_request_is_allowed(self, tiny, stats, tmp_path):
+        """The same fact twice is no conflict."""
+        edit = memit_edit(
+            tiny,
+            [REQUESTS[0], REQUESTS[0]],
+            layers=LAYERS,
+            hparams=FAST,
+            stats=stats,
+            cache_dir=tmp_path,
+            progress=False,
+        )
+        assert torch.isfinite(edit.delta[1]).all()
+
+    def test_no_requests(self, tiny):
+        with pytest.raises(ValueError, match="at least one EditRequest"):
+            memit_edit(tiny, [], layers=LAYERS, progress=False)
+
+    def test_not_a_request(self, tiny):
+        with pytest.raises(ValueError, match="EditRequest objects"):
+            memit_edit(tiny, ["The Louvre is in Rome"], layers=LAYERS, progress=False)
+
+    @pytest.mark.parametrize("layers", [[0, 3], [-1, 1]])
+    def test_layer_out_of_range(self, tiny, layers):
+        with pytest.raises(ValueError, match=r"layer must be an int in \[0, 3\)"):
+            memit_edit(tiny, REQUESTS, layers=layers, progress=False)
+
+    @pytest.mark.parametrize("layers", [[1, 0], [1, 1], []])
+    def test_layers_not_ascending(self, tiny, layers):
+        with pytest.raises(ValueError, match="ascending|at least one"):
+            memit_edit(tiny, REQUESTS, layers=layers, progress=False)
+
+    def test_prompt_longer_than_context(self, tiny):
+        long = EditRequest("{} is" + " very" * 80 + " far from", "The Louvre", "Rome")
+        with pytest.raises(ValueError, match="n_ctx"):
+            memit_edit(tiny, [long], layers=LAYERS, progress=False)
+
+    def test_statistics_from_another_layer(self, tiny, stats):
+        with pytest.raises(ValueError, match="layer 0, not layer 1"):
+            memit_edit(tiny, REQUESTS, layers=LAYERS, stats={1: stats[0]}, progress=False)
+
+    def test_statistics_from_another_model(self, stats):
+        with pytest.raises(ValueError, match="another model"):
+            memit_edit(rome_lens.tiny_model(seed=1), REQUESTS, layers=LAYERS, stats=stats)
+
+
+def test_default_layers_fall_back_to_the_rome_layer(tiny):
+    """An unknown model gets ROME's default layer and up to four before it."""
+    assert memit.default_memit_layers(tiny) == [0, 1]
