@@ -26,3 +26,4 @@ test: setup lint
 bench: setup
 	$(PYTHON) bench/bench_trace.py
 	$(PYTHON) bench/bench_rome.py
+	$(PYTHON) bench/bench_memit.py

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tables import report
 
 import rome_lens
 from rome_lens.evaluate import CounterFactCase, case_scores, load_counterfact, overall_score
@@ -63,12 +64,12 @@ def main() -> None:
     phases = args.only or PHASES
     if "sweep" in phases:
         cases = load_counterfact(DATA, limit=args.sweep_cases)
-        report(args.out, "sweep", sweep(model, cases, args.sweep_layers, args.sweep_lambdas))
+        report(args.out, "memit_sweep", sweep(model, cases, args.sweep_layers, args.sweep_lambdas))
     if "sizes" in phases:
         for layer in default_memit_layers(model):  # cached, so no size pays for statistics
             key_second_moment(model, layer)
         rows = [child(n) for n in (int(x) for x in args.sizes.split(","))]
-        report(args.out, "sizes", pd.DataFrame(rows))
+        report(args.out, "memit_sizes", pd.DataFrame(rows))
         rome_curve = args.out / "rome_sequential.csv"
         if rome_curve.exists():
             print("\nROME, the same cases edited one after another (bench_rome.py):")
@@ -135,12 +136,6 @@ def scores(df: pd.DataFrame) -> dict[str, float]:
 def parse_layers(text: str) -> list[int]:
     first, last = (int(x) for x in text.split("-"))
     return list(range(first, last + 1))
-
-
-def report(out: Path, name: str, table: pd.DataFrame) -> None:
-    print(f"\n== {name} ==")
-    print(table.to_string(index=False))
-    table.to_csv(out / f"memit_{name}.csv", index=False)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tables import report
 from transformer_lens import HookedTransformer
 
 import rome_lens
@@ -70,7 +71,7 @@ def main() -> None:
     phases = args.only or PHASES
     layers = [int(x) for x in args.layers.split(",")]
     if "stats" in phases:
-        report(args.out, "stats", stats_times(model, layers))
+        report(args.out, "rome_stats", stats_times(model, layers))
     if "layers" in phases:
         rows = []
         for candidate in layers:
@@ -78,10 +79,11 @@ def main() -> None:
                 model, cases[: args.sweep_cases], "rome", layer=candidate, fluency=False
             )
             rows.append({"layer": candidate, **summarize(df).iloc[0].to_dict()})
-        report(args.out, "layers", pd.DataFrame(rows))
+        report(args.out, "rome_layers", pd.DataFrame(rows))
     if "n_tokens" in phases:
         sizes = [int(x) for x in args.n_tokens.split(",")]
-        report(args.out, "n_tokens", n_tokens_sweep(model, cases[: args.sweep_cases], layer, sizes))
+        sweep = n_tokens_sweep(model, cases[: args.sweep_cases], layer, sizes)
+        report(args.out, "rome_n_tokens", sweep)
     if "main" in phases:
         results = pd.concat(
             evaluate_edits(
@@ -95,7 +97,7 @@ def main() -> None:
             for method in ("none", "rome")
         )
         results.to_csv(args.out / "rome_cases.csv", index=False)
-        report(args.out, "main", summarize(results))
+        report(args.out, "rome_main", summarize(results))
     if "ft" in phases:
         results = evaluate_edits(
             model,
@@ -106,12 +108,12 @@ def main() -> None:
             generation_tokens=args.generation_tokens,
         )
         results.to_csv(args.out / "ft_cases.csv", index=False)
-        report(args.out, "ft", summarize(results))
+        report(args.out, "rome_ft", summarize(results))
     if "sequential" in phases:
         n = args.sequential
         checkpoints = sorted({1, 10, 25, 50, 75, n})
         curve = sequential_edits(model, cases[:n], checkpoints=checkpoints, layer=layer)
-        report(args.out, "sequential", curve)
+        report(args.out, "rome_sequential", curve)
 
 
 def stats_times(model: HookedTransformer, layers: list[int]) -> pd.DataFrame:
@@ -156,12 +158,6 @@ def n_tokens_sweep(
             {"statistics": name, "ES": es, "PS": ps, "NS": ns, "S": overall_score([es, ps, ns])}
         )
     return pd.DataFrame(rows)
-
-
-def report(out: Path, name: str, table: pd.DataFrame) -> None:
-    print(f"\n== {name} ==")
-    print(table.to_string(index=False))
-    table.to_csv(out / f"rome_{name}.csv", index=False)
 
 
 if __name__ == "__main__":

@@ -27,15 +27,17 @@ like a ROME edit (:mod:`rome_lens.patches`). Memory grows linearly with the
 number of requests: keys and targets are computed in batches, and the only
 square matrices are ``d_mlp × d_mlp``.
 
->>> import rome_lens, torch
->>> from rome_lens.memit import MEMITHyperParams, memit_edit
->>> from rome_lens.rome import EditRequest
+>>> import rome_lens, tempfile
+>>> from rome_lens import EditRequest, MEMITHyperParams, key_second_moment, memit_edit
 >>> model = rome_lens.tiny_model()
 >>> requests = [EditRequest("{} is located in", "The Eiffel Tower", "Rome"),
 ...             EditRequest("{} is located in", "The Louvre", "Berlin")]
->>> hparams = MEMITHyperParams(context_lengths=(), v_steps=3, mom2_n_tokens=500)
->>> edit = memit_edit(model, requests, layers=[0, 1], hparams=hparams, progress=False,
-...                   use_cache=False)
+>>> folder = tempfile.mkdtemp()  # a cache folder for this example; omit to use the default
+>>> stats = {layer: key_second_moment(model, layer, n_tokens=500, cache_dir=folder,
+...                                   progress=False) for layer in (0, 1)}
+>>> hparams = MEMITHyperParams(context_lengths=(), v_steps=3)
+>>> edit = memit_edit(model, requests, layers=[0, 1], hparams=hparams, stats=stats,
+...                   cache_dir=folder, progress=False)
 >>> sorted(edit.deltas())
 ['blocks.0.mlp.W_out', 'blocks.1.mlp.W_out']
 >>> with edit.apply(model):

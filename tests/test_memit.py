@@ -42,12 +42,17 @@ def z_cache(tmp_path_factory: pytest.TempPathFactory):
     return tmp_path_factory.mktemp("z")
 
 
+def edit_tiny(tiny, stats, folder, requests=REQUESTS) -> MultiLayerEdit:
+    """MEMIT on the tiny model with the test settings, caching z in ``folder``."""
+    return memit_edit(
+        tiny, requests, layers=LAYERS, hparams=FAST, stats=stats, cache_dir=folder, progress=False
+    )
+
+
 @pytest.fixture(scope="module")
 def edit(tiny, stats, z_cache) -> MultiLayerEdit:
     """Three facts written into layers 0 and 1 of the tiny model."""
-    return memit_edit(
-        tiny, REQUESTS, layers=LAYERS, hparams=FAST, stats=stats, cache_dir=z_cache, progress=False
-    )
+    return edit_tiny(tiny, stats, z_cache)
 
 
 def subject_residuals(model, layer: int) -> torch.Tensor:
@@ -107,25 +112,16 @@ class TestBatchedValues:
     def test_targets_are_cached_per_request(self, tiny, stats, z_cache, edit, monkeypatch):
         """A second edit with the same requests reads every z from the cache."""
         monkeypatch.setattr(memit, "optimise_deltas", lambda *a, **k: pytest.fail("recomputed"))
-        again = memit_edit(
-            tiny,
-            REQUESTS,
-            layers=LAYERS,
-            hparams=FAST,
-            stats=stats,
-            cache_dir=z_cache,
-            progress=False,
-        )
+        again = edit_tiny(tiny, stats, z_cache)
         assert torch.equal(again.targets, edit.targets)
 
     def test_corrupt_cached_target_is_rebuilt(self, tiny, stats, tmp_path):
         """A damaged z file is reported and recomputed."""
-        kwargs = {"layers": LAYERS, "hparams": FAST, "stats": stats, "progress": False}
-        first = memit_edit(tiny, REQUESTS[:1], cache_dir=tmp_path, **kwargs)
+        first = edit_tiny(tiny, stats, tmp_path, REQUESTS[:1])
         (path,) = (tmp_path / "memit_z").glob("*.st")
         path.write_bytes(b"garbage")
         with pytest.warns(UserWarning, match="rebuilding cache entry"):
-            again = memit_edit(tiny, REQUESTS[:1], cache_dir=tmp_path, **kwargs)
+            again = edit_tiny(tiny, stats, tmp_path, REQUESTS[:1])
         torch.testing.assert_close(again.targets, first.targets)
 
 
@@ -143,15 +139,7 @@ class TestUndoAndSaving:
         """Computing an edit changes no weight, leaves no hook, restores requires_grad."""
         before = weights(tiny)
         flags = [p.requires_grad for p in tiny.parameters()]
-        memit_edit(
-            tiny,
-            REQUESTS,
-            layers=LAYERS,
-            hparams=FAST,
-            stats=stats,
-            cache_dir=tmp_path,
-            progress=False,
-        )
+        edit_tiny(tiny, stats, tmp_path)
         assert_same_weights(tiny, before)
         assert hooks_left(tiny) == 0
         assert [p.requires_grad for p in tiny.parameters()] == flags
@@ -170,15 +158,7 @@ class TestUndoAndSaving:
 
         monkeypatch.setattr(memit, "compute_keys", failing)
         with pytest.raises(RuntimeError, match="interrupted"):
-            memit_edit(
-                tiny,
-                REQUESTS,
-                layers=LAYERS,
-                hparams=FAST,
-                stats=stats,
-                cache_dir=tmp_path,
-                progress=False,
-            )
+            edit_tiny(tiny, stats, tmp_path)
         assert_same_weights(tiny, before)
         assert hooks_left(tiny) == 0
 
@@ -209,15 +189,7 @@ class TestBadInput:
 
     def test_repeated_request_is_allowed(self, tiny, stats, tmp_path):
         """The same fact twice is no conflict."""
-        edit = memit_edit(
-            tiny,
-            [REQUESTS[0], REQUESTS[0]],
-            layers=LAYERS,
-            hparams=FAST,
-            stats=stats,
-            cache_dir=tmp_path,
-            progress=False,
-        )
+        edit = edit_tiny(tiny, stats, tmp_path, [REQUESTS[0], REQUESTS[0]])
         assert torch.isfinite(edit.delta[1]).all()
 
     def test_no_requests(self, tiny):
@@ -244,8 +216,9 @@ class TestBadInput:
             memit_edit(tiny, [long], layers=LAYERS, progress=False)
 
     def test_statistics_from_another_layer(self, tiny, stats):
-        with pytest.raises(ValueError, match="layer 0, not layer 1"):
-            memit_edit(tiny, REQUESTS, layers=LAYERS, stats={1: stats[0]}, progress=False)
+        swapped = {0: stats[1], 1: stats[0]}
+        with pytest.raises(ValueError, match="layer 1, not layer 0"):
+            memit_edit(tiny, REQUESTS, layers=LAYERS, stats=swapped, progress=False)
 
     def test_statistics_from_another_model(self, stats):
         with pytest.raises(ValueError, match="another model"):
