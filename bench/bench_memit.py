@@ -11,8 +11,9 @@ Phases (seeded, cases in file order from ../shared/data/counterfact_val.json):
   are computed first and cached), and the peak resident memory. Each size runs
   in a fresh process, so its peak memory is its own. The ROME sequential-editing
   curve (``bench/bench_rome.py --only sequential``) is printed beside it;
-* ``sweep``: quality of candidate layer sets and of λ (``mom2_update_weight``),
-  which picked the defaults (z is computed once per last layer and reused).
+* ``sweep``: quality of candidate layer sets (at λ = 5,000) and of λ
+  (``mom2_update_weight``, at the default layers), which picked the defaults;
+  z is computed once per last layer and reused.
 
 Tables are printed and written as CSV to ``--out``.
 """
@@ -47,8 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,10,100,1000")
     parser.add_argument("--sweep-cases", type=int, default=100)
-    parser.add_argument("--sweep-layers", default="0-2;1-4;2-5;1-6")
-    parser.add_argument("--sweep-lambdas", default="1500,5000,15000,50000")
+    parser.add_argument("--sweep-layers", default="0-2;1-4;2-4;0-4")
+    parser.add_argument("--sweep-lambdas", default="500,1000,1500,5000,15000")
     parser.add_argument("--only", choices=PHASES, action="append")
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, in a child
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -115,7 +116,7 @@ def sweep(model, cases: list[CounterFactCase], layer_sets: str, lambdas: str) ->
     requests = [c.request for c in cases]
     default = MEMITHyperParams()
     rows = [{"layers": "unedited", "lambda": None, **scores(case_scores(model, cases))}]
-    candidates = [(parse_layers(s), default.mom2_update_weight) for s in layer_sets.split(";")]
+    candidates = [(parse_layers(s), 5_000.0) for s in layer_sets.split(";")]
     candidates += [(default_memit_layers(model), float(x)) for x in lambdas.split(",")]
     for layers, weight in candidates:
         hparams = dataclasses.replace(default, mom2_update_weight=weight)

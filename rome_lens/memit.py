@@ -80,7 +80,14 @@ from rome_lens.patches import WeightEdit, WeightPatch, edited
 from rome_lens.rome import default_layer
 from rome_lens.stats import KeyStats, checked_stats
 
-__all__ = ["DEFAULT_MEMIT_LAYERS", "MEMITHyperParams", "MultiLayerEdit", "memit_edit"]
+__all__ = [
+    "DEFAULT_MEMIT_LAYERS",
+    "DEFAULT_MOM2_UPDATE_WEIGHTS",
+    "MEMITHyperParams",
+    "MultiLayerEdit",
+    "default_memit_layers",
+    "memit_edit",
+]
 
 # Layers MEMIT edits by default: the paper's for GPT-2 XL and GPT-J, and ours for the default
 # model (chosen by causal tracing and bench/bench_memit.py, see docs/mass_editing.md).
@@ -88,6 +95,12 @@ DEFAULT_MEMIT_LAYERS: dict[str, list[int]] = {
     "gpt2-xl": [13, 14, 15, 16, 17],
     "gpt-j-6B": [3, 4, 5, 6, 7, 8],
     DEFAULT_MODEL_NAME: [1, 2, 3, 4],
+}
+# λ (mom2_update_weight) by model: the paper's, and ours for the default model; else 15,000.
+DEFAULT_MOM2_UPDATE_WEIGHTS: dict[str, float] = {
+    "gpt2-xl": 20_000.0,
+    "gpt-j-6B": 15_000.0,
+    DEFAULT_MODEL_NAME: 1_000.0,
 }
 
 
@@ -99,7 +112,7 @@ class MEMITHyperParams(EditHyperParams):
     context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)  # MEMIT: "{}" + 5 of 10 tokens
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ this × ‖h‖ (MEMIT: 0.75 for GPT-2 XL and GPT-J)
     v_steps: int = 20  # most steps for δ (MEMIT: 20 for GPT-2 XL, 25 for GPT-J)
-    mom2_update_weight: float = 15_000.0  # λ in λC + KᵀK (MEMIT: 20,000 GPT-2 XL, 15,000 GPT-J)
+    mom2_update_weight: float | None = None  # λ (paper: 20k GPT-2 XL, 15k GPT-J); None: by model
     batch_size: int = 32  # requests whose δ are optimised in one batch
 
 
@@ -202,6 +215,9 @@ def memit_edit(
         layer: checked_stats(model, layer, given.get(layer), n_tokens=n_tokens, progress=progress)
         for layer in layers
     }
+    weight = hparams.mom2_update_weight
+    if weight is None:
+        weight = DEFAULT_MOM2_UPDATE_WEIGHTS.get(model.cfg.model_name, 15_000.0)
     fingerprint = model_fingerprint(model, upto_layer=layers[0])
     started = time.perf_counter()
     templates = context_templates(model, hparams)
@@ -215,7 +231,7 @@ def memit_edit(
             delta={},
             targets=targets,
             fingerprint=fingerprint,
-            mom2_update_weight=hparams.mom2_update_weight,
+            mom2_update_weight=weight,
         )
         for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", disable=not progress)):
             partial = WeightPatch(edit.deltas(), fingerprint, layers[0])
@@ -228,7 +244,7 @@ def memit_edit(
                 moment.regularised(moment.ridge(hparams.max_condition)),
                 keys,
                 residual / (len(layers) - i),
-                hparams.mom2_update_weight,
+                weight,
             )
     edit.seconds = time.perf_counter() - started
     return edit
