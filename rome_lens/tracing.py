@@ -22,7 +22,7 @@ Three kinds of state are restored:
 ...                    "The Eiffel Tower", kinds=("mlp",), progress=False)
 >>> trace.str_tokens[trace.peak("mlp").token]
 'iffel'
->>> trace.to_dataframe().columns.tolist()[:4]
+>>> list(trace.to_dataframe().columns[:4])
 ['kind', 'token', 'str_token', 'layer']
 
 How it is fast
