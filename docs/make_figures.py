@@ -1,7 +1,8 @@
-"""Make the figures and numbers quoted in docs/tracing.md, on the default model.
+"""Make the figures and numbers quoted in the docs, on the default model.
 
-    python docs/make_figures.py [--facts 16]
+    python docs/make_figures.py [--facts 16]    # docs/tracing.md
     python docs/make_figures.py --only-counts   # just the known-fact counts (~1 min)
+    python docs/make_figures.py --only-lens     # docs/logit_lens.md and the README screenshot
 
 Reads ROME's known facts from ../shared/data (development data, not shipped).
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import rome_lens
@@ -42,9 +45,13 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=16)
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--only-counts", action="store_true")
+    parser.add_argument("--only-lens", action="store_true")
     args = parser.parse_args()
     FIGURES.mkdir(exist_ok=True)
     model = rome_lens.load_model()
+    if args.only_lens:
+        lens_figures(model)
+        return
     counts = known_fact_counts(model)
     (FIGURES / "known_facts.txt").write_text(counts + "\n")
     print(counts)
@@ -86,6 +93,40 @@ def main() -> None:
             )
     (FIGURES / "numbers.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def lens_figures(model) -> None:
+    """The logit lens before and after the demo edit, and a screenshot of the demo report."""
+    from rome_lens.cli import main as cli
+    from rome_lens.lens import logit_lens
+    from rome_lens.plots import plot_logit_lens, save_figure
+
+    targets = ["Paris", "Rome"]
+    before = logit_lens(model, PROMPT, targets=targets)
+    edit = rome_lens.rome_edit(
+        model, rome_lens.EditRequest("{} is located in the city of", SUBJECT, "Rome")
+    )
+    with rome_lens.edited(model, edit):
+        after = logit_lens(model, PROMPT, targets=targets)
+    save_figure(plot_logit_lens(before), FIGURES / "lens_before.png")
+    save_figure(plot_logit_lens(after, before=before), FIGURES / "lens_after_edit.png")
+    lines = [f"edited layer {edit.layer}"]
+    for name, lens in (("before", before), ("after", after)):
+        for t, target in enumerate(targets):
+            ranks = lens.target_ranks[:, t].tolist()
+            probs = [round(float(p), 3) for p in lens.target_log_probs[:, t].exp()]
+            lines.append(f"{name} {target}: rank by layer {ranks}")
+            lines.append(f"{name} {target}: p by layer {probs}")
+    (FIGURES / "lens_numbers.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    sys.path.insert(0, str(HERE.parent))
+    from tests.browser import visit
+
+    with tempfile.TemporaryDirectory() as out:
+        cli(["demo", "--out", out, "--no-progress"])
+        seen = visit(Path(out), "index.html", [], screenshot=FIGURES / "report.png")
+    print(f"screenshot: {FIGURES / 'report.png'}; console errors: {seen.console_errors}")
 
 
 if __name__ == "__main__":
