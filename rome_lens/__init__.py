@@ -16,7 +16,7 @@ offline page (:mod:`rome_lens.viz`).
 """
 
 from rome_lens import viz
-from rome_lens.evaluate import evaluate_edits, load_counterfact, summarize
+from rome_lens.evaluate import evaluate_edits, load_counterfact, summarize, without_conflicts
 from rome_lens.finetune import FTHyperParams, ft_edit
 from rome_lens.lens import LogitLens, logit_lens
 from rome_lens.memit import MEMITHyperParams, MultiLayerEdit, memit_edit
@@ -66,6 +66,7 @@ __all__ = [
     "trace_fact",
     "trace_severed",
     "viz",
+    "without_conflicts",
 ]
 
 __version__ = "0.1.0"

@@ -68,6 +68,7 @@ __all__ = [
     "overall_score",
     "sequential_edits",
     "summarize",
+    "without_conflicts",
 ]
 
 Method = Literal["rome", "ft", "memit", "none"]
@@ -98,6 +99,23 @@ def load_counterfact(
     if not isinstance(records, list):
         raise ValueError(f"{path} should hold a JSON list of cases, got {type(records).__name__}")
     return [_parse_case(record, path) for record in records[:limit]]
+
+
+def without_conflicts(cases: Sequence[CounterFactCase]) -> list[CounterFactCase]:
+    """The cases in order, less each that gives an earlier case's subject and prompt another target.
+
+    CounterFact has many-valued relations ("{} is a twin city of"), so two of
+    its cases can rewrite one fact two ways; :func:`~rome_lens.memit.memit_edit`
+    refuses such a batch, so draw batches from this.
+    """
+    targets: dict[tuple[str, str], str] = {}
+    kept = []
+    for case in cases:
+        request = case.request
+        target = targets.setdefault((request.prompt, request.subject), request.target_new.strip())
+        if target == request.target_new.strip():
+            kept.append(case)
+    return kept
 
 
 def _parse_case(record: dict[str, Any], path: Path) -> CounterFactCase:

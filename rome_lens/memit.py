@@ -344,7 +344,8 @@ def _check_requests(model: HookedTransformer, requests: Sequence[EditRequest]) -
         if other.target_new.strip() != request.target_new.strip():
             raise ValueError(
                 f"two requests set {request.prompt!r} for subject {request.subject!r} to "
-                f"different targets: {other!r} and {request!r}"
+                f"different targets: {other!r} and {request!r} "
+                "(rome_lens.without_conflicts keeps the first of such CounterFact cases)"
             )
         check_request(model, request)
     return requests

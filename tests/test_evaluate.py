@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,6 +19,7 @@ from rome_lens.evaluate import (
     n_gram_entropy,
     sequential_edits,
     summarize,
+    without_conflicts,
 )
 from rome_lens.memit import MEMITHyperParams
 from rome_lens.predict import target_nll
@@ -87,6 +89,15 @@ class TestLoaders:
         bad.write_text(json.dumps([{"case_id": 3, "prompt": "x"}]))
         with pytest.raises(ValueError, match="case 3 .* lacks field"):
             load_counterfact(bad)
+
+    def test_without_conflicts_keeps_the_first_target(self, rome_file):
+        """A later case rewriting the same subject and prompt to another target is dropped."""
+        first, same = load_counterfact(rome_file)
+        other = dataclasses.replace(
+            first, case_id=2, request=dataclasses.replace(first.request, target_new="Berlin")
+        )
+        kept = without_conflicts([first, other, same])
+        assert [c.case_id for c in kept] == [0, 1]
 
 
 class TestMetrics:

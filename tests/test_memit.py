@@ -184,7 +184,7 @@ class TestBadInput:
     def test_conflicting_targets_name_both(self, tiny):
         a = EditRequest("{} is in", "The Louvre", "Rome")
         b = EditRequest("{} is in", "The Louvre", "Oslo")
-        with pytest.raises(ValueError, match="'Rome'.*'Oslo'"):
+        with pytest.raises(ValueError, match="'Rome'.*'Oslo'.*without_conflicts"):
             memit_edit(tiny, [a, b], layers=LAYERS, progress=False)
 
     def test_repeated_request_is_allowed(self, tiny, stats, tmp_path):

@@ -160,9 +160,10 @@ class TestWidgets:
         assert hooks_left(tiny) == 0
         assert list(table["label"].unique()) == ["edit", "neighbour"]
         edited_rows = table[table.label == "edit"]
-        with rome_lens.edited(tiny, edit):
-            after = tiny(tiny.to_tokens(PROMPT))[0, -1].softmax(-1)
-        before = tiny(tiny.to_tokens(PROMPT))[0, -1].softmax(-1)
+        with torch.no_grad():
+            with rome_lens.edited(tiny, edit):
+                after = tiny(tiny.to_tokens(PROMPT))[0, -1].softmax(-1)
+            before = tiny(tiny.to_tokens(PROMPT))[0, -1].softmax(-1)
         for column, probs in (("after", after), ("before", before)):
             assert edited_rows[column].iloc[0] == tiny.to_single_str_token(int(probs.argmax()))
             assert edited_rows[f"p_{column}"].iloc[0] == pytest.approx(float(probs.max()), rel=1e-5)
