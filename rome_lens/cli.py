@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from transformer_lens import HookedTransformer
 
     from rome_lens.lens import LogitLens
@@ -123,6 +124,7 @@ def _trace(model: HookedTransformer, args: argparse.Namespace) -> list[Widget]:
 
 
 def _save_trace(trace: CausalTrace, out: Path) -> Widget:
+    from rome_lens.plots import plot_trace
     from rome_lens.viz import trace_widget
 
     print(f"prompt: {trace.prompt!r}  subject: {trace.subject!r}  target: {trace.target_str!r}")
@@ -134,8 +136,7 @@ def _save_trace(trace: CausalTrace, out: Path) -> Widget:
             f"p = {peak.score:.3f} (indirect effect {peak.indirect_effect:+.3f})"
         )
     out.mkdir(parents=True, exist_ok=True)
-    for suffix in ("png", "svg"):
-        trace.plot(out / f"trace.{suffix}")
+    _save_png_and_svg(plot_trace(trace), out / "trace")
     trace.to_dataframe().to_csv(out / "trace.csv", index=False)
     return trace_widget(trace)
 
@@ -163,7 +164,7 @@ def _edit_and_lens(
     from rome_lens.viz import edit_widget, logit_lens_widget
 
     request = rome_lens.EditRequest(template, subject, new)
-    layer = None if getattr(args, "layer", None) is None else args.layer
+    layer = getattr(args, "layer", None)  # demo has no --layer
     edit = rome_lens.rome_edit(model, request, layer=layer, progress=not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
     edit.save(args.out / "edit.safetensors")
@@ -205,11 +206,17 @@ def _lens(model: HookedTransformer, args: argparse.Namespace) -> list[Widget]:
 
 
 def _save_lens(lens: LogitLens, out: Path, *, before: LogitLens | None = None) -> None:
-    from rome_lens.plots import plot_logit_lens, save_figure
+    from rome_lens.plots import plot_logit_lens
 
     lens.to_dataframe().to_csv(out / "lens.csv", index=False)
-    for suffix in ("png", "svg"):
-        save_figure(plot_logit_lens(lens, before=before), out / f"lens.{suffix}")
+    _save_png_and_svg(plot_logit_lens(lens, before=before), out / "lens")
+
+
+def _save_png_and_svg(fig: Figure, stem: Path) -> None:
+    from rome_lens.plots import save_figure
+
+    for suffix in (".png", ".svg"):
+        save_figure(fig, stem.with_suffix(suffix))
 
 
 def _demo(model: HookedTransformer, args: argparse.Namespace) -> list[Widget]:

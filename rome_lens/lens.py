@@ -132,11 +132,11 @@ def logit_lens(
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
     captured: list[Tensor] = []
     with hooks.attached(model, [(name, hooks.capture(captured)) for name in names]):
-        final_logits = model(tokens)
+        model(tokens, return_type=None)
     resid = torch.cat(captured)  # [layer, pos, d_model]
     log_probs = model.unembed(model.ln_final(resid)).float().log_softmax(-1)  # [layer, pos, vocab]
     if targets is None:
-        target_ids = [int(final_logits[0, -1].argmax())]
+        target_ids = [int(log_probs[-1, -1].argmax())]  # the last layer's lens is the output
         targets = [model.to_single_str_token(target_ids[0])]
     else:
         if isinstance(targets, str):

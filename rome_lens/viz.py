@@ -51,6 +51,7 @@ from rome_lens.tokens import prompt_tokens
 
 if TYPE_CHECKING:
     from rome_lens.lens import LogitLens
+    from rome_lens.memory import EditRequest
     from rome_lens.tracing import CausalTrace
 
 __all__ = [
@@ -211,12 +212,12 @@ def _heatmap_svg(trace: CausalTrace, kind: str, grid: torch.Tensor) -> str:
         f'text-anchor="middle">{layer}</text>'
         for layer in range(0, n_layers, max(1, n_layers // 10))
     )
-    width, height = label_width + n_layers * cell + 10, top + n_pos * cell + 24
+    width = max(label_width + n_layers * cell + 10, label_width + 260)  # room for the caption
+    height = top + n_pos * cell + 24
     caption = (
         f'<text x="{label_width}" y="{height - 6}">layer →  (white: p = {low:.3f}, '
         f"darkest: p = {high:.3f})</text>"
     )
-    width = max(width, label_width + 260)
     return (
         f'<svg class="trace-heatmap" data-kind="{kind}" xmlns="http://www.w3.org/2000/svg" '
         f'width="{width}" height="{height}" role="img">{ticks}{"".join(rows)}{caption}</svg>'
@@ -411,8 +412,7 @@ def _labelled_prompts(
     edit: WeightEdit, prompts: Sequence[str] | Mapping[str, str] | None
 ) -> dict[str, str]:
     if prompts is None:
-        requests = [getattr(edit, "request", None)] + list(getattr(edit, "requests", []))
-        prompts = [r.prompt.format(r.subject) for r in requests if r is not None]
+        prompts = [r.text for r in _requests(edit)]
     if isinstance(prompts, str):
         raise ValueError(f"prompts must be a list or a mapping, got the string {prompts!r}")
     labelled = dict(prompts) if isinstance(prompts, Mapping) else {p: p for p in prompts}
@@ -430,15 +430,18 @@ def _top_k(model: HookedTransformer, prompt: str, k: int) -> list[tuple[str, flo
     ]
 
 
+def _requests(edit: WeightEdit) -> list[EditRequest]:
+    """The request of a ROME edit, or the requests of a MEMIT one (none for a plain patch)."""
+    single = getattr(edit, "request", None)
+    return ([single] if single is not None else []) + list(getattr(edit, "requests", []))
+
+
 def _ranked(predictions: list[tuple[str, float]]) -> str:
     return "<br>".join(f"{html.escape(repr(s))} {p:.3f}" for s, p in predictions)
 
 
 def _describe(edit: WeightEdit) -> str:
-    requests = [getattr(edit, "request", None)] + list(getattr(edit, "requests", []))
-    shown = [
-        f"{r.prompt.format(r.subject)!r} → {r.target_new!r}" for r in requests if r is not None
-    ]
+    shown = [f"{r.text!r} → {r.target_new!r}" for r in _requests(edit)]
     more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
     weights = ", ".join(edit.deltas())
     return f"{type(edit).__name__} on {weights}: {'; '.join(shown[:3])}{more}"
