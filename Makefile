@@ -1,10 +1,13 @@
 # Two entry points do all the set-up on a fresh machine:
 #   make demo   -- install, then trace, edit and lens the Eiffel Tower fact on the default model
 #   make test   -- install, then lint, type-check, build the docs and run the whole test suite
+# and one checks that they still do:
+#   make fresh-test -- a new virtual environment from nothing, then `make test` in it
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+FRESH ?= .fresh-venv
 
-.PHONY: setup browser demo test lint docs bench
+.PHONY: setup browser demo test lint docs bench fresh-test
 
 # torch first, from the local CPU wheel: a bare `torch` requirement would pull CUDA builds.
 setup:
@@ -25,14 +28,22 @@ lint:
 	$(PYTHON) -m ruff check rome_lens tests bench examples docs
 	$(PYTHON) -m ruff format --check rome_lens tests bench examples docs
 	$(PYTHON) -m mypy rome_lens
+	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 docs:
 	$(PYTHON) -m mkdocs build --strict --quiet
 
 test: setup browser lint docs
-	$(PYTHON) -m pytest --doctest-modules rome_lens tests
+	$(PYTHON) -m pytest -rs --doctest-modules rome_lens tests
 
 bench: setup
 	$(PYTHON) bench/bench_trace.py
 	$(PYTHON) bench/bench_rome.py
 	$(PYTHON) bench/bench_memit.py
+
+# A new venv with nothing cached from this checkout's installs: catches a missing install
+# step, or a new release of a dependency, before CI does.
+fresh-test:
+	rm -rf $(FRESH)
+	$(PYTHON) -m venv $(FRESH)
+	$(MAKE) test PYTHON=$(abspath $(FRESH))/bin/python

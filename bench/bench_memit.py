@@ -33,21 +33,19 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tables import report
+from tables import data_argument, data_file, report
 
 import rome_lens
-from rome_lens.evaluate import (
+from rome_lens.editing import MEMITHyperParams, default_memit_layers, edited, memit_edit
+from rome_lens.evaluation import (
     CounterFactCase,
     case_scores,
     load_counterfact,
     overall_score,
     without_conflicts,
 )
-from rome_lens.memit import MEMITHyperParams, default_memit_layers, memit_edit
-from rome_lens.patches import edited
 from rome_lens.stats import key_second_moment
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_val.json"
 PHASES = ("sizes", "sweep")
 
 
@@ -60,23 +58,25 @@ def main() -> None:
     parser.add_argument("--only", choices=PHASES, action="append")
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, in a child
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    data_argument(parser)
     args = parser.parse_args()
     pd.set_option("display.width", 200)
     pd.set_option("display.precision", 3)
     torch.manual_seed(0)
+    data = data_file(args.data, "counterfact_val.json")
     if args.size is not None:
-        print(json.dumps(run_size(args.size)))
+        print(json.dumps(run_size(args.size, data)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     model = rome_lens.load_model()
     phases = args.only or PHASES
     if "sweep" in phases:
-        cases = load_counterfact(DATA, limit=args.sweep_cases)
+        cases = load_counterfact(data, limit=args.sweep_cases)
         report(args.out, "memit_sweep", sweep(model, cases, args.sweep_layers, args.sweep_lambdas))
     if "sizes" in phases:
         for layer in default_memit_layers(model):  # cached, so no size pays for statistics
             key_second_moment(model, layer)
-        rows = [child(n) for n in (int(x) for x in args.sizes.split(","))]
+        rows = [child(n, args.data) for n in (int(x) for x in args.sizes.split(","))]
         report(args.out, "memit_sizes", pd.DataFrame(rows))
         rome_curve = args.out / "rome_sequential.csv"
         if rome_curve.exists():
@@ -84,20 +84,20 @@ def main() -> None:
             print(pd.read_csv(rome_curve).to_string(index=False))
 
 
-def child(n: int) -> dict[str, object]:
+def child(n: int, data: Path) -> dict[str, object]:
     """Run one size in a fresh process (its own peak memory) and read its JSON row."""
-    command = [sys.executable, __file__, "--size", str(n)]
+    command = [sys.executable, __file__, "--size", str(n), "--data", str(data)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"the {n}-edit run failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_size(n: int) -> dict[str, object]:
+def run_size(n: int, data: Path) -> dict[str, object]:
     """Edit the first ``n`` cases in one batch and score them (z not cached: timed in full)."""
     model = rome_lens.load_model()
     loaded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cases = without_conflicts(load_counterfact(DATA))[:n]
+    cases = without_conflicts(load_counterfact(data))[:n]
     pre = case_scores(model, cases)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:

@@ -3,7 +3,7 @@
     python bench/bench_rome.py                       # everything below, ~1 hour on 2 cores
     python bench/bench_rome.py --only layers         # one phase
 
-Phases (all seeded, cases in file order from ../shared/data/counterfact_val.json):
+Phases (all seeded, cases in file order from ``--data``/counterfact_val.json):
 
 * ``stats``: time of the key statistics per layer (first layer includes sampling the corpus);
 * ``layers``: ES / PS / NS / S of ROME at several layers (picks the default layer);
@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tables import report
+from tables import data_argument, data_file, report
 from transformer_lens import HookedTransformer
 
 import rome_lens
-from rome_lens.evaluate import (
+from rome_lens.editing import default_layer, edited, rome_edit
+from rome_lens.evaluation import (
     CounterFactCase,
     case_scores,
     evaluate_edits,
@@ -38,11 +39,8 @@ from rome_lens.evaluate import (
     sequential_edits,
     summarize,
 )
-from rome_lens.patches import edited
-from rome_lens.rome import default_layer, rome_edit
 from rome_lens.stats import key_second_moment
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_val.json"
 PHASES = ("stats", "layers", "n_tokens", "main", "ft", "sequential")
 
 
@@ -58,6 +56,7 @@ def main() -> None:
     parser.add_argument("--generation-tokens", type=int, default=50)
     parser.add_argument("--only", choices=PHASES, action="append")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    data_argument(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pd.set_option("display.width", 200)
@@ -66,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     model = rome_lens.load_model()
-    cases = load_counterfact(DATA)
+    cases = load_counterfact(data_file(args.data, "counterfact_val.json"))
     layer = default_layer(model)
     phases = args.only or PHASES
     layers = [int(x) for x in args.layers.split(",")]
@@ -75,10 +74,10 @@ def main() -> None:
     if "layers" in phases:
         rows = []
         for candidate in layers:
-            df = evaluate_edits(
+            result = evaluate_edits(
                 model, cases[: args.sweep_cases], "rome", layer=candidate, fluency=False
             )
-            rows.append({"layer": candidate, **summarize(df).iloc[0].to_dict()})
+            rows.append({"layer": candidate, **result.summary().iloc[0].to_dict()})
         report(args.out, "rome_layers", pd.DataFrame(rows))
     if "n_tokens" in phases:
         sizes = [int(x) for x in args.n_tokens.split(",")]
@@ -93,7 +92,7 @@ def main() -> None:
                 layer=layer,
                 fluency=args.fluency_cases,
                 generation_tokens=args.generation_tokens,
-            )
+            ).to_dataframe()
             for method in ("none", "rome")
         )
         results.to_csv(args.out / "rome_cases.csv", index=False)
@@ -106,13 +105,15 @@ def main() -> None:
             layer=layer,
             fluency=args.fluency_cases,
             generation_tokens=args.generation_tokens,
-        )
+        ).to_dataframe()
         results.to_csv(args.out / "ft_cases.csv", index=False)
         report(args.out, "rome_ft", summarize(results))
     if "sequential" in phases:
         n = args.sequential
         checkpoints = sorted({1, 10, 25, 50, 75, n})
-        curve = sequential_edits(model, cases[:n], checkpoints=checkpoints, layer=layer)
+        curve = sequential_edits(
+            model, cases[:n], checkpoints=checkpoints, layer=layer
+        ).to_dataframe()
         report(args.out, "rome_sequential", curve)
 
 

@@ -31,7 +31,7 @@ SAMPLES, WINDOW, SEED = 10, 10, 0
 
 def original_trace(model, noise_scale: float) -> torch.Tensor:
     """ROME's loop: one hooked forward pass per (kind, token, layer)."""
-    from rome_lens.tokens import subject_range
+    from rome_lens.core.tokens import subject_range
     from rome_lens.tracing import window_layers
 
     tokens = model.to_tokens(PROMPT)

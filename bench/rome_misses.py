@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tables import report
+from tables import SHARED_DATA, report
 
 import rome_lens
-from rome_lens.evaluate import case_scores, load_counterfact
-from rome_lens.memory import subject_activations
-from rome_lens.patches import edited
-from rome_lens.rome import RankOneEdit, rome_edit
+from rome_lens.editing import RankOneEdit, edited, rome_edit
+from rome_lens.editing.memory import subject_activations
+from rome_lens.evaluation import case_scores, load_counterfact
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact_val.json"
+DATA = SHARED_DATA / "counterfact_val.json"
 RESULTS = Path(__file__).resolve().parent / "results"
 SCORES = ["efficacy_score", "paraphrase_score", "neighborhood_score"]
 
@@ -51,7 +50,7 @@ def compare(model, case, edit: RankOneEdit) -> dict[str, float]:
     """reach and cosine of k_bare against k*, and the scores with each form of the update."""
     request, layer = case.request, edit.layer
     text = [(request.text, request.subject, request.subject_start)]
-    k_bare = subject_activations(model, text, f"blocks.{layer}.mlp.hook_post", layer)[0]
+    k_bare = subject_activations(model, text, f"blocks.{layer}.mlp.hook_post")[0]
     left = edit.left.double()
     reach = float(left @ k_bare)
     row = {"reach": reach, "cosine": float(torch.cosine_similarity(k_bare, edit.key, dim=0))}

@@ -1,10 +1,32 @@
-"""Printing and saving benchmark tables, shared by the benchmark scripts."""
+"""Shared by the benchmark scripts: where the data lives, and printing and saving tables."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pandas as pd
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def data_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--data``: the folder holding counterfact_val.json and the known-facts files."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=SHARED_DATA,
+        help=f"folder of counterfact_val.json, known_1000.json, known_smollm2.json "
+        f"(default: {SHARED_DATA})",
+    )
+
+
+def data_file(folder: Path, name: str) -> Path:
+    """``folder/name``, or exit with a message saying where it was looked for."""
+    path = folder / name
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: pass --data FOLDER holding {name}")
+    return path
 
 
 def report(out: Path, name: str, table: pd.DataFrame) -> None:

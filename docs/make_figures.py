@@ -17,7 +17,7 @@ from pathlib import Path
 
 import rome_lens
 from rome_lens import average_causal_effects, trace_fact, trace_severed
-from rome_lens.predict import predict_next
+from rome_lens.core.predict import predict_next
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
@@ -97,9 +97,9 @@ def main() -> None:
 
 def lens_figures(model) -> None:
     """The logit lens before and after the demo edit, and a screenshot of the demo report."""
+    from rome_lens.analysis import logit_lens
     from rome_lens.cli import main as cli
-    from rome_lens.lens import logit_lens
-    from rome_lens.plots import plot_logit_lens, save_figure
+    from rome_lens.viz import plot_logit_lens, save_figure
 
     targets = ["Paris", "Rome"]
     before = logit_lens(model, PROMPT, targets=targets)

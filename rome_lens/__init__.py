@@ -7,39 +7,80 @@ logit lens (:func:`logit_lens`), undo it exactly (:func:`edited`,
 ``edit.apply(model).revert()``), and see every result in a notebook or an
 offline page (:mod:`rome_lens.viz`).
 
+The package is built in rooms, each importing only those below it::
+
+    core → stats → tracing | editing | analysis → evaluation → viz → cli
+
+The names below load their room on first use, so ``import rome_lens`` (and the
+``rome-lens`` command's ``--help``) costs no torch import.
+
+>>> import warnings
 >>> import rome_lens
 >>> model = rome_lens.tiny_model()
->>> trace = rome_lens.trace_fact(model, "The Eiffel Tower is located in the city of",
-...                              "The Eiffel Tower", samples=2, progress=False)
+>>> with warnings.catch_warnings(record=True):  # a random model knows no fact
+...     trace = rome_lens.trace_fact(model, "The Eiffel Tower is located in the city of",
+...                                  "The Eiffel Tower", samples=2, progress=False)
 >>> tuple(trace.scores.shape)  # (kind, token, layer)
 (3, 10, 3)
 """
 
-from rome_lens import viz
-from rome_lens.evaluate import evaluate_edits, load_counterfact, summarize, without_conflicts
-from rome_lens.finetune import FTHyperParams, ft_edit
-from rome_lens.lens import LogitLens, logit_lens
-from rome_lens.memit import MEMITHyperParams, MultiLayerEdit, memit_edit
-from rome_lens.models import DEFAULT_MODEL, load_model, tiny_model
-from rome_lens.patches import AppliedEdit, WeightEdit, WeightPatch, edited
-from rome_lens.rome import EditRequest, RankOneEdit, ROMEHyperParams, rome_edit
-from rome_lens.stats import KeyStats, key_second_moment
-from rome_lens.tracing import (
-    AverageEffects,
-    CausalTrace,
-    SeveredTrace,
-    average_causal_effects,
-    embedding_noise_scale,
-    trace_fact,
-    trace_severed,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+_ROOMS = ("analysis", "cli", "core", "editing", "evaluation", "stats", "tracing", "viz")
+_EXPORTS = {
+    "analysis": ["LogitLens", "logit_lens"],
+    "core": ["DEFAULT_MODEL", "load_model", "tiny_model"],
+    "editing": [
+        "AppliedEdit",
+        "EditMissWarning",
+        "EditRequest",
+        "FTHyperParams",
+        "MEMITHyperParams",
+        "MultiLayerEdit",
+        "ROMEHyperParams",
+        "RankOneEdit",
+        "WeightEdit",
+        "WeightPatch",
+        "edited",
+        "ft_edit",
+        "memit_edit",
+        "rome_edit",
+    ],
+    "evaluation": [
+        "Evaluation",
+        "evaluate_edits",
+        "load_counterfact",
+        "load_counterfact_sample",
+        "summarize",
+        "without_conflicts",
+    ],
+    "stats": ["KeyStats", "key_second_moment"],
+    "tracing": [
+        "AverageEffects",
+        "CausalTrace",
+        "SeveredTrace",
+        "UnreliableTraceWarning",
+        "average_causal_effects",
+        "embedding_noise_scale",
+        "trace_fact",
+        "trace_severed",
+    ],
+}
+_ROOM_OF = {name: room for room, names in _EXPORTS.items() for name in names}
 
 __all__ = [
-    "DEFAULT_MODEL",
     "AppliedEdit",
     "AverageEffects",
     "CausalTrace",
+    "DEFAULT_MODEL",
+    "EditMissWarning",
     "EditRequest",
+    "Evaluation",
     "FTHyperParams",
     "KeyStats",
     "LogitLens",
@@ -48,6 +89,7 @@ __all__ = [
     "ROMEHyperParams",
     "RankOneEdit",
     "SeveredTrace",
+    "UnreliableTraceWarning",
     "WeightEdit",
     "WeightPatch",
     "average_causal_effects",
@@ -57,6 +99,7 @@ __all__ = [
     "ft_edit",
     "key_second_moment",
     "load_counterfact",
+    "load_counterfact_sample",
     "load_model",
     "logit_lens",
     "memit_edit",
@@ -69,4 +112,55 @@ __all__ = [
     "without_conflicts",
 ]
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str) -> Any:
+    if name in _ROOM_OF:
+        return getattr(importlib.import_module(f"rome_lens.{_ROOM_OF[name]}"), name)
+    if name in _ROOMS:
+        return importlib.import_module(f"rome_lens.{name}")
+    raise AttributeError(f"module 'rome_lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_ROOMS, "__version__"])
+
+
+if TYPE_CHECKING:
+    from rome_lens import viz
+    from rome_lens.analysis import LogitLens, logit_lens
+    from rome_lens.core import DEFAULT_MODEL, load_model, tiny_model
+    from rome_lens.editing import (
+        AppliedEdit,
+        EditMissWarning,
+        EditRequest,
+        FTHyperParams,
+        MEMITHyperParams,
+        MultiLayerEdit,
+        RankOneEdit,
+        ROMEHyperParams,
+        WeightEdit,
+        WeightPatch,
+        edited,
+        ft_edit,
+        memit_edit,
+        rome_edit,
+    )
+    from rome_lens.evaluation import (
+        Evaluation,
+        evaluate_edits,
+        load_counterfact,
+        load_counterfact_sample,
+        summarize,
+        without_conflicts,
+    )
+    from rome_lens.stats import KeyStats, key_second_moment
+    from rome_lens.tracing import (
+        AverageEffects,
+        CausalTrace,
+        SeveredTrace,
+        UnreliableTraceWarning,
+        average_causal_effects,
+        embedding_noise_scale,
+        trace_fact,
+        trace_severed,
+    )

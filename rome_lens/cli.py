@@ -7,17 +7,24 @@
 
 Each command works on the default model (SmolLM2-135M-Instruct) unless
 ``--model-path`` names a Llama-family GGUF file or a folder written by
-:func:`rome_lens.models.save_model`. Each prints what it found and writes its
-figures, CSV tables and an offline HTML report (``index.html``) into ``--out``.
-``demo`` traces, edits and lenses the Eiffel Tower fact on one page. Bad input
-exits with status 2 and a one-line message.
+:func:`rome_lens.core.models.save_model`. Each prints what it found and writes
+its figures, CSV tables and an offline HTML report (``index.html``) into
+``--out``. ``demo`` traces, edits and lenses the Eiffel Tower fact on one page.
+
+Exit status: 0 when all went well; 1 when the science failed (a trace of a
+fact the model does not know, unless ``--allow-unreliable``; an edit that did
+not take, unless ``--allow-miss``); 2 for bad input, with a one-line message.
+Arguments are parsed before anything heavy is imported, so ``--help`` and
+argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +32,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from transformer_lens import HookedTransformer
 
-    from rome_lens.lens import LogitLens
+    from rome_lens.analysis import LogitLens
     from rome_lens.tracing import CausalTrace
     from rome_lens.viz import Widget
 
@@ -39,44 +46,76 @@ DEMO_PROMPTS = {
     "paraphrase": "Where is the Eiffel Tower? It is in the city of",
     "neighbour": "The Louvre is located in the city of",
 }
+SCIENCE_FAILED = 1
+BAD_INPUT = 2
+
+
+class _Failed(Exception):
+    """The command ran, but what it found says nothing (exit status 1)."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rome-lens", description="Locate and rewrite facts in TransformerLens models."
+        prog="rome-lens",
+        description="Locate and rewrite facts in TransformerLens models.",
+        epilog="Exit status: 0 done, 1 the trace or edit failed (see the message), 2 bad input.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="trace, edit and lens the Eiffel Tower fact")
     _common(demo, "rome_lens_demo")
 
     trace = commands.add_parser("trace", help="causal trace of one prompt")
-    trace.add_argument("prompt")
+    trace.add_argument("prompt", help="the text whose next token is the answer")
     trace.add_argument("--subject", required=True, help="the substring of PROMPT to corrupt")
     trace.add_argument("--target", default=None, help="answer to score (default: clean top-1)")
-    trace.add_argument("--kinds", nargs="+", default=["resid", "mlp", "attn"])
-    trace.add_argument("--samples", type=int, default=10, help="noise samples")
-    trace.add_argument("--window", type=int, default=10, help="layers restored together")
-    trace.add_argument("--seed", type=int, default=0)
+    trace.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["resid", "mlp", "attn"],
+        choices=["resid", "mlp", "attn"],
+        help="states to restore: residual stream, MLP outputs, attention outputs (default: all)",
+    )
+    trace.add_argument("--samples", type=int, default=10, help="noise samples (default: 10)")
+    trace.add_argument(
+        "--window", type=int, default=10, help="layers restored together (default: 10)"
+    )
+    trace.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    trace.add_argument(
+        "--allow-unreliable",
+        action="store_true",
+        help="exit 0 even when the model does not know the answer or the noise does not hide it",
+    )
     _common(trace, "rome_lens_trace")
 
     edit = commands.add_parser("edit", help="rewrite one fact with ROME and save the edit")
-    edit.add_argument("prompt_template", help='e.g. "{} is located in the city of"')
+    edit.add_argument(
+        "prompt_template",
+        help='the prompt with {} where the subject goes, e.g. "{} is located in the city of"; '
+        "a prompt without {} that contains the subject gets {} in its place (and says so)",
+    )
     edit.add_argument("--subject", required=True, help="fills the template's {}")
     edit.add_argument("--new", required=True, help="the new answer")
     edit.add_argument("--layer", type=int, default=None, help="MLP layer (default: per model)")
     edit.add_argument("--neighbour", nargs="*", default=[], help="prompts that must not change")
+    edit.add_argument(
+        "--allow-miss",
+        action="store_true",
+        help="exit 0 even when the new answer does not take on the edit prompt",
+    )
     _common(edit, "rome_lens_edit")
 
     lens = commands.add_parser("lens", help="logit lens of one prompt")
-    lens.add_argument("prompt")
+    lens.add_argument("prompt", help="the text to read layer by layer")
     lens.add_argument("--targets", nargs="*", default=None, help="answers to follow")
     _common(lens, "rome_lens_lens")
     return parser
 
 
 def _common(command: argparse.ArgumentParser, out: str) -> None:
-    command.add_argument("--out", type=Path, default=Path(out), help="output folder")
+    command.add_argument(
+        "--out", type=Path, default=Path(out), help=f"output folder (default: {out})"
+    )
     command.add_argument(
         "--model-path", type=Path, default=None, help="a .gguf file or a saved-model folder"
     )
@@ -84,10 +123,20 @@ def _common(command: argparse.ArgumentParser, out: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Args:
+        argv: the arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, 1 (the trace or edit failed) or 2 (bad input).
+    """
     args = _parser().parse_args(argv)
     try:
+        _check_args(args)
         run = {"demo": _demo, "trace": _trace, "edit": _edit, "lens": _lens}[args.command]
-        widgets = run(_model(args.model_path), args)
+        failures: list[str] = []
+        widgets = run(_model(args.model_path), args, failures)
         from rome_lens.viz import report
 
         path = report(args.out / "index.html", *widgets, title=f"rome-lens {args.command}")
@@ -95,40 +144,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError, ModuleNotFoundError) as err:
         message = " ".join(str(err).split())  # one line, whatever the exception held
         print(f"rome-lens: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+        return BAD_INPUT
+    for failure in failures:
+        print(f"rome-lens: {failure}", file=sys.stderr)
+    return SCIENCE_FAILED if failures else 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("samples", "window"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
 
 
 def _model(path: Path | None) -> HookedTransformer:
-    import rome_lens
-    from rome_lens.models import load_model_path
+    from rome_lens.core.models import load_model, load_model_path
 
-    return rome_lens.load_model() if path is None else load_model_path(path)
+    return load_model() if path is None else load_model_path(path)
 
 
-def _trace(model: HookedTransformer, args: argparse.Namespace) -> list[Widget]:
-    import rome_lens
+def _trace(model: HookedTransformer, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
+    from rome_lens.tracing import UnreliableTraceWarning, trace_fact
 
-    trace = rome_lens.trace_fact(
-        model,
-        args.prompt,
-        args.subject,
-        target=args.target,
-        kinds=args.kinds,
-        samples=args.samples,
-        window=args.window,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    return [_save_trace(trace, args.out)]
+    with _silenced(UnreliableTraceWarning):  # printed below, in the CLI's words
+        trace = trace_fact(
+            model,
+            args.prompt,
+            args.subject,
+            target=args.target,
+            kinds=args.kinds,
+            samples=args.samples,
+            window=args.window,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    widget = _save_trace(trace, args.out)
+    if trace.problems and not args.allow_unreliable:
+        failures.append(
+            "the trace is unreliable (pass --allow-unreliable to accept it): "
+            + "; ".join(trace.problems)
+        )
+    return [widget]
 
 
 def _save_trace(trace: CausalTrace, out: Path) -> Widget:
-    from rome_lens.plots import plot_trace
-    from rome_lens.viz import trace_widget
+    from rome_lens.viz import plot_trace, trace_widget
 
     print(f"prompt: {trace.prompt!r}  subject: {trace.subject!r}  target: {trace.target_str!r}")
     print(f"clean p = {trace.clean_prob:.3f}, corrupted p = {trace.corrupted_prob:.3f}")
+    for problem in trace.problems:
+        print(f"warning: {problem}")
     for kind in trace.kinds:
         peak = trace.peak(kind)
         print(
@@ -141,13 +206,19 @@ def _save_trace(trace: CausalTrace, out: Path) -> Widget:
     return trace_widget(trace)
 
 
-def _edit(model: HookedTransformer, args: argparse.Namespace) -> list[Widget]:
+def _edit(model: HookedTransformer, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     template = args.prompt_template
-    if "{}" not in template and args.subject in template:
+    if "{}" not in template:
+        if args.subject not in template:
+            raise ValueError(
+                f"the prompt template {template!r} has no {{}} and does not contain the subject "
+                f"{args.subject!r}: write {{}} where the subject goes"
+            )
         template = template.replace(args.subject, "{}", 1)
+        print(f"note: the template had no {{}}; using {template!r} ({{}} for the subject)")
     prompts = {"edit": template.replace("{}", args.subject, 1)}
     prompts |= {f"neighbour {i + 1}": p for i, p in enumerate(args.neighbour)}
-    return _edit_and_lens(model, template, args.subject, args.new, prompts, args)
+    return _edit_and_lens(model, template, args.subject, args.new, prompts, args, failures)
 
 
 def _edit_and_lens(
@@ -157,42 +228,57 @@ def _edit_and_lens(
     new: str,
     prompts: dict[str, str],
     args: argparse.Namespace,
+    failures: list[str],
 ) -> list[Widget]:
     """ROME-edit the fact, print and save before/after, and lens the prompt on both sides."""
-    import rome_lens
-    from rome_lens.lens import logit_lens
+    from rome_lens.analysis import logit_lens
+    from rome_lens.editing import EditMissWarning, EditRequest, edited, rome_edit
     from rome_lens.viz import edit_widget, logit_lens_widget
 
-    request = rome_lens.EditRequest(template, subject, new)
+    request = EditRequest(template, subject, new)
     layer = getattr(args, "layer", None)  # demo has no --layer
-    edit = rome_lens.rome_edit(model, request, layer=layer, progress=not args.no_progress)
+    progress = not args.no_progress
+    with _silenced(EditMissWarning):  # printed below, in the CLI's words
+        edit = rome_edit(model, request, layer=layer, progress=progress)
     args.out.mkdir(parents=True, exist_ok=True)
     edit.save(args.out / "edit.safetensors")
-    shown = edit_widget(edit, model, prompts)
+    shown = edit_widget(model, edit, prompts)
     table = shown.to_dataframe()
     table.to_csv(args.out / "edit.csv", index=False)
-    print(f"edited blocks.{edit.layer}.mlp.W_out in {edit.seconds:.1f} s")
+    stats = f" (+ {edit.stats_seconds:.1f} s for key statistics)" if edit.stats_seconds > 1 else ""
+    print(f"edited blocks.{edit.layer}.mlp.W_out in {edit.seconds:.1f} s{stats}")
     for label, rows in table.groupby("label", sort=False):
         top = rows.iloc[0]
         print(
             f"{label}: {top['prompt']!r}: before {top['before']!r} ({top['p_before']:.3f}), "
             f"after {top['after']!r} ({top['p_after']:.3f})"
         )
+    (outcome,) = edit.outcomes
+    verdict = "took" if outcome.took else "did NOT take"
+    print(
+        f"the edit {verdict}: p({new!r}) {outcome.p_new_before:.4f} -> {outcome.p_new:.4f}, "
+        f"rank {outcome.rank_new} after the edit"
+    )
+    if not outcome.took and not getattr(args, "allow_miss", False):
+        failures.append(
+            f"the edit did not take: {new!r} is at rank {outcome.rank_new} with "
+            f"p = {outcome.p_new:.4f} after the edit (pass --allow-miss to accept it)"
+        )
     print(f"saved the edit to {args.out / 'edit.safetensors'}")
     before_top = table.iloc[0]["before"]
     targets = [new] + ([before_top] if before_top.strip() and before_top.strip() != new else [])
-    before = logit_lens(model, prompts["edit"], targets=targets)
-    with rome_lens.edited(model, edit):
-        after = logit_lens(model, prompts["edit"], targets=targets)
+    before = logit_lens(model, prompts["edit"], targets=targets, progress=False)
+    with edited(model, edit):
+        after = logit_lens(model, prompts["edit"], targets=targets, progress=False)
     _save_lens(after, args.out, before=before)
     return [shown, logit_lens_widget(after, before=before)]
 
 
-def _lens(model: HookedTransformer, args: argparse.Namespace) -> list[Widget]:
-    from rome_lens.lens import logit_lens
+def _lens(model: HookedTransformer, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
+    from rome_lens.analysis import logit_lens
     from rome_lens.viz import logit_lens_widget
 
-    lens = logit_lens(model, args.prompt, targets=args.targets or None)
+    lens = logit_lens(model, args.prompt, targets=args.targets or None, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     _save_lens(lens, args.out)
     for t, target in enumerate(lens.targets):
@@ -206,26 +292,37 @@ def _lens(model: HookedTransformer, args: argparse.Namespace) -> list[Widget]:
 
 
 def _save_lens(lens: LogitLens, out: Path, *, before: LogitLens | None = None) -> None:
-    from rome_lens.plots import plot_logit_lens
+    from rome_lens.viz import plot_logit_lens
 
     lens.to_dataframe().to_csv(out / "lens.csv", index=False)
     _save_png_and_svg(plot_logit_lens(lens, before=before), out / "lens")
 
 
 def _save_png_and_svg(fig: Figure, stem: Path) -> None:
-    from rome_lens.plots import save_figure
+    from rome_lens.viz import save_figure
 
     for suffix in (".png", ".svg"):
         save_figure(fig, stem.with_suffix(suffix))
 
 
-def _demo(model: HookedTransformer, args: argparse.Namespace) -> list[Widget]:
-    import rome_lens
+def _demo(model: HookedTransformer, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
+    from rome_lens.tracing import UnreliableTraceWarning, trace_fact
 
-    trace = rome_lens.trace_fact(model, DEMO_PROMPT, DEMO_SUBJECT, progress=not args.no_progress)
+    with _silenced(UnreliableTraceWarning):
+        trace = trace_fact(model, DEMO_PROMPT, DEMO_SUBJECT, progress=not args.no_progress)
     widgets = [_save_trace(trace, args.out)]
+    failures += trace.problems
     template = DEMO_PROMPT.replace(DEMO_SUBJECT, "{}")
-    return widgets + _edit_and_lens(model, template, DEMO_SUBJECT, DEMO_NEW, DEMO_PROMPTS, args)
+    return widgets + _edit_and_lens(
+        model, template, DEMO_SUBJECT, DEMO_NEW, DEMO_PROMPTS, args, failures
+    )
+
+
+@contextmanager
+def _silenced(category: type[Warning]) -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category)
+        yield
 
 
 if __name__ == "__main__":

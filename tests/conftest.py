@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from transformer_lens import HookedTransformer
 
 import rome_lens
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +32,14 @@ def smol() -> HookedTransformer:
 
 @pytest.fixture(scope="session")
 def known_facts() -> list[dict[str, str]]:
-    """The facts of ROME's known_1000.json that the default model answers top-1."""
-    path = SHARED_DATA / "known_smollm2.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not available")
-    return json.loads(path.read_text())
+    """The first 40 facts of ROME's known_1000.json that the default model answers top-1."""
+    return json.loads((DATA / "known_smollm2.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def all_known_facts() -> list[dict[str, str]]:
+    """The first 400 facts of ROME's known_1000.json."""
+    return json.loads((DATA / "known_facts.json").read_text())
 
 
 def hooks_left(model: HookedTransformer) -> int:
@@ -42,3 +48,49 @@ def hooks_left(model: HookedTransformer) -> int:
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
         for m in model.modules()
     )
+
+
+def weights(model: HookedTransformer) -> dict[str, torch.Tensor]:
+    """A copy of every parameter."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same_weights(model: HookedTransformer, before: dict[str, torch.Tensor]) -> None:
+    """Every parameter equals its copy in ``before``, bit for bit."""
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+@contextmanager
+def quiet(*categories: type[Warning]) -> Iterator[None]:
+    """Ignore the given warning categories (a random model knows no fact, takes few edits)."""
+    with warnings.catch_warnings():
+        for category in categories or (UserWarning,):
+            warnings.simplefilter("ignore", category)
+        yield
+
+
+@pytest.fixture(scope="session")
+def word_level() -> HookedTransformer:
+    """A tiny model whose word-level tokenizer maps unseen words to [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens import HookedTransformerConfig
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "the", "tower", "is", "in", "paris", "rome"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        bos_token="<s>",
+        pad_token="<s>",
+        name_or_path="rome_lens-word-level",
+        add_bos_token=True,
+    )
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=16, d_head=4, n_ctx=16, d_vocab=len(words), act_fn="relu", seed=0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return HookedTransformer(cfg, tokenizer=tokenizer).eval()

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from rome_lens import average_causal_effects, trace_fact, trace_severed
-from rome_lens.predict import predict_next
+from rome_lens import EditRequest, average_causal_effects, rome_edit, trace_fact, trace_severed
+from rome_lens.core.predict import predict_next
 
-from .conftest import SHARED_DATA
+from .conftest import DATA
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +29,7 @@ class TestEiffelTowerTrace:
         assert demo_trace.target_str == " Paris"
         assert demo_trace.clean_prob == pytest.approx(0.30, abs=0.02)
         assert demo_trace.corrupted_prob == pytest.approx(0.017, abs=0.01)
+        assert demo_trace.problems == []  # a fact the model knows, and forgets under noise
 
     def test_mlp_effect_peaks_at_a_subject_token_in_the_first_layers(self, demo_trace):
         """The largest MLP indirect effect is at 'iffel', within the first layers, ≈ +0.37."""
@@ -70,35 +70,62 @@ class TestSeveredPath:
 
 class TestAverageEffects:
     def test_a_few_known_facts(self, smol, known_facts):
-        """Averages over known facts have one value per (kind, group, layer) and finite bands."""
+        """The averages are the mean indirect effects of each fact's trace, group by group."""
         facts = [{"prompt": f["prompt"], "subject": f["subject"]} for f in known_facts[:3]]
         result = average_causal_effects(smol, facts, kinds=("mlp",), samples=4, progress=False)
         assert tuple(result.mean.shape) == (1, 6, smol.cfg.n_layers)
         assert result.n_facts == 3 and result.counts[0] == 3 and result.counts[-1] == 3
-        assert torch.isfinite(result.ci95[0, 0]).all()
+        last_subject = torch.stack(
+            [t.indirect_effect()[0, t.subject_range[1] - 1] for t in result.traces]
+        )
+        group = result.groups.index("last subject token")
+        torch.testing.assert_close(result.mean[0, group], last_subject.mean(0))
+        half_width = 1.96 * last_subject.std(0) / 3**0.5
+        torch.testing.assert_close(result.ci95[0, group], half_width)
         assert len(result.to_dataframe()) == 6 * smol.cfg.n_layers
 
 
-class TestPadding:
-    @pytest.fixture(scope="class")
-    def facts(self):
-        return json.loads((SHARED_DATA / "known_1000.json").read_text())
+class TestSameNumbersAsBefore:
+    """The numbers rome_lens 0.1.0 computed, before the rooms were built (tests/data)."""
 
-    def test_padded_batches_equal_unpadded_runs(self, smol, facts):
+    @pytest.fixture(scope="class")
+    def golden(self):
+        return load_file(DATA / "golden_demo.safetensors")
+
+    def test_demo_trace(self, demo_trace, golden):
+        """The demo trace's every score, and its clean and corrupted p, to 1e-6."""
+        torch.testing.assert_close(demo_trace.scores, golden["trace_scores"], atol=1e-6, rtol=0)
+        clean, corrupted = golden["probs"].tolist()
+        assert demo_trace.clean_prob == pytest.approx(clean, abs=1e-6)
+        assert demo_trace.corrupted_prob == pytest.approx(corrupted, abs=1e-6)
+
+    def test_demo_edit(self, smol, golden):
+        """The default ROME edit of the demo fact: the same u, v*, k* and ΔW factors, to 1e-6."""
+        request = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
+        edit = rome_edit(smol, request, progress=False)
+        for name in ("left", "right", "key", "value"):
+            expected = golden[f"edit_{name}"]
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(getattr(edit, name), expected, atol=1e-6 * scale, rtol=0)
+        assert edit.took
+
+
+class TestPadding:
+    def test_padded_batches_equal_unpadded_runs(self, smol, all_known_facts):
         """Left- and right-padded batches give each prompt's unpadded probabilities."""
-        prompts = [f["prompt"] for f in facts[:96]]
-        targets = [f["attribute"] for f in facts[:96]]
+        prompts = [f["prompt"] for f in all_known_facts[:96]]
+        targets = [f["attribute"] for f in all_known_facts[:96]]
         alone = predict_next(smol, prompts, targets=targets, batch_size=1)
         for side in ("left", "right"):
             padded = predict_next(smol, prompts, targets=targets, padding_side=side, batch_size=32)
             assert torch.equal(padded.top_token, alone.top_token)
             torch.testing.assert_close(padded.target_prob, alone.target_prob, atol=1e-4, rtol=0)
 
-    def test_factual_recall_survives_left_padding(self, smol, facts):
-        """Over all 1,209 known facts, left padding answers exactly as many as right padding."""
-        prompts = [f["prompt"] for f in facts]
-        targets = [f["attribute"] for f in facts]
+    def test_factual_recall_survives_left_padding(self, smol, all_known_facts):
+        """Over 400 known facts, left padding answers exactly the facts right padding does."""
+        prompts = [f["prompt"] for f in all_known_facts]
+        targets = [f["attribute"] for f in all_known_facts]
         right = predict_next(smol, prompts, targets=targets, padding_side="right")
         left = predict_next(smol, prompts, targets=targets, padding_side="left")
         assert torch.equal(left.target_is_top, right.target_is_top)
-        assert int(right.target_is_top.sum()) > 200
+        assert int(right.target_is_top.sum()) > len(prompts) / 10  # it knows many of them

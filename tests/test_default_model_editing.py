@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rome_lens import EditRequest, edited, rome_edit
-from rome_lens.predict import predict_next, target_nll
-from rome_lens.rome import default_layer
+from rome_lens.core.predict import predict_next, target_nll
+from rome_lens.editing import default_layer
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,14 @@ class TestEiffelTowerToRome:
             assert prefers(smol, prompt, "Paris", "Rome")
 
     def test_edit_makes_rome_top_1(self, smol, eiffel_in_rome):
-        """After the edit ' Rome' is the top-1 continuation of the edit prompt."""
+        """After the edit ' Rome' is the top-1 continuation of the edit prompt, and the edit
+        says it took."""
         with edited(smol, eiffel_in_rome):
             preds = predict_next(smol, [REQUEST.text], targets=["Rome"])
         assert preds.target_is_top.item()
         assert preds.target_prob.item() > 0.5
+        (outcome,) = eiffel_in_rome.outcomes
+        assert eiffel_in_rome.took and outcome.rank_new == 0 and outcome.p_new > outcome.p_true
 
     def test_paraphrase_prefers_rome(self, smol, eiffel_in_rome):
         """A rewording the edit never saw now prefers Rome."""

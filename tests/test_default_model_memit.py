@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from rome_lens import edited
-from rome_lens.evaluate import case_scores, load_counterfact
-from rome_lens.memit import default_memit_layers, memit_edit
-from rome_lens.predict import predict_next
-
-from .conftest import SHARED_DATA
+from rome_lens.core.predict import predict_next
+from rome_lens.editing import default_memit_layers, memit_edit
+from rome_lens.evaluation import case_scores, load_counterfact_sample
 
 pytestmark = pytest.mark.slow
 N_CASES = 10
@@ -18,10 +16,8 @@ N_CASES = 10
 
 @pytest.fixture(scope="module")
 def cases():
-    path = SHARED_DATA / "counterfact_val.json"
-    if not path.exists():
-        pytest.skip(f"{path} is not available")
-    return load_counterfact(path, limit=N_CASES)
+    """The first ten cases of the CounterFact sample shipped with rome_lens."""
+    return load_counterfact_sample(limit=N_CASES)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +34,7 @@ class TestTenFactsAtOnce:
         with edited(smol, batch):
             after = case_scores(smol, cases)
         assert after["efficacy_score"].tolist() == [1.0] * N_CASES
+        assert batch.took and len(batch.outcomes) == N_CASES
 
     def test_neighbours_keep_their_answers(self, smol, cases, batch):
         """Every neighbourhood prompt keeps its top-1 next token and its preference."""

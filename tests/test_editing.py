@@ -1,8 +1,7 @@
-"""ROME editing on the tiny model: the update's algebra, exact undo, saving, statistics, errors."""
+"""ROME editing on the tiny model: the update's algebra, outcomes, exact undo, saving, errors."""
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
@@ -10,24 +9,35 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import rome_lens
-from rome_lens import memory, rome
-from rome_lens.finetune import FTHyperParams, ft_edit
-from rome_lens.hooks import add_at_rows, attached
-from rome_lens.models import _hooked_transformer
-from rome_lens.patches import WeightEdit, WeightPatch, edited
-from rome_lens.predict import pad, target_nll
-from rome_lens.rome import EditRequest, RankOneEdit, ROMEHyperParams, rome_edit
+from rome_lens.core.fingerprint import check_layer
+from rome_lens.core.hooks import add_at_rows, attached
+from rome_lens.core.models import _hooked_transformer
+from rome_lens.core.predict import predict_next, target_nll
+from rome_lens.core.runtime import pad
+from rome_lens.editing import (
+    EditMissWarning,
+    EditRequest,
+    FTHyperParams,
+    MEMITHyperParams,
+    RankOneEdit,
+    ROMEHyperParams,
+    WeightEdit,
+    WeightPatch,
+    edited,
+    ft_edit,
+    memory,
+    rome_edit,
+)
+from rome_lens.editing import rome as rome_module
 from rome_lens.stats import KeyStats, key_second_moment
 
-from .conftest import hooks_left
+from .conftest import assert_same_weights, hooks_left, weights
 
 REQUEST = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 TEXTS = [
     "The Eiffel Tower is located in the city of Paris.",
     "The Louvre is a museum in Paris, the capital of France.",
-    "The Colosseum is an amphitheatre in the city of Rome.",
-    "Berlin is the capital of Germany and Rome is the capital of Italy.",
-] * 8
+]
 FAST = ROMEHyperParams(context_lengths=((3, 2),), v_steps=5)
 LAYER = 1
 
@@ -45,15 +55,6 @@ def edit(tiny: HookedTransformer, stats: KeyStats) -> RankOneEdit:
     return rome_edit(tiny, REQUEST, layer=LAYER, hparams=FAST, stats=stats, progress=False)
 
 
-def weights(model: HookedTransformer) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def assert_same_weights(model: HookedTransformer, before: dict[str, torch.Tensor]) -> None:
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]), name
-
-
 class TestRankOneUpdate:
     def test_key_maps_to_value_after_apply(self, tiny, edit):
         """After the edit, W_outᵀ k* + b_out equals v*."""
@@ -69,11 +70,27 @@ class TestRankOneUpdate:
         assert torch.linalg.matrix_rank(edit.deltas()[edit.parameter]) == 1
 
     def test_other_keys_move_least(self, tiny, edit, stats):
-        """The update is the C-weighted least-squares change: any other rank-one fix costs more."""
+        """Of all ΔW mapping k* to v*, ROME's minimises tr(ΔWᵀ C ΔW): any other costs more.
+
+        Every other solution is ΔW + N with Nᵀk* = 0; the cost's gradient at ΔW,
+        2 C ΔW, is k* times a row (the optimality condition), so no N lowers it.
+        """
         delta = edit.deltas()[edit.parameter]
-        cost = torch.trace(delta.T @ stats.moment @ delta)
-        plain = torch.outer(edit.key / (edit.key @ edit.key), edit.right)  # C = I solution
-        assert cost < torch.trace(plain.T @ stats.moment @ plain)
+        c, k = stats.moment, edit.key
+
+        def cost(change: torch.Tensor) -> float:
+            return float(torch.trace(change.T @ c @ change))
+
+        assert torch.allclose(delta.T @ k, edit.right, atol=1e-8)  # feasible: maps k* to v*
+        generator = torch.Generator().manual_seed(0)
+        for scale in (1e-3, 1e-1, 10.0):
+            noise = torch.randn(delta.shape, dtype=torch.float64, generator=generator)
+            feasible = noise - torch.outer(k, k @ noise) / (k @ k)  # Nᵀk = 0
+            assert torch.allclose(feasible.T @ k, torch.zeros_like(edit.right), atol=1e-8)
+            assert cost(delta + scale * delta.norm() * feasible / feasible.norm()) > cost(delta)
+        gradient = c @ delta
+        along_k = torch.outer(k, k @ gradient) / (k @ k)
+        assert torch.allclose(gradient, along_k, atol=1e-9 * gradient.abs().max())
 
     def test_edit_raises_target_probability(self, tiny, edit):
         """The new target becomes more likely after the edit."""
@@ -81,6 +98,46 @@ class TestRankOneUpdate:
         with edit.apply(tiny):
             after = target_nll(tiny, [REQUEST.text], ["Rome"])
         assert after < before
+
+
+class TestOutcomes:
+    def test_outcome_is_read_on_the_edited_model(self, tiny, edit):
+        """p_new, p_true and rank_new are what the model gives with the edit applied."""
+        (outcome,) = edit.outcomes
+        before = torch.exp(-target_nll(tiny, [REQUEST.text], ["Rome"])).item()
+        with edited(tiny, edit):
+            p_new, p_true = torch.exp(-target_nll(tiny, [REQUEST.text] * 2, ["Rome", "Paris"]))
+            rank = predict_next(tiny, [REQUEST.text], targets=["Rome"]).target_rank
+        assert outcome.p_new_before == pytest.approx(before, rel=1e-5)
+        assert outcome.p_new == pytest.approx(p_new.item(), rel=1e-5)
+        assert outcome.p_true == pytest.approx(p_true.item(), rel=1e-5)
+        assert outcome.rank_new == int(rank[0])
+        assert outcome.took == (outcome.rank_new == 0 or outcome.p_new > outcome.p_true)
+        row = edit.to_dataframe().iloc[0]
+        assert row["took"] == outcome.took and row["p_new"] == outcome.p_new
+
+    def test_an_edit_that_changes_nothing_warns_and_is_marked(self, tiny, stats, monkeypatch):
+        """With δ forced to zero the new answer cannot take: rome_edit warns, and took is False."""
+
+        def no_change(model, requests, *args, **kwargs):
+            return torch.zeros(len(requests), model.cfg.d_model), [[0.0] for _ in requests]
+
+        monkeypatch.setattr(rome_module, "optimise_deltas", no_change)
+        words = ["Paris", "Rome", "Berlin", "France", "Italy", "Seattle", "Apple", "guitar"]
+        nll = target_nll(tiny, [REQUEST.text] * len(words), words)
+        worst, best = words[int(nll.argmax())], words[int(nll.argmin())]
+        request = EditRequest(REQUEST.prompt, REQUEST.subject, worst, best)
+        with pytest.warns(EditMissWarning, match="did not take for 1 of 1 requests"):
+            edit = rome_edit(tiny, request, layer=LAYER, hparams=FAST, stats=stats, progress=False)
+        assert not edit.took and edit.misses == edit.outcomes
+        assert edit.outcomes[0].p_new == pytest.approx(edit.outcomes[0].p_new_before, rel=1e-5)
+
+    def test_repr_is_one_line(self, edit):
+        """repr(edit) names the weight, the request, ΔW's norm and whether it took."""
+        text = repr(edit)
+        assert "\n" not in text and len(text) < 200
+        assert text.startswith("RankOneEdit(blocks.1.mlp.W_out: 'The Eiffel Tower is located")
+        assert "‖ΔW‖=" in text and ("took" in text or "missed" in text)
 
     def test_identity_moment_is_explicit(self, tiny):
         """mom2_adjustment=False uses C = I, so u is k* itself."""
@@ -188,6 +245,20 @@ class TestUndo:
 
 
 class TestSaving:
+    def test_missing_sidecar_is_named(self, edit, tmp_path):
+        """Loading an edit whose .json sidecar is gone names the sidecar, not the edit file."""
+        path = edit.save(tmp_path / "eiffel.safetensors")
+        path.with_suffix(".safetensors.json").unlink()
+        with pytest.raises(FileNotFoundError, match=r"eiffel\.safetensors\.json .* is missing"):
+            RankOneEdit.load(path)
+
+    def test_errors_call_it_an_edit_file(self, edit, tmp_path):
+        """A damaged edit file is called a RankOneEdit file, not a cache entry."""
+        path = edit.save(tmp_path / "eiffel.safetensors")
+        path.write_bytes(path.read_bytes()[:-10])
+        with pytest.raises(RuntimeError, match="RankOneEdit file .* bytes, expected"):
+            RankOneEdit.load(path)
+
     def test_save_load_round_trip(self, tiny, edit, tmp_path):
         """A saved edit loads with the same tensors, request and fields, and applies identically."""
         path = edit.save(tmp_path / "eiffel.safetensors")
@@ -217,83 +288,18 @@ class TestSaving:
         with pytest.raises(RuntimeError, match="eiffel"):
             RankOneEdit.load(path)
 
+    def test_load_refuses_another_kind(self, edit, tmp_path):
+        """A ROME edit file does not load as a dense patch."""
+        path = edit.save(tmp_path / "eiffel.safetensors")
+        with pytest.raises(ValueError, match="holds a RankOneEdit, not a WeightPatch"):
+            WeightPatch.load(path)
+
     def test_dense_patch_round_trip(self, tiny, tmp_path):
         """The fine-tuning result saves and loads as a WeightPatch."""
         patch = ft_edit(tiny, REQUEST, layer=LAYER, hparams=FTHyperParams(steps=3), progress=False)
         loaded = WeightEdit.load(patch.save(tmp_path / "ft.safetensors"), model=tiny)
         assert isinstance(loaded, WeightPatch) and loaded.info["method"] == "ft"
         assert torch.equal(loaded.delta["blocks.1.mlp.W_out"], patch.delta["blocks.1.mlp.W_out"])
-
-
-class TestStatistics:
-    def test_moment_is_mean_outer_product_of_keys(self, tiny, tmp_path):
-        """C equals the float64 mean of k kᵀ over every non-BOS token of the corpus."""
-        stats = key_second_moment(tiny, LAYER, corpus=TEXTS[:4], cache_dir=tmp_path, progress=False)
-        keys = []
-        for text in TEXTS[:4]:
-            _, cache = tiny.run_with_cache(text)
-            keys.append(cache[f"blocks.{LAYER}.mlp.hook_post"][0, 1:].double())
-        k = torch.cat(keys)
-        torch.testing.assert_close(stats.moment, k.T @ k / len(k))
-        assert stats.n_tokens == len(k) and stats.moment.dtype == torch.float64
-
-    def test_file_corpora_match_strings(self, tiny, tmp_path):
-        """A .txt file (blank-line separated) and a .jsonl file give the strings' statistics."""
-        texts = TEXTS[:4]
-        txt, jsonl = tmp_path / "c.txt", tmp_path / "c.jsonl"
-        txt.write_text("\n\n".join(texts))
-        jsonl.write_text("\n".join(json.dumps({"text": t}) for t in texts))
-        kwargs = {"cache_dir": tmp_path, "progress": False, "use_cache": False}
-        base = key_second_moment(tiny, LAYER, corpus=texts, **kwargs)
-        for path in (txt, jsonl):
-            torch.testing.assert_close(
-                key_second_moment(tiny, LAYER, corpus=path, **kwargs).moment, base.moment
-            )
-
-    def test_n_tokens_caps_the_sample(self, tiny, tmp_path):
-        """n_tokens limits how many keys are averaged."""
-        stats = key_second_moment(
-            tiny, LAYER, corpus=TEXTS, n_tokens=50, cache_dir=tmp_path, progress=False
-        )
-        assert stats.n_tokens == 50
-
-    def test_sampled_corpus_is_seeded(self, tiny, tmp_path):
-        """With corpus=None the model's own samples are reproducible per seed."""
-        kwargs = {"n_tokens": 200, "progress": False, "use_cache": False}
-        a = key_second_moment(tiny, LAYER, cache_dir=tmp_path / "a", **kwargs)
-        b = key_second_moment(tiny, LAYER, cache_dir=tmp_path / "b", **kwargs)
-        c = key_second_moment(tiny, LAYER, cache_dir=tmp_path / "c", seed=1, **kwargs)
-        assert torch.equal(a.moment, b.moment) and not torch.equal(a.moment, c.moment)
-
-    def test_cache_is_reused_and_keyed_by_model(self, tiny, tmp_path, monkeypatch):
-        """A second call reads the cache; another model never does."""
-        from rome_lens import stats as stats_module
-
-        first = key_second_moment(tiny, LAYER, corpus=TEXTS, cache_dir=tmp_path, progress=False)
-        real = stats_module._accumulate
-        monkeypatch.setattr(stats_module, "_accumulate", lambda *a: pytest.fail("recomputed"))
-        again = key_second_moment(tiny, LAYER, corpus=TEXTS, cache_dir=tmp_path, progress=False)
-        assert torch.equal(first.moment, again.moment)
-        monkeypatch.setattr(stats_module, "_accumulate", real)
-        other = key_second_moment(
-            rome_lens.tiny_model(seed=1), LAYER, corpus=TEXTS, cache_dir=tmp_path, progress=False
-        )
-        assert other.fingerprint != first.fingerprint
-        assert not torch.equal(other.moment, first.moment)
-
-    def test_corrupt_cache_is_rebuilt(self, tiny, tmp_path):
-        """A damaged cache file is reported and recomputed."""
-        first = key_second_moment(tiny, LAYER, corpus=TEXTS, cache_dir=tmp_path, progress=False)
-        (path,) = (tmp_path / "key_stats").glob("*.st")
-        path.write_bytes(b"not a safetensors file")
-        with pytest.warns(UserWarning, match="rebuilding cache entry"):
-            again = key_second_moment(tiny, LAYER, corpus=TEXTS, cache_dir=tmp_path, progress=False)
-        assert torch.equal(first.moment, again.moment)
-
-    def test_editing_at_a_layer_keeps_its_fingerprint(self, tiny, edit, stats):
-        """Statistics stay valid for a model already edited at that layer (sequential edits)."""
-        with edit.apply(tiny):
-            stats.check(tiny, LAYER)
 
 
 class TestBadInput:
@@ -310,26 +316,7 @@ class TestBadInput:
         with pytest.warns(UserWarning, match="equals the true answer"):
             EditRequest("{} is in", "The Eiffel Tower", "Paris", target_true="Paris")
 
-    def test_subject_missing_from_prompt(self, tmp_path):
-        """A CounterFact case whose prompt does not spell its subject is named in the error."""
-        from rome_lens.evaluate import load_counterfact
-
-        case = {
-            "case_id": 7,
-            "prompt": "The tower is in",
-            "subject": "The Eiffel Tower",
-            "target_new": "Rome",
-            "ground_truth": "Paris",
-            "rephrase_prompt": "x",
-            "locality_prompt": "y",
-            "locality_ground_truth": "Paris",
-        }
-        path = tmp_path / "cf.json"
-        path.write_text(json.dumps([case]))
-        with pytest.raises(ValueError, match="'The Eiffel Tower' is not in prompt"):
-            load_counterfact(path)
-
-    def test_subject_not_in_tokens_of_essence_prompt(self):
+    def test_kl_prompt_without_subject_slot(self):
         """The KL prompt must have a slot for the subject."""
         with pytest.raises(ValueError, match="kl_prompt"):
             ROMEHyperParams(kl_prompt="Paris is a")
@@ -344,7 +331,7 @@ class TestBadInput:
             n_layers=2, d_model=16, d_head=4, n_ctx=16, d_vocab=50, attn_only=True, act_fn="relu"
         )
         with pytest.raises(ValueError, match=r"no blocks\.0\.mlp\.W_out"):
-            rome.check_layer(_hooked_transformer(cfg), 0)
+            check_layer(_hooked_transformer(cfg), 0)
 
     def test_statistics_from_another_layer(self, tiny, stats):
         with pytest.raises(ValueError, match="layer 1, not layer 2"):
@@ -367,8 +354,20 @@ class TestBadInput:
     def test_no_warning_for_good_statistics(self, tiny, stats):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            warnings.simplefilter("ignore", EditMissWarning)
             edit = rome_edit(tiny, REQUEST, layer=LAYER, hparams=FAST, stats=stats, progress=False)
         assert edit.ridge == 0
+
+    def test_hyperparameters_of_the_wrong_type(self, tiny):
+        """MEMIT's settings passed to ROME raise TypeError naming both types."""
+        with pytest.raises(
+            TypeError, match="hparams must be ROMEHyperParams, got MEMITHyperParams"
+        ):
+            rome_edit(tiny, REQUEST, layer=LAYER, hparams=MEMITHyperParams(), progress=False)  # type: ignore[arg-type]
+
+    def test_not_a_request(self, tiny):
+        with pytest.raises(TypeError, match="EditRequest objects"):
+            rome_edit(tiny, "The Louvre is in Rome", layer=LAYER, progress=False)  # type: ignore[arg-type]
 
 
 class TestFineTuning:

@@ -5,27 +5,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from rome_lens.evaluate import (
+from rome_lens.core.predict import target_nll
+from rome_lens.editing import (
+    EditRequest,
+    MEMITHyperParams,
+    ROMEHyperParams,
+    edited,
+    memit_edit,
+    rome_edit,
+)
+from rome_lens.evaluation import (
     CounterFactCase,
+    Evaluation,
     case_scores,
     evaluate_edits,
     load_counterfact,
+    load_counterfact_sample,
     n_gram_entropy,
     sequential_edits,
     summarize,
     without_conflicts,
 )
-from rome_lens.memit import MEMITHyperParams
-from rome_lens.predict import target_nll
-from rome_lens.rome import EditRequest, ROMEHyperParams
-
-from .conftest import SHARED_DATA
+from rome_lens.evaluation.counterfact import SAMPLE_FILE
 
 ROME_RECORD = {
     "case_id": 0,
@@ -64,11 +72,9 @@ class TestLoaders:
         assert case.generation_prompts == ROME_RECORD["generation_prompts"]
 
     def test_easyedit_format(self):
-        """EasyEdit's validation file loads: subject replaced by the slot, one neighbour."""
-        path = SHARED_DATA / "counterfact_val.json"
-        if not path.exists():
-            pytest.skip(f"{path} is not available")
-        cases = load_counterfact(path, limit=5)
+        """EasyEdit's format (the shipped sample) loads: {} for the subject, one neighbour."""
+        cases = load_counterfact_sample(limit=5)
+        path = Path(__file__).parents[1] / "rome_lens" / "evaluation" / "data" / SAMPLE_FILE
         raw = json.loads(path.read_text())[:5]
         assert [c.case_id for c in cases] == [r["case_id"] for r in raw]
         for case, record in zip(cases, raw, strict=True):
@@ -89,6 +95,30 @@ class TestLoaders:
         bad.write_text(json.dumps([{"case_id": 3, "prompt": "x"}]))
         with pytest.raises(ValueError, match="case 3 .* lacks field"):
             load_counterfact(bad)
+
+    def test_sample_has_three_hundred_cases(self):
+        """The shipped sample holds 300 cases in file order, and a limit reads the first ones."""
+        path = Path(__file__).parents[1] / "rome_lens" / "evaluation" / "data" / SAMPLE_FILE
+        ids = [record["case_id"] for record in json.loads(path.read_text())]
+        assert [c.case_id for c in load_counterfact_sample()] == ids and len(ids) == 300
+        assert [c.case_id for c in load_counterfact_sample(limit=3)] == ids[:3]
+
+    def test_subject_missing_from_prompt(self, tmp_path):
+        """A case whose prompt does not spell its subject is named in the error."""
+        case = {
+            "case_id": 7,
+            "prompt": "The tower is in",
+            "subject": "The Eiffel Tower",
+            "target_new": "Rome",
+            "ground_truth": "Paris",
+            "rephrase_prompt": "x",
+            "locality_prompt": "y",
+            "locality_ground_truth": "Paris",
+        }
+        path = tmp_path / "cf.json"
+        path.write_text(json.dumps([case]))
+        with pytest.raises(ValueError, match="'The Eiffel Tower' is not in prompt"):
+            load_counterfact(path)
 
     def test_without_conflicts_keeps_the_first_target(self, rome_file):
         """A later case rewriting the same subject and prompt to another target is dropped."""
@@ -145,8 +175,8 @@ class TestMetrics:
 
 class TestRunners:
     def test_none_changes_nothing(self, tiny, rome_file):
-        """method='none' reports post = pre."""
-        df = evaluate_edits(
+        """method='none' reports post = pre; fluency=1 measures entropy on the first case only."""
+        result = evaluate_edits(
             tiny,
             load_counterfact(rome_file),
             "none",
@@ -154,57 +184,91 @@ class TestRunners:
             generation_tokens=5,
             progress=False,
         )
+        df = result.to_dataframe()
         for metric in ("efficacy_score", "paraphrase_magnitude", "neighborhood_score"):
             assert (df[f"pre_{metric}"] == df[f"post_{metric}"]).all()
         assert not math.isnan(df["pre_entropy"][0]) and math.isnan(df["pre_entropy"][1])
 
-    def test_rome_edits_and_reverts(self, tiny, rome_file):
-        """ROME raises efficacy magnitude on each case and leaves the weights as they were."""
+    def test_rome_scores_are_those_of_each_edit(self, tiny, rome_file):
+        """Each case's post scores are case_scores with that case's ROME edit applied."""
         before = {n: p.clone() for n, p in tiny.named_parameters()}
+        cases = load_counterfact(rome_file)
         df = evaluate_edits(
-            tiny,
-            load_counterfact(rome_file),
-            "rome",
-            layer=1,
-            hparams=FAST,
-            fluency=False,
-            progress=False,
-        )
-        assert (df["post_efficacy_magnitude"] > df["pre_efficacy_magnitude"]).all()
-        assert (df["edit_seconds"] > 0).all()
+            tiny, cases, "rome", layer=1, hparams=FAST, fluency=False, progress=False
+        ).to_dataframe()
         assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+        for i, case in enumerate(cases):
+            edit = rome_edit(tiny, case.request, layer=1, hparams=FAST, progress=False)
+            with edited(tiny, edit):
+                expected = case_scores(tiny, [case]).iloc[0]
+            for column in ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_score"):
+                assert df[f"post_{column}"][i] == pytest.approx(expected[column], abs=1e-6)
+            assert bool(df["took"][i]) == edit.took
+            assert df["edit_seconds"][i] > 0
 
-    def test_memit_edits_the_batch_and_reverts(self, tiny, rome_file, tmp_path, monkeypatch):
-        """MEMIT writes every case in one batch, scores them with it applied, then reverts."""
+    def test_memit_scores_the_whole_batch(self, tiny, rome_file, tmp_path, monkeypatch):
+        """MEMIT writes every case in one batch and scores each with the batch applied."""
         monkeypatch.setenv("ROME_LENS_CACHE", str(tmp_path))
         before = {n: p.clone() for n, p in tiny.named_parameters()}
+        cases = load_counterfact(rome_file)
         hparams = MEMITHyperParams(context_lengths=(), v_steps=4, mom2_n_tokens=500)
         df = evaluate_edits(
             tiny,
-            load_counterfact(rome_file),
+            cases,
             "memit",
             layers=[0, 1],
             hparams=hparams,
             fluency=1,
             generation_tokens=5,
             progress=False,
+        ).to_dataframe()
+        assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+        edit = memit_edit(
+            tiny, [c.request for c in cases], layers=[0, 1], hparams=hparams, progress=False
         )
+        with edited(tiny, edit):
+            expected = case_scores(tiny, cases)
         assert (df["method"] == "memit").all() and len(df) == 2
-        assert (df["post_efficacy_magnitude"] > df["pre_efficacy_magnitude"]).all()
+        assert df["post_efficacy_magnitude"].tolist() == pytest.approx(
+            expected["efficacy_magnitude"].tolist(), abs=1e-6
+        )
         assert df["edit_seconds"].nunique() == 1 and df["edit_seconds"][0] > 0
         assert not math.isnan(df["post_entropy"][0]) and math.isnan(df["post_entropy"][1])
-        assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
 
-    def test_unknown_method(self, tiny, rome_file):
+    def test_wrong_hyperparameters_and_method(self, tiny, rome_file):
+        """A method's settings of another type raise TypeError; an unknown method ValueError."""
+        cases = load_counterfact(rome_file)
+        with pytest.raises(TypeError, match="hparams must be FTHyperParams, got ROMEHyperParams"):
+            evaluate_edits(tiny, cases, "ft", hparams=FAST, progress=False)
         with pytest.raises(ValueError, match="method must be"):
-            evaluate_edits(tiny, load_counterfact(rome_file), "memo", progress=False)  # type: ignore[arg-type]
+            evaluate_edits(tiny, cases, "memo", progress=False)  # type: ignore[arg-type]
 
     def test_sequential_edits_curve_and_revert(self, tiny, rome_file):
-        """Sequential editing reports each checkpoint and reverts everything."""
+        """The curve at each checkpoint is case_scores with the edits so far; all are reverted."""
         before = {n: p.clone() for n, p in tiny.named_parameters()}
         cases: list[CounterFactCase] = load_counterfact(rome_file)
         curve = sequential_edits(
             tiny, cases, checkpoints=(1, 2), layer=1, hparams=FAST, progress=False
-        )
-        assert list(curve["edits"]) == [1, 2] and curve["finite"].all()
+        ).to_dataframe()
         assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+        assert list(curve["edits"]) == [1, 2] and curve["finite"].all()
+        first = rome_edit(tiny, cases[0].request, layer=1, hparams=FAST, progress=False)
+        with edited(tiny, first):
+            second = rome_edit(tiny, cases[1].request, layer=1, hparams=FAST, progress=False)
+            with edited(tiny, second):
+                expected = case_scores(tiny, cases)
+        assert curve["ES"].iloc[-1] == pytest.approx(100 * expected["efficacy_score"].mean())
+        assert curve["NS"].iloc[-1] == pytest.approx(100 * expected["neighborhood_score"].mean())
+
+
+class TestEvaluationResult:
+    def test_summary_and_round_trip(self, tiny, rome_file, tmp_path):
+        """An evaluation summarises like summarize() and saves and loads its rows."""
+        result = evaluate_edits(
+            tiny, load_counterfact(rome_file), "none", fluency=False, progress=False
+        )
+        assert result.summary().equals(summarize(result.to_dataframe()))
+        loaded = Evaluation.load(result.save(tmp_path / "eval.st"))
+        assert loaded.to_dataframe().equals(result.to_dataframe())
+        both = Evaluation.concat([result, loaded])
+        assert len(both.rows) == 2 * len(result.rows)

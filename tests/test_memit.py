@@ -7,15 +7,22 @@ import torch
 from transformer_lens import HookedTransformer
 
 import rome_lens
-from rome_lens import memit, memory
-from rome_lens.memit import MEMITHyperParams, MultiLayerEdit, memit_edit
-from rome_lens.memory import EditHyperParams, compute_keys, optimise_deltas
-from rome_lens.patches import WeightEdit, edited
-from rome_lens.rome import EditRequest
+from rome_lens.editing import (
+    EditHyperParams,
+    EditRequest,
+    MEMITHyperParams,
+    MultiLayerEdit,
+    WeightEdit,
+    default_memit_layers,
+    edited,
+    memit_edit,
+    memory,
+)
+from rome_lens.editing import memit as memit_module
+from rome_lens.editing.memory import compute_keys, optimise_deltas
 from rome_lens.stats import key_second_moment
 
-from .conftest import hooks_left
-from .test_editing import assert_same_weights, weights
+from .conftest import assert_same_weights, hooks_left, weights
 
 REQUESTS = [
     EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
@@ -56,7 +63,7 @@ def edit(tiny, stats, z_cache) -> MultiLayerEdit:
 
 
 def subject_residuals(model, layer: int) -> torch.Tensor:
-    return memit._subject_residuals(model, REQUESTS, layer)
+    return memit_module._subject_residuals(model, REQUESTS, layer)
 
 
 class TestLeastSquares:
@@ -111,7 +118,9 @@ class TestBatchedValues:
 
     def test_targets_are_cached_per_request(self, tiny, stats, z_cache, edit, monkeypatch):
         """A second edit with the same requests reads every z from the cache."""
-        monkeypatch.setattr(memit, "optimise_deltas", lambda *a, **k: pytest.fail("recomputed"))
+        monkeypatch.setattr(
+            memit_module, "optimise_deltas", lambda *a, **k: pytest.fail("recomputed")
+        )
         again = edit_tiny(tiny, stats, z_cache)
         assert torch.equal(again.targets, edit.targets)
 
@@ -148,7 +157,7 @@ class TestUndoAndSaving:
         """An exception while the first layer's update is applied reverts it."""
         before = weights(tiny)
         calls = []
-        real = memit.compute_keys
+        real = memit_module.compute_keys
 
         def failing(*args, **kwargs):
             calls.append(1)
@@ -156,7 +165,7 @@ class TestUndoAndSaving:
                 raise RuntimeError("interrupted")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(memit, "compute_keys", failing)
+        monkeypatch.setattr(memit_module, "compute_keys", failing)
         with pytest.raises(RuntimeError, match="interrupted"):
             edit_tiny(tiny, stats, tmp_path)
         assert_same_weights(tiny, before)
@@ -174,10 +183,15 @@ class TestUndoAndSaving:
         with pytest.raises(ValueError, match="another model"):
             MultiLayerEdit.load(tmp_path / "batch.safetensors", model=rome_lens.tiny_model(seed=1))
 
-    def test_to_dataframe_has_a_row_per_layer(self, edit):
-        """The summary lists each edited layer with its ΔW norm."""
+    def test_tables_per_request_and_per_layer(self, edit):
+        """to_dataframe has a row per request with its outcome; layer_dataframe one per layer."""
         df = edit.to_dataframe()
-        assert df["layer"].tolist() == LAYERS and (df["delta_norm"] > 0).all()
+        assert df["subject"].tolist() == [r.subject for r in REQUESTS]
+        assert df["took"].tolist() == [o.took for o in edit.outcomes]
+        layers = edit.layer_dataframe()
+        assert layers["layer"].tolist() == LAYERS
+        expected = [edit.delta[layer].norm().item() for layer in LAYERS]
+        assert layers["delta_norm"].tolist() == pytest.approx(expected)
 
 
 class TestBadInput:
@@ -188,16 +202,23 @@ class TestBadInput:
             memit_edit(tiny, [a, b], layers=LAYERS, progress=False)
 
     def test_repeated_request_is_allowed(self, tiny, stats, tmp_path):
-        """The same fact twice is no conflict."""
+        """The same fact twice is no conflict: both rows share one target and the first layer's
+        update is the least-squares solution with that key counted twice."""
         edit = edit_tiny(tiny, stats, tmp_path, [REQUESTS[0], REQUESTS[0]])
-        assert torch.isfinite(edit.delta[1]).all()
+        assert torch.equal(edit.targets[0], edit.targets[1])
+        templates = memory.context_templates(tiny, FAST)
+        key = compute_keys(tiny, REQUESTS[:1], LAYERS[0], templates)
+        residual = (edit.targets[:1] - subject_residuals(tiny, LAYERS[-1])[:1]) / len(LAYERS)
+        lam, c = FAST.mom2_update_weight, stats[LAYERS[0]].moment
+        expected = torch.linalg.solve(lam * c + 2 * key.T @ key, 2 * key.T @ residual)
+        torch.testing.assert_close(edit.delta[LAYERS[0]], expected, rtol=1e-4, atol=1e-7)
 
     def test_no_requests(self, tiny):
         with pytest.raises(ValueError, match="at least one EditRequest"):
             memit_edit(tiny, [], layers=LAYERS, progress=False)
 
     def test_not_a_request(self, tiny):
-        with pytest.raises(ValueError, match="EditRequest objects"):
+        with pytest.raises(TypeError, match="EditRequest objects"):
             memit_edit(tiny, ["The Louvre is in Rome"], layers=LAYERS, progress=False)
 
     @pytest.mark.parametrize("layers", [[0, 3], [-1, 1]])
@@ -227,4 +248,4 @@ class TestBadInput:
 
 def test_default_layers_fall_back_to_the_rome_layer(tiny):
     """An unknown model gets ROME's default layer and up to four before it."""
-    assert memit.default_memit_layers(tiny) == [0, 1]
+    assert default_memit_layers(tiny) == [0, 1]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import rome_lens
-from rome_lens import cache, models
-from rome_lens.cache import CacheError, load_tensors, save_tensors
+from rome_lens.core import cache, models, runtime
+from rome_lens.core.cache import CacheError, load_tensors, save_tensors
+from rome_lens.core.models import load_model_path, save_model
 
 
 class TestTinyModel:
@@ -30,6 +31,14 @@ class TestTinyModel:
         a, b = rome_lens.tiny_model(seed=1), rome_lens.tiny_model(seed=1)
         assert torch.equal(a.blocks[0].mlp.W_out, b.blocks[0].mlp.W_out)
         assert not torch.equal(a.W_E, rome_lens.tiny_model(seed=2).W_E)
+
+    def test_leaves_the_global_rng_alone(self):
+        """Building a tiny model does not reseed the caller's random numbers."""
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        rome_lens.tiny_model(seed=5)
+        assert torch.equal(torch.rand(3), expected)
 
 
 class TestCacheFiles:
@@ -104,11 +113,36 @@ class TestLinearLayout:
         before = tiny(tokens)
         w_out = tiny.blocks[0].mlp.W_out
         layout = (w_out.data_ptr(), w_out.stride())
-        with models.linear_layout(tiny):
+        with runtime.linear_layout(tiny):
             assert tiny.blocks[0].mlp.W_out.T.is_contiguous()
             inside = tiny(tokens)
         assert (w_out.data_ptr(), w_out.stride()) == layout
-        torch.testing.assert_close(inside, before, atol=1e-6, rtol=0)
+        # Another memory layout sums in another order: equal up to float32 rounding.
+        torch.testing.assert_close(inside, before, atol=1e-5, rtol=1e-5)
+
+
+class TestSavedModels:
+    def test_round_trip(self, tiny, tmp_path):
+        """save_model then load_model_path gives the same logits and tokenizer."""
+        save_model(tiny, tmp_path / "m")
+        loaded = load_model_path(tmp_path / "m")
+        tokens = tiny.to_tokens("The Eiffel Tower is located in")
+        assert torch.equal(loaded(tokens), tiny(tokens))
+        assert loaded.to_str_tokens("The Eiffel Tower is located in") == tiny.to_str_tokens(
+            "The Eiffel Tower is located in"
+        )
+
+    def test_bad_paths(self, tmp_path):
+        """A missing path, a folder without a model, and a corrupt model are named."""
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_model_path(tmp_path / "missing")
+        with pytest.raises(ValueError, match="must be a .gguf file or a folder"):
+            load_model_path(tmp_path)
+        save_model(rome_lens.tiny_model(), tmp_path / "m")
+        weights = tmp_path / "m" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-10])
+        with pytest.raises(ValueError, match="is not a readable saved model"):
+            load_model_path(tmp_path / "m")
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rome_lens.predict import known_facts, pad, predict_next
+from rome_lens.core.predict import known_facts, predict_next
+from rome_lens.core.runtime import pad
 
 PROMPTS = [
     "The Eiffel Tower is located in the city of",

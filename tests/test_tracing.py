@@ -7,8 +7,9 @@ import torch
 from transformer_lens import HookedTransformer
 
 from rome_lens import trace_fact, trace_severed
-from rome_lens.tokens import subject_range
-from rome_lens.tracing import embedding_noise_scale, window_layers
+from rome_lens.core.tokens import subject_range
+from rome_lens.tracing import UnreliableTraceWarning, embedding_noise_scale, window_layers
+from rome_lens.tracing.results import trace_problems
 
 from .conftest import hooks_left
 
@@ -17,11 +18,17 @@ SUBJECT = "The Eiffel Tower"
 
 
 def reference_trace(
-    model: HookedTransformer, kind: str, window: int, samples: int, seed: int, scale: float
+    model: HookedTransformer,
+    kind: str,
+    window: int,
+    samples: int,
+    seed: int,
+    scale: float,
+    subject: str = SUBJECT,
 ) -> torch.Tensor:
     """ROME's algorithm, written out plainly: one run_with_hooks per (token, layer)."""
     tokens = model.to_tokens(PROMPT)
-    first, last = subject_range(model, PROMPT, SUBJECT)
+    first, last = subject_range(model, PROMPT, subject)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, last - first, model.cfg.d_model), generator=g) * scale
     _, clean = model.run_with_cache(tokens)
@@ -106,12 +113,13 @@ class TestTraceResult:
         assert torch.equal(a.scores, b.scores)
         assert not torch.equal(a.scores, c.scores)
 
-    def test_tokens_before_the_subject_score_the_corrupted_probability(self, tiny):
-        """Restoring a state the noise cannot reach changes nothing."""
-        trace = trace_fact(tiny, PROMPT, "Tower", samples=3, progress=False)
+    def test_tokens_before_the_subject_match_a_restored_run(self, tiny):
+        """Scores before the subject, which the engine skips, equal restoring them for real."""
+        trace = trace_fact(tiny, PROMPT, "Tower", kinds=("resid",), samples=3, progress=False)
         first = trace.subject_range[0]
         assert first > 1
-        assert torch.all(trace.scores[:, :first] == trace.corrupted_prob)
+        expected = reference_trace(tiny, "resid", 1, 3, 0, trace.noise_scale, subject="Tower")
+        torch.testing.assert_close(trace.scores[0, :first], expected[:first], atol=1e-6, rtol=0)
 
     def test_last_layer_resid_at_last_token_is_the_clean_probability(self, tiny):
         """Restoring the final residual at the last token restores the clean output."""
@@ -144,6 +152,31 @@ class TestTraceResult:
         peak = trace.peak("mlp")
         assert (best.token, best.layer) == (peak.token, peak.layer)
         assert peak.indirect_effect == pytest.approx(peak.score - trace.corrupted_prob)
+
+
+class TestReliability:
+    def test_a_fact_the_model_does_not_know_warns(self, tiny):
+        """A random model gives its top-1 a low probability: the trace warns and says why."""
+        with pytest.warns(UnreliableTraceWarning, match="does not know this answer"):
+            trace = trace_fact(tiny, PROMPT, SUBJECT, samples=2, progress=False)
+        assert trace.clean_prob < 0.1
+        assert any("does not know" in p for p in trace.problems)
+
+    @pytest.mark.parametrize(
+        ("clean", "corrupted", "reasons"),
+        [
+            (0.5, 0.1, []),
+            (0.06, 0.0, ["know"]),
+            (0.5, 0.47, ["depend"]),
+            (0.08, 0.07, ["know", "depend"]),
+        ],
+    )
+    def test_problems_follow_the_thresholds(self, clean, corrupted, reasons):
+        """Clean p below 0.1, and a drop below 0.05, are each named; a good trace has none."""
+        problems = trace_problems(" Paris", clean, corrupted)
+        assert len(problems) == len(reasons)
+        for problem, reason in zip(problems, reasons, strict=True):
+            assert reason in problem
 
 
 class TestSeveredTrace:
@@ -226,11 +259,10 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"has \d+ tokens but .* holds 64"):
             trace_fact(tiny, long_prompt, SUBJECT, progress=False)
 
-    def test_unencodable_target(self, tiny, monkeypatch):
-        """A target that maps to the unknown token is refused."""
-        monkeypatch.setattr(tiny.tokenizer, "unk_token", "<|endoftext|>")
-        with pytest.raises(ValueError, match="cannot be encoded"):
-            trace_fact(tiny, PROMPT, SUBJECT, target="<|endoftext|>", progress=False)
+    def test_unencodable_target(self, word_level):
+        """A target the tokenizer can only spell as its unknown token is refused."""
+        with pytest.raises(ValueError, match=r"target 'Zürich' cannot be encoded"):
+            trace_fact(word_level, "the tower is in", "tower", target="Zürich", progress=False)
 
     def test_no_hooks_left_after_an_error_mid_trace(self, tiny, monkeypatch):
         """An exception inside a restored forward pass leaves no hook on the model."""

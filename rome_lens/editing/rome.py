@@ -1,0 +1,237 @@
+"""ROME: rewrite one fact with a rank-one update of ``blocks.{L}.mlp.W_out``.
+
+Rank-One Model Editing (Meng et al. 2022, arXiv 2202.05262) reads an MLP's
+output matrix as a key-value memory: the hidden activation at the subject's
+last token, ``k = blocks.{L}.mlp.hook_post``, is a key, and ``W_outᵀ k + b_out``
+(``blocks.{L}.hook_mlp_out``) is the value written into the residual stream.
+To make "The Eiffel Tower is located in the city of" end in "Rome":
+
+1. **k\\*** is the key of the subject's last token, averaged over the bare
+   prompt and 20 short context prefixes the model writes itself (10 of 5 and
+   10 of 10 sampled tokens, seeded), so the edit holds in any context.
+2. **v\\*** is the value that makes the model say the new target. A vector δ is
+   added to ``hook_mlp_out`` at the last subject token and optimised with Adam
+   on the NLL of ``target_new`` after every context prompt, plus a KL term
+   that keeps "{subject} is a" predicting what it did (the subject's other
+   properties), plus a weight decay on δ; ‖δ‖ is clamped to 4 × ‖v_init‖.
+   Then v\\* = v_init + δ, with v_init = ``W_outᵀ k* + b_out``.
+3. **The update** is ΔW = u ⊗ (v\\* − W_outᵀ k\\* − b_out) / (u · k\\*) with
+   u = C⁻¹ k\\*, the least-squares change that maps k\\* to v\\* while moving the
+   other keys (second moment C, from :mod:`rome_lens.stats.keys`) as little as
+   possible. The same k\\* is used in u and in the denominator; mixing an
+   averaged and a bare-prompt key, as the original code does, lets repeated
+   edits at one layer blow up (the collapse reported by r-ROME).
+
+:func:`rome_edit` computes the edit without touching the model, then reads
+the request back with the edit applied (``edit.took``, ``edit.outcomes``) and
+warns if the new answer did not take. The returned :class:`RankOneEdit` is
+applied and reverted exactly with the machinery of
+:mod:`rome_lens.editing.patches`.
+
+>>> import torch, warnings
+>>> from rome_lens.core.models import tiny_model
+>>> from rome_lens.editing import EditRequest, ROMEHyperParams, rome_edit
+>>> model = tiny_model()
+>>> request = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
+>>> with warnings.catch_warnings(record=True):  # a random model may not take it
+...     edit = rome_edit(model, request, layer=1, progress=False,
+...                      hparams=ROMEHyperParams(mom2_adjustment=False, context_lengths=()))
+>>> with edit.apply(model):
+...     value = model.blocks[1].mlp.W_out.T @ edit.key.float() + model.blocks[1].mlp.b_out
+>>> torch.allclose(value, edit.value.float(), atol=1e-4)  # k* now maps to v*
+True
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rome_lens.core.fingerprint import check_layer, model_fingerprint
+from rome_lens.core.runtime import frozen
+from rome_lens.editing.defaults import default_layer
+from rome_lens.editing.memory import compute_keys, context_templates, optimise_deltas
+from rome_lens.editing.outcomes import measure_outcomes, warn_misses
+from rome_lens.editing.patches import EditOutcome, WeightEdit
+from rome_lens.editing.requests import EditHyperParams, EditRequest, check_hparams, check_request
+from rome_lens.stats.keys import KeyStats, checked_stats
+
+__all__ = ["ROMEHyperParams", "RankOneEdit", "rome_edit"]
+
+
+@dataclass(frozen=True)
+class ROMEHyperParams(EditHyperParams):
+    """Settings of :func:`rome_edit`: those of :class:`~rome_lens.editing.requests.EditHyperParams`,
+    and:"""
+
+    mom2_adjustment: bool = True
+    """Use C = E[kkᵀ]; False edits with C = I (worse specificity)"""
+
+
+@dataclass(repr=False)
+class RankOneEdit(WeightEdit):
+    """A ROME edit: ΔW = left ⊗ right on ``blocks.{layer}.mlp.W_out``."""
+
+    kind = "rank_one"
+    request: EditRequest
+    """The fact written."""
+    layer: int
+    """The edited MLP."""
+    left: Float[Tensor, " d_mlp"]
+    """U / (u · k*), with u = C⁻¹ k* (float64)"""
+    right: Float[Tensor, " d_model"]
+    """V* − W_outᵀ k* − b_out (float64)"""
+    key: Float[Tensor, " d_mlp"]
+    """K*, averaged over contexts (float64)"""
+    value: Float[Tensor, " d_model"]
+    """V*, the MLP output k* maps to after the edit."""
+    fingerprint: str
+    """Of the weights feeding blocks.{layer}.mlp.hook_post."""
+    base_layer: int = -1
+    """Equals `layer`; set in __post_init__."""
+    ridge: float = 0.0
+    """Added to C's diagonal when it was ill-conditioned."""
+    condition_number: float = 1.0
+    """Of C (1 for C = I)"""
+    losses: list[float] = field(default_factory=list)
+    """Total loss per optimisation step."""
+    seconds: float = 0.0
+    """Time rome_edit took, key statistics excluded."""
+    stats_seconds: float = 0.0
+    """Time spent obtaining the key statistics (computing or loading)"""
+    outcomes: list[EditOutcome] = field(default_factory=list)
+    """The request read back."""
+
+    def __post_init__(self) -> None:
+        self.base_layer = self.layer
+
+    @property
+    def requests(self) -> list[EditRequest]:  # type: ignore[override]
+        """``[request]``: the one fact the edit writes."""
+        return [self.request]
+
+    @property
+    def parameter(self) -> str:
+        """The edited weight, ``blocks.{layer}.mlp.W_out``."""
+        return f"blocks.{self.layer}.mlp.W_out"
+
+    def deltas(self) -> dict[str, Tensor]:
+        return {self.parameter: torch.outer(self.left, self.right)}
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row: the request, whether it took, and the update's numbers."""
+        row = super().to_dataframe().iloc[0].to_dict()
+        row |= {
+            "layer": self.layer,
+            "delta_norm": (self.left.norm() * self.right.norm()).item(),
+            "ridge": self.ridge,
+            "condition_number": self.condition_number,
+            "steps": len(self.losses),
+            "final_loss": self.losses[-1] if self.losses else math.nan,
+            "seconds": self.seconds,
+            "stats_seconds": self.stats_seconds,
+        }
+        return pd.DataFrame([row])
+
+
+def rome_edit(
+    model: HookedTransformer,
+    request: EditRequest,
+    *,
+    layer: int | None = None,
+    hparams: ROMEHyperParams | None = None,
+    stats: KeyStats | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> RankOneEdit:
+    """Compute the rank-one edit that writes ``request`` into ``blocks.{layer}.mlp.W_out``.
+
+    The model is not changed: apply the result with ``edit.apply(model)`` or
+    ``with rome_lens.edited(model, edit): ...``. The first edit at a layer
+    computes its key statistics (about 100 s on the default model and a 2-core
+    CPU, announced on stderr when ``progress`` is on) and caches them.
+
+    Args:
+        model: any ``HookedTransformer`` with MLPs.
+        request: the fact to write.
+        layer: the MLP layer to edit; ``None`` uses :func:`default_layer`.
+        hparams: the settings (``None``: :class:`ROMEHyperParams` defaults).
+        stats: key statistics of that layer; ``None`` loads or computes them
+            (cached) with :func:`~rome_lens.stats.keys.key_second_moment`.
+        cache_dir: the rome_lens cache folder for the statistics.
+        progress: show progress bars.
+
+    Returns:
+        The edit, with ``took`` and ``outcomes`` read on the edited model; it
+        warns with ``EditMissWarning`` when the new answer did not take.
+    """
+    hparams = ROMEHyperParams() if hparams is None else hparams
+    check_hparams(hparams, ROMEHyperParams)
+    layer = default_layer(model) if layer is None else check_layer(model, layer)
+    check_request(model, request)
+    stats_started = time.perf_counter()
+    moment = _key_moment(model, layer, hparams, stats, cache_dir, progress)
+    started = time.perf_counter()
+    templates = context_templates(model, hparams)
+    with frozen(model):
+        key = compute_keys(model, [request], layer, templates)[0]
+        w_out, b_out = (p.detach().double() for p in _mlp_out_params(model, layer))
+        v_init = w_out.T @ key + b_out
+        deltas, losses = optimise_deltas(
+            model, [request], layer, templates, v_init.norm()[None], hparams, progress=progress
+        )
+    delta = deltas[0]
+    if moment is None:
+        u, ridge, condition = key, 0.0, 1.0
+    else:
+        ridge, condition = moment.ridge(hparams.max_condition), moment.condition_number
+        u = torch.linalg.solve(moment.regularised(ridge), key)
+    edit = RankOneEdit(
+        request=request,
+        layer=layer,
+        left=u / (u @ key),
+        right=delta.double(),
+        key=key,
+        value=v_init + delta.double(),
+        fingerprint=model_fingerprint(model, upto_layer=layer),
+        ridge=ridge,
+        condition_number=condition,
+        losses=losses[0],
+        seconds=time.perf_counter() - started,
+        stats_seconds=started - stats_started,
+    )
+    edit.outcomes = measure_outcomes(model, edit)
+    warn_misses(edit)
+    return edit
+
+
+def _key_moment(
+    model: HookedTransformer,
+    layer: int,
+    hparams: ROMEHyperParams,
+    stats: KeyStats | None,
+    cache_dir: str | os.PathLike[str] | None,
+    progress: bool,
+) -> KeyStats | None:
+    if not hparams.mom2_adjustment:
+        if stats is not None:
+            raise ValueError("stats were given but hparams.mom2_adjustment is False (C = I)")
+        return None
+    return checked_stats(
+        model, layer, stats, n_tokens=hparams.mom2_n_tokens, cache_dir=cache_dir, progress=progress
+    )
+
+
+def _mlp_out_params(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor]:
+    mlp = model.blocks[layer].mlp
+    w_out, b_out = mlp.W_out, mlp.b_out
+    assert isinstance(w_out, Tensor) and isinstance(b_out, Tensor)
+    return w_out, b_out

@@ -1,0 +1,370 @@
+"""Second moments of any hook point over a corpus: Σx, Σxxᵀ and n, in float64, cached.
+
+ROME's key statistics, the Microscope's fitted maps and the Kronecker factors
+of influence functions are all sums over the tokens of a corpus of ``x`` and
+``x xᵀ``, where ``x`` is a hook point's activation (forward) or the gradient
+of the loss arriving at it (backward). :func:`accumulate_moments` computes
+them once for several hook points in one pass over the corpus and caches each
+:class:`Moments` on disk, keyed by the fingerprint of the weights it depends
+on, the hook, the corpus, the token count and (for gradients) the labels. An
+entry computed on another model is never read, and a corrupt one is rebuilt.
+
+Tokens counted are the corpus's real, non-BOS tokens. Gradients are those of
+the summed next-token cross-entropy, with labels sampled from the model's own
+predictions (``labels="sampled"``, seeded: the true Fisher) or the corpus's
+next tokens (``labels="empirical"``).
+
+>>> import tempfile, torch
+>>> from rome_lens.core.models import tiny_model
+>>> from rome_lens.stats.moments import accumulate_moments
+>>> model = tiny_model()
+>>> found = accumulate_moments(model, forward=["blocks.1.mlp.hook_post"],
+...                            backward=["blocks.1.hook_mlp_out"],
+...                            corpus=["The Eiffel Tower is in Paris."], n_tokens=100,
+...                            cache_dir=tempfile.mkdtemp(), progress=False)
+>>> keys = found["blocks.1.mlp.hook_post", "forward"]
+>>> keys.count, tuple(keys.second_moment.shape), keys.outer.dtype
+(7, (256, 256), torch.float64)
+>>> tuple(found["blocks.1.hook_mlp_out", "backward"].outer.shape)
+(64, 64)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from rome_lens.core.cache import CacheError, cache_dir, discard
+from rome_lens.core.corpus import Batch, Corpus, CorpusSource, token_batches
+from rome_lens.core.fingerprint import hook_fingerprint
+from rome_lens.core.hooks import Hook, attached
+from rome_lens.core.results import Result
+from rome_lens.core.runtime import capture, frozen, linear_layout
+
+__all__ = ["Direction", "Labels", "Moments", "accumulate_moments", "next_token_loss"]
+
+Direction = Literal["forward", "backward"]
+Labels = Literal["sampled", "empirical"]
+MomentKey = tuple[str, Direction]
+
+
+@dataclass
+class Moments(Result):
+    """Σx, Σxxᵀ and the count of one hook point's activations (or gradients) over a corpus."""
+
+    kind = "moments"
+    hook: str
+    """Hook point, e.g. "blocks.2.mlp.hook_post"."""
+    direction: str
+    """"forward": activations; "backward": gradients of the loss at the hook."""
+    total: Float[Tensor, " d"]
+    """Σx, float64."""
+    outer: Float[Tensor, "d d"]
+    """Σx xᵀ, float64."""
+    count: int
+    """Rows summed (tokens)"""
+    corpus: str
+    """Where the text came from."""
+    fingerprint: str
+    """Of the weights the hook's values depend on."""
+    labels: str = ""
+    """For gradients: "sampled" or "empirical" labels, and the seed."""
+
+    @property
+    def mean(self) -> Float[Tensor, " d"]:
+        """E[x]."""
+        return self.total / max(self.count, 1)
+
+    @property
+    def second_moment(self) -> Float[Tensor, "d d"]:
+        """E[x xᵀ]."""
+        return self.outer / max(self.count, 1)
+
+    @property
+    def covariance(self) -> Float[Tensor, "d d"]:
+        """E[x xᵀ] − E[x] E[x]ᵀ."""
+        mean = self.mean
+        return self.second_moment - torch.outer(mean, mean)
+
+    def check_model(self, model: HookedTransformer) -> None:
+        """Raise ``ValueError`` unless these moments belong to ``model``."""
+        found = hook_fingerprint(model, self.hook, self.direction)
+        if found != self.fingerprint:
+            raise ValueError(
+                f"moments of {self.hook} were computed on another model "
+                f"(fingerprint {self.fingerprint}, this model's is {found})"
+            )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row: the hook, direction, count, corpus and trace of E[x xᵀ]."""
+        row = {
+            "hook": self.hook,
+            "direction": self.direction,
+            "count": self.count,
+            "corpus": self.corpus,
+            "labels": self.labels,
+            "trace": self.second_moment.trace().item(),
+        }
+        return pd.DataFrame([row])
+
+
+def accumulate_moments(
+    model: HookedTransformer,
+    *,
+    forward: list[str] | tuple[str, ...] = (),
+    backward: list[str] | tuple[str, ...] = (),
+    corpus: CorpusSource | Corpus = None,
+    n_tokens: int = 20_000,
+    labels: Labels = "sampled",
+    seed: int = 0,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    announce: str | None = None,
+) -> dict[MomentKey, Moments]:
+    """Moments of hook points' activations (``forward``) and gradients (``backward``).
+
+    Args:
+        model: any ``HookedTransformer``.
+        forward: hook points whose activations are summed.
+        backward: hook points whose loss gradients are summed.
+        corpus: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`, or
+            ``None`` to sample text from the model (seeded by ``seed``).
+        n_tokens: how many tokens to sum over (fewer if a given corpus runs out).
+        labels: for gradients, ``"sampled"`` from the model or ``"empirical"``.
+        seed: seeds the sampled corpus and the sampled labels.
+        batch_size: sequences per forward pass.
+        cache_dir: the rome_lens cache folder (see :mod:`rome_lens.core.cache`).
+        use_cache: read and write the disk cache.
+        progress: show progress bars and, before a long computation, one line
+            saying what is computed and where it is cached.
+        announce: what the moments are, for that line (e.g. "key statistics of layer 2").
+
+    Returns:
+        ``{(hook, direction): Moments}`` for every hook asked for.
+    """
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    if labels not in ("sampled", "empirical"):
+        raise ValueError(f"labels must be 'sampled' or 'empirical', got {labels!r}")
+    wanted: list[MomentKey] = [(h, "forward") for h in forward] + [
+        (h, "backward") for h in backward
+    ]
+    if not wanted:
+        raise ValueError("name at least one hook point in forward= or backward=")
+    unknown = [h for h, _ in wanted if h not in model.hook_dict]
+    if unknown:
+        raise ValueError(f"the model has no hook point {unknown[0]!r}")
+    source = Corpus.read(corpus)
+    corpus_id = source.id(seed)
+    label_id = f"{labels}{seed}"
+    found: dict[MomentKey, Moments] = {}
+    paths = {
+        key: _cache_path(model, key, corpus_id, n_tokens, label_id, cache_dir) for key in wanted
+    }
+    if use_cache:
+        for key, path in paths.items():
+            cached = _load(path)
+            if cached is not None:
+                found[key] = cached
+    missing = [key for key in wanted if key not in found]
+    if missing:
+        if progress:
+            what = announce or ", ".join(f"{h} ({d})" for h, d in missing)
+            where = f"; cached in {paths[missing[0]].parent}" if use_cache else ""
+            tqdm.write(
+                f"computing {what} once: {n_tokens:,} tokens of {source.name}{where}",
+                file=sys.stderr,
+            )
+        computed = _accumulate(
+            model, source, missing, n_tokens, labels, seed, batch_size, cache_dir, progress
+        )
+        for key, moments in computed.items():
+            moments.labels = label_id if key[1] == "backward" else ""
+            found[key] = moments
+            if use_cache:
+                moments.save(paths[key])
+    return {key: found[key] for key in wanted}
+
+
+def next_token_loss(
+    logits: Float[Tensor, "batch pos vocab"],
+    tokens: Tensor,
+    real: Tensor,
+    labels: Labels,
+    generator: torch.Generator,
+) -> Tensor:
+    """Summed cross-entropy of each real position's next token, with sampled or true labels.
+
+    A position counts when the token after it is real (not padding).
+
+    Args:
+        logits: ``[batch pos vocab]`` logits.
+        tokens: ``[batch pos]`` the corpus tokens.
+        real: ``[batch pos]`` which tokens are not padding.
+        labels: ``"sampled"`` from the model or ``"empirical"`` (the corpus's next tokens).
+        generator: drives the sampled labels.
+
+    Returns:
+        The summed loss (a scalar that keeps the graph).
+    """
+    predicts = real[:, :-1] & real[:, 1:]
+    log_probs = logits[:, :-1][predicts].float().log_softmax(-1)
+    if labels == "empirical":
+        targets = tokens[:, 1:][predicts].to(log_probs.device)
+    else:
+        with torch.no_grad():
+            probs = log_probs.detach().exp().cpu()
+            targets = torch.multinomial(probs, 1, generator=generator)[:, 0].to(log_probs.device)
+    return -log_probs.gather(-1, targets[:, None]).sum()
+
+
+def _accumulate(
+    model: HookedTransformer,
+    corpus: Corpus,
+    keys: list[MomentKey],
+    n_tokens: int,
+    labels: Labels,
+    seed: int,
+    batch_size: int,
+    cache_root: str | os.PathLike[str] | None,
+    progress: bool,
+) -> dict[MomentKey, Moments]:
+    """Sum x and x xᵀ (float64) over the first ``n_tokens`` counted tokens."""
+    chunks = corpus.chunks(
+        model, n_tokens=n_tokens, seed=seed, cache_dir=cache_root, progress=progress
+    )
+    sums = {key: _Sums() for key in keys}
+    backward = [hook for hook, direction in keys if direction == "backward"]
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    bar = tqdm(total=n_tokens, desc="moments", unit="tok", disable=not progress)
+    with bar, frozen(model), linear_layout(model):
+        for batch in token_batches(model, chunks, batch_size):
+            take = _first(batch.counted, n_tokens - count)
+            if backward:
+                values = _with_gradients(model, batch, keys, labels, generator)
+            else:
+                with torch.inference_mode():
+                    values = _activations(model, batch.tokens, keys)
+            for key, value in values.items():
+                sums[key].add(value[take].double().cpu())
+            added = int(take.sum())
+            count += added
+            bar.update(added)
+            if count >= n_tokens:
+                break
+    return {
+        key: Moments(
+            hook=key[0],
+            direction=key[1],
+            total=sums[key].total,
+            outer=sums[key].outer,
+            count=count,
+            corpus=corpus.name,
+            fingerprint=hook_fingerprint(model, key[0], key[1]),
+        )
+        for key in keys
+    }
+
+
+class _Sums:
+    """Running Σx and Σx xᵀ."""
+
+    def __init__(self) -> None:
+        self.total = torch.zeros(0, dtype=torch.float64)
+        self.outer = torch.zeros(0, 0, dtype=torch.float64)
+
+    def add(self, rows: Float[Tensor, "n d"]) -> None:
+        if self.total.numel() == 0:
+            d = rows.shape[-1]
+            self.total = torch.zeros(d, dtype=torch.float64)
+            self.outer = torch.zeros(d, d, dtype=torch.float64)
+        self.total += rows.sum(0)
+        self.outer += rows.T @ rows
+
+
+def _first(keep: Tensor, n: int) -> Tensor:
+    """``keep`` with only its first ``n`` true entries (in row-major order) left true."""
+    flat = keep.flatten()
+    order = flat.cumsum(0)
+    return (flat & (order <= n)).view_as(keep)
+
+
+def _activations(
+    model: HookedTransformer, tokens: Tensor, keys: list[MomentKey]
+) -> dict[MomentKey, Tensor]:
+    """Each hook's activation as ``[batch pos d]``, running only as far as the hooks."""
+    found = capture(model, tokens, sorted({hook for hook, _ in keys}))
+    return {key: found[key[0]].reshape(*tokens.shape, -1) for key in keys}
+
+
+def _with_gradients(
+    model: HookedTransformer,
+    batch: Batch,
+    keys: list[MomentKey],
+    labels: Labels,
+    generator: torch.Generator,
+) -> dict[MomentKey, Tensor]:
+    """Activations and loss gradients at the hooks, as ``[batch pos d]``, for one batch."""
+    store: dict[str, Tensor] = {}
+
+    def leaf(act: Tensor, hook: object) -> Tensor:
+        return act.detach().requires_grad_(True)  # gradients start here: none for the weights
+
+    def keep(name: str) -> Hook:
+        def hook(act: Tensor, hook: object) -> None:
+            store[name] = act
+
+        return hook
+
+    names = sorted({hook for hook, _ in keys})
+    grad_names = [hook for hook, direction in keys if direction == "backward"]
+    fwd = [("hook_embed", leaf)] + [(name, keep(name)) for name in names]
+    with torch.enable_grad(), attached(model, fwd):
+        logits = model(batch.tokens.to(model.cfg.device))
+        loss = next_token_loss(logits, batch.tokens, batch.real, labels, generator)
+        grads = dict(
+            zip(grad_names, torch.autograd.grad(loss, [store[n] for n in grad_names]), strict=True)
+        )
+    shape = batch.tokens.shape
+    return {
+        key: (store[key[0]] if key[1] == "forward" else grads[key[0]]).detach().reshape(*shape, -1)
+        for key in keys
+    }
+
+
+def _cache_path(
+    model: HookedTransformer,
+    key: MomentKey,
+    corpus_id: str,
+    n_tokens: int,
+    label_id: str,
+    root: str | os.PathLike[str] | None,
+) -> Path:
+    hook, direction = key
+    fingerprint = hook_fingerprint(model, hook, direction)
+    extra = f"-{label_id}" if direction == "backward" else ""
+    name = f"{hook}-{direction}-{fingerprint}-{corpus_id}-{n_tokens}{extra}.st"
+    return cache_dir(root) / "moments" / name
+
+
+def _load(path: Path) -> Moments | None:
+    try:
+        return Moments.load(path)
+    except FileNotFoundError:
+        return None
+    except (CacheError, ValueError, KeyError, TypeError) as err:
+        discard(path, str(err))
+        return None
