@@ -38,6 +38,8 @@ class PageVisit:
     console_errors: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # CSS selector -> elements found
     empty_circuitsvis: int = 0  # circuitsvis roots that rendered nothing
+    layout: dict = field(default_factory=dict)  # what LAYOUT_SCRIPT measured
+    slider_labels: list[str] = field(default_factory=list)  # each slider's label after moving it
 
     def external_requests(self) -> list[str]:
         """Requests to anything but the local server (data: and blob: URLs are in-page)."""
@@ -47,6 +49,55 @@ class PageVisit:
             for u in self.requests
             if urlparse(u).scheme not in ("data", "blob") and urlparse(u).netloc != local
         ]
+
+
+# Measures the rendered page: its height, the smallest text, tall containers that show
+# nothing, and the colour bars and tick labels of every heatmap and chart.
+LAYOUT_SCRIPT = """() => {
+  const visible = el => { const r = el.getBoundingClientRect(); const s = getComputedStyle(el);
+    const folded = el.closest('details:not([open])') && !el.closest('summary');
+    return !folded && r.width > 0 && r.height > 0 && s.visibility !== 'hidden'
+      && s.display !== 'none'; };
+  let smallest = Infinity, smallestText = '';
+  for (const el of document.querySelectorAll('body *')) {
+    const own = [...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+    if (!own || !visible(el) || el.closest('script,style,title')) continue;
+    let size = parseFloat(getComputedStyle(el).fontSize);
+    if (el instanceof SVGElement && el.getScreenCTM()) {
+      const m = el.getScreenCTM(); size *= Math.hypot(m.a, m.b); }
+    if (size < smallest) { smallest = size; smallestText = el.textContent.trim().slice(0, 40); }
+  }
+  const empty = [...document.querySelectorAll('section.widget div, section.widget svg')]
+    .filter(el => visible(el) && el.getBoundingClientRect().height > 200
+      && !el.innerText?.trim() && !el.querySelector('svg,canvas,img,rect,path'))
+    .map(el => `${el.tagName}.${el.className.baseVal ?? el.className}`);
+  return {
+    height: document.documentElement.scrollHeight,
+    smallest_font: smallest, smallest_text: smallestText,
+    empty_tall: empty,
+    heatmaps: document.querySelectorAll('g.trace-heatmap').length,
+    heatmaps_with_colorbar: [...document.querySelectorAll('svg.heatmaps')].map(svg =>
+      svg.querySelectorAll('g.colorbar').length === svg.querySelectorAll('g.trace-heatmap').length
+      && [...svg.querySelectorAll('g.colorbar text.tick')].length >= 2).every(Boolean),
+    charts: document.querySelectorAll('svg.lens-rank, svg.lens-prob').length,
+    charts_with_ticks: [...document.querySelectorAll('svg.lens-rank, svg.lens-prob')]
+      .every(svg => svg.querySelectorAll('text.tick').length >= 4),
+    chart_widths: [...document.querySelectorAll('svg.lens-rank, svg.lens-prob')]
+      .map(svg => svg.getBoundingClientRect().width),
+    summary: document.querySelector('.summary-card')?.innerText ?? '',
+    toc_links: document.querySelectorAll('nav.toc a').length,
+    sections: document.querySelectorAll('section.widget > details').length,
+  };
+}"""
+
+
+# Moves every layer slider to its first frame; returns the label each then shows.
+SLIDER_SCRIPT = """() => [...document.querySelectorAll('.cv-part')].map(part => {
+  const input = part.querySelector('input[type=range]');
+  if (!input) return '';
+  input.value = '0'; input.dispatchEvent(new Event('input'));
+  return part.querySelector('output').textContent;
+})"""
 
 
 def chromium_path() -> str | None:
@@ -60,9 +111,11 @@ def visit(
     selectors: list[str],
     *,
     screenshot: Path | None = None,
-    width: int = 1280,
+    sections: Path | None = None,
+    width: int = 1400,
 ) -> PageVisit:
-    """Serve ``folder``, open ``page`` in headless Chromium, count ``selectors``, screenshot."""
+    """Serve ``folder``, open ``page`` in headless Chromium, count ``selectors``, measure the
+    layout, and save a screenshot of the whole page (and of each section into ``sections``)."""
     from playwright.sync_api import sync_playwright
 
     handler = functools.partial(_QuietHandler, directory=str(folder))
@@ -87,9 +140,20 @@ def visit(
                 "[...document.querySelectorAll('div.circuitsvis')]"
                 ".filter(d => d.children.length === 0).length"
             )
+            visit.layout = tab.evaluate(LAYOUT_SCRIPT)
+            visit.slider_labels = tab.evaluate(SLIDER_SCRIPT)
+            tab.wait_for_timeout(300)
+            visit.empty_circuitsvis += tab.evaluate(
+                "[...document.querySelectorAll('div.circuitsvis')]"
+                ".filter(d => !d.innerText.trim()).length"
+            )
             if screenshot is not None:
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
-                tab.screenshot(path=str(screenshot), full_page=False)
+                tab.screenshot(path=str(screenshot), full_page=True)
+            if sections is not None:
+                sections.mkdir(parents=True, exist_ok=True)
+                for i, section in enumerate(tab.locator("section.widget").all()):
+                    section.screenshot(path=str(sections / f"section-{i + 1}.png"))
             browser.close()
     finally:
         server.shutdown()

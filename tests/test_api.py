@@ -30,7 +30,11 @@ def public_functions():
         module = importlib.import_module(info.name)
         for name in getattr(module, "__all__", []):
             obj = getattr(module, name)
-            if inspect.isfunction(obj) and obj.__module__.startswith("rome_lens") and obj not in seen:
+            if (
+                inspect.isfunction(obj)
+                and obj.__module__.startswith("rome_lens")
+                and obj not in seen
+            ):
                 seen.add(obj)
                 yield pytest.param(obj, id=f"{obj.__module__}.{obj.__name__}")
 

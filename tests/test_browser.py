@@ -1,10 +1,11 @@
-"""The demo report in a real browser: headless Chromium, offline, no console errors."""
+"""The demo report in a real browser: legible, compact, offline, with no console errors."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from rome_lens.cli import main
@@ -12,6 +13,7 @@ from tests.browser import chromium_path, visit
 
 pytestmark = pytest.mark.slow
 OUTPUT = Path(os.environ.get("ROME_LENS_TEST_OUTPUT", Path(__file__).parents[1] / "test-output"))
+WIDTH = 1400
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +29,67 @@ def demo_folder(smol, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def seen(demo_folder, smol):
-    """What Chromium saw on the demo page (and a screenshot in the test output)."""
+    """What Chromium saw on the demo page at 1400 px, with screenshots in the test output."""
     return visit(
         demo_folder,
         "index.html",
-        ["svg.trace-heatmap", "svg.trace-heatmap rect.cell", "div.circuitsvis", "table.grid"],
+        ["g.trace-heatmap", "g.trace-heatmap rect.cell", "div.circuitsvis", "table.grid"],
         screenshot=OUTPUT / "report.png",
+        sections=OUTPUT / "report-sections",
+        width=WIDTH,
     )
 
 
-class TestDemoReport:
-    def test_heatmaps_have_one_cell_per_token_and_layer(self, seen, smol, demo_folder):
+class TestWhatTheReaderSees:
+    def test_the_page_is_short(self, seen):
+        """The whole page is under 3,000 px tall at a 1400 px wide window."""
+        assert seen.layout["height"] < 3000
+
+    def test_no_tall_empty_containers(self, seen):
+        """No container taller than 200 px shows neither text nor graphics."""
+        assert seen.layout["empty_tall"] == []
+
+    def test_every_heatmap_has_a_colour_bar_and_every_chart_ticks(self, seen):
+        """Heatmaps carry colour bars with tick labels; lens charts are 500+ px with ticks."""
+        assert seen.layout["heatmaps"] == 3 and seen.layout["heatmaps_with_colorbar"]
+        assert seen.layout["charts"] == 2 and seen.layout["charts_with_ticks"]
+        assert min(seen.layout["chart_widths"]) >= 500
+
+    def test_summary_card_names_the_peak_layer(self, seen, demo_folder):
+        """The summary card says where the fact is recalled: the MLP peak's token and layer."""
+        trace = pd.read_csv(demo_folder / "trace.csv").query("kind == 'mlp'")
+        peak = trace.loc[trace["score"].idxmax()]
+        summary = seen.layout["summary"]
+        assert "Where the fact is recalled" in summary
+        assert f"MLP output at '{peak['str_token']}'" in summary
+        assert f"peak at layer {peak['layer']}" in summary
+        assert "What the edit changed" in summary and "Layer by layer" in summary
+
+    def test_navigation_and_sections(self, seen):
+        """A table of contents links the three sections, each of which collapses."""
+        assert seen.layout["toc_links"] == 3 and seen.layout["sections"] == 3
+
+    def test_no_text_under_11_px(self, seen):
+        """No visible text is smaller than 11 px."""
+        assert seen.layout["smallest_font"] >= 11, seen.layout["smallest_text"]
+
+
+class TestRendering:
+    def test_heatmaps_have_one_cell_per_token_and_layer(self, seen, smol):
         """Each kind's heatmap rendered with a cell for every (token, layer)."""
         tokens = len(smol.to_str_tokens("The Eiffel Tower is located in the city of"))
-        assert seen.counts["svg.trace-heatmap"] == 3
-        assert seen.counts["svg.trace-heatmap rect.cell"] == 3 * tokens * smol.cfg.n_layers
+        assert seen.counts["g.trace-heatmap"] == 3
+        assert seen.counts["g.trace-heatmap rect.cell"] == 3 * tokens * smol.cfg.n_layers
 
-    def test_circuitsvis_widgets_rendered(self, seen, smol):
-        """Every circuitsvis root (3 trace strips, one per lens layer) has content."""
-        assert seen.counts["div.circuitsvis"] == 3 + smol.cfg.n_layers
+    def test_one_circuitsvis_widget_per_section_that_uses_it(self, seen):
+        """One token strip with a layer slider for the trace and one for the lens, both drawn."""
+        assert seen.counts["div.circuitsvis"] == 2
         assert seen.empty_circuitsvis == 0
         assert seen.counts["table.grid"] == 1
+
+    def test_sliders_show_another_layer(self, seen):
+        """Moving each layer slider to its first frame relabels it and redraws the strip."""
+        assert seen.slider_labels == ["layer 0", "layer 0"]
 
     def test_no_console_errors(self, seen):
         """The page logs no errors (scripts, missing files)."""
@@ -58,6 +100,7 @@ class TestDemoReport:
         assert seen.external_requests() == []
         assert seen.requests == [seen.url]
 
-    def test_screenshot_saved(self, seen):
-        """A screenshot of the rendered page is in the test output."""
+    def test_screenshots_saved(self, seen):
+        """A screenshot of the whole page and of each section are in the test output."""
         assert (OUTPUT / "report.png").read_bytes()[:4] == b"\x89PNG"
+        assert len(list((OUTPUT / "report-sections").glob("section-*.png"))) == 3

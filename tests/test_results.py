@@ -94,10 +94,11 @@ class TestCommonInterface:
         assert (tmp_path / "figure.png").read_bytes()[:4] == b"\x89PNG"
 
     def test_widget(self, results, name):
-        """widget() returns a Widget whose HTML holds its title and numbers."""
+        """widget() returns a Widget with a title, HTML and the numbers behind it."""
         widget = results[name].widget()
-        assert isinstance(widget, Widget)
-        assert "<h2>" in widget.html(bundle=False)
+        assert isinstance(widget, Widget) and widget.title
+        assert widget.html(bundle=False).startswith('<div class="rome-lens">')
+        assert len(widget.to_dataframe()) > 0
 
     def test_save_and_load_round_trip(self, results, name, tmp_path, tiny):
         """Every result saves to safetensors + JSON and loads back with the same table."""
@@ -109,7 +110,7 @@ class TestCommonInterface:
     def test_report_accepts_it(self, results, name, tmp_path):
         """viz.report takes the result as it is."""
         path = rome_lens.viz.report(tmp_path / "page.html", results[name])
-        assert "<h2>" in path.read_text()
+        assert f"<h2>{results[name].widget().title}</h2>" in path.read_text()
 
 
 class TestDrawingIntoAxes:

@@ -50,14 +50,35 @@ def edit(tiny):
 
 
 class TestWidgets:
-    def test_trace_heatmap_has_a_cell_per_token_and_layer(self, tiny, trace):
-        """Each kind's SVG holds one cell per (token, layer) carrying that score."""
+    def test_trace_heatmaps_have_a_cell_per_token_and_layer(self, tiny, trace):
+        """Each kind's panel holds one cell per (token, layer) carrying that score."""
         html = trace_widget(trace).html()
-        cells = re.findall(r'data-token="(\d+)" data-layer="(\d+)" data-score="([^"]+)"', html)
-        assert len(cells) == len(trace.kinds) * len(trace.str_tokens) * tiny.cfg.n_layers
-        token, layer, score = cells[-1]
-        expected = float(trace.scores[-1, int(token), int(layer)])
-        assert float(score) == pytest.approx(expected, rel=1e-5)
+        panels = html.split('<g class="trace-heatmap"')[1:]
+        assert len(panels) == len(trace.kinds)
+        for k, panel in enumerate(panels):
+            cells = re.findall(r'data-row="(\d+)" data-column="(\d+)" data-value="([^"]+)"', panel)
+            assert len(cells) == len(trace.str_tokens) * tiny.cfg.n_layers
+            for token, layer, score in cells:
+                expected = float(trace.scores[k, int(token), int(layer)])
+                assert float(score) == pytest.approx(expected, rel=1e-5)
+
+    def test_every_heatmap_has_a_colour_bar_from_the_noised_p(self, trace):
+        """A colour bar under each panel runs from the noised p to the panel's highest score."""
+        html = trace_widget(trace).html()
+        bars = html.split('<g class="colorbar">')[1:]
+        assert len(bars) == len(trace.kinds)
+        for k, bar in enumerate(bars):
+            bar = bar[: bar.index("</g>")]
+            ticks = re.findall(r'<text class="tick"[^>]*>([^<]+)</text>', bar)
+            assert float(ticks[0]) == pytest.approx(trace.corrupted_prob, rel=0.05)
+            assert float(ticks[-1]) == pytest.approx(float(trace.scores[k].max()), rel=0.05)
+
+    def test_trace_widget_warns_and_summarises(self, trace):
+        """A trace the model cannot support shows its problems, in the widget and its summary."""
+        widget = trace_widget(trace)
+        assert trace.problems  # the tiny model knows no fact
+        assert widget.html().count('class="warning"') == len(trace.problems)
+        assert "cannot show where the fact is stored" in widget.summary[0]
 
     def test_subject_tokens_are_starred(self, trace):
         """Subject tokens carry a star in the heatmap labels, the others do not."""
@@ -71,7 +92,8 @@ class TestWidgets:
         html = trace_widget(trace)._repr_html_()
         assert html.count(BUNDLE_MARK) == 1
         assert "unpkg.com" not in html and "sourceMappingURL" not in html
-        assert html.count('data-component="ColoredTokensMulti"') == len(trace.kinds)
+        assert html.count('data-component="ColoredTokens"') == 1  # one strip, with a slider
+        assert html.count('type="range"') == 1
 
     def test_page_inlines_the_bundle_once(self, trace, lens, tmp_path):
         """A page of several circuitsvis widgets holds the bundle exactly once."""
@@ -79,17 +101,38 @@ class TestWidgets:
         text = path.read_text()
         assert path.suffix == ".html"
         assert text.count(BUNDLE_MARK) == 1
-        assert text.count('class="circuitsvis"') == len(trace.kinds) + 2
+        assert text.count('class="circuitsvis"') == 2
         assert "<script src=" not in text
+        assert text.count('<section class="widget"') == 2 and 'nav class="toc"' in text
 
     def test_lens_widget_lists_every_layer_and_target(self, tiny, lens):
-        """The lens widget's table has a row per layer; each TokenLogProbs ends on the target."""
-        widget = logit_lens_widget(lens, layers=[1])
+        """The lens widget's table has a row per layer; one TokenLogProbs with a frame per layer."""
+        widget = logit_lens_widget(lens, layers=[0, 2])
         html = widget.html(bundle=False)
         assert html.count('class="grid"') == 1
         assert html.count('data-component="TokenLogProbs"') == 1
+        (part,) = widget.circuitsvis
+        assert part.labels == ["layer 0", "layer 2"] and part.initial == 1
+        assert part.frames[1]["prompt"][-1] == lens.targets[0]
         assert html.count("<tr><td>") == tiny.cfg.n_layers  # the target table
         assert widget.to_dataframe().equals(lens.to_dataframe())
+
+    def test_lens_charts_tell_before_from_after_without_colour(self, lens):
+        """With a lens before, each target has a solid line with circles and a dashed one with
+        squares, on charts with layer and rank ticks and the legend outside the plot."""
+        html = logit_lens_widget(lens, before=lens).html(bundle=False)
+        rank = html[html.index('<svg class="lens-rank"') :]
+        rank = rank[: rank.index("</svg>")]
+        assert rank.count('class="series"') == 2 * len(lens.targets)
+        assert rank.count("stroke-dasharray") >= len(lens.targets)
+        ticks = re.findall(r'<text class="tick"[^>]*>([^<]+)</text>', rank)
+        assert {"0", "1", "2"} <= set(ticks) and "1" in ticks and f"{lens.vocab_size:,}" in ticks
+        width = int(re.search(r'width="(\d+)"', rank).group(1))
+        legend_x = min(float(x) for x in re.findall(r'<g class="legend"><line x1="([\d.]+)"', rank))
+        plot_right = float(
+            re.search(r'<rect x="(\d+)" y="\d+" width="(\d+)"', rank).group(1)
+        ) + float(re.search(r'<rect x="\d+" y="\d+" width="(\d+)"', rank).group(1))
+        assert width >= 500 and legend_x > plot_right
 
     def test_lens_widget_rejects_missing_layers(self, lens):
         """A layer the lens does not have is named."""

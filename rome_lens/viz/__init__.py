@@ -6,6 +6,7 @@ and registers a widget and a figure for each result type
 and ``result.plot()`` work without the results importing this room.
 
 * :mod:`~rome_lens.viz.html`: the :class:`Widget` class, pages and reports;
+* :mod:`~rome_lens.viz.svg`: heatmaps with colour bars and line charts with axes;
 * :mod:`~rome_lens.viz.widgets`: a widget for each result;
 * :mod:`~rome_lens.viz.plots`: matplotlib figures in the style of the papers.
 

@@ -56,7 +56,15 @@ _COLOURS = {"resid": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Save ``fig`` (PNG, SVG, PDF: by the suffix); a path without a suffix gets ``.png``."""
+    """Save ``fig`` (PNG, SVG, PDF: by the suffix); a path without a suffix gets ``.png``.
+
+    Args:
+        fig: the figure.
+        path: where to write it; the suffix picks the format.
+
+    Returns:
+        The path written.
+    """
     path = Path(path)
     if not path.suffix:
         path = path.with_suffix(".png")
@@ -77,7 +85,15 @@ def _panels(n: int, axes: AxesArg, width: float, height: float) -> list[Axes]:
 
 
 def plot_trace(trace: CausalTrace, ax: AxesArg = None) -> Figure:
-    """One heatmap of P(target) per kind: tokens down, layers across, subject tokens starred."""
+    """One heatmap of P(target) per kind: tokens down, layers across, subject tokens starred.
+
+    Args:
+        trace: the result of ``trace_fact``.
+        ax: one Axes per kind to draw into (``None``: a new figure).
+
+    Returns:
+        The figure.
+    """
     n_pos = len(trace.str_tokens)
     panels = _panels(len(trace.kinds), ax, 4.2, 0.35 * n_pos + 1.6)
     first, last = trace.subject_range
@@ -100,7 +116,15 @@ def plot_trace(trace: CausalTrace, ax: AxesArg = None) -> Figure:
 
 
 def plot_severed(severed: SeveredTrace, ax: AxesArg = None) -> Figure:
-    """Bars of the indirect effect of each layer's residual state, with and without the path."""
+    """Bars of the indirect effect of each layer's residual state, with and without the path.
+
+    Args:
+        severed: the result of ``trace_severed``.
+        ax: the Axes to draw into (``None``: a new figure).
+
+    Returns:
+        The figure.
+    """
     (ax,) = _panels(1, ax, 7.0, 3.0)
     layers = np.arange(len(severed.scores))
     base = severed.corrupted_prob
@@ -123,7 +147,15 @@ def plot_severed(severed: SeveredTrace, ax: AxesArg = None) -> Figure:
 
 
 def plot_average_effects(result: AverageEffects, ax: AxesArg = None) -> Figure:
-    """Mean indirect effect by layer for each token group, with 95% confidence bands."""
+    """Mean indirect effect by layer for each token group, with 95% confidence bands.
+
+    Args:
+        result: the result of ``average_causal_effects``.
+        ax: one Axes per kind to draw into (``None``: a new figure).
+
+    Returns:
+        The figure.
+    """
     panels = _panels(len(result.kinds), ax, 4.5, 3.2)
     layers = np.arange(result.mean.shape[2])
     for k, (ax, kind) in enumerate(zip(panels, result.kinds, strict=True)):
@@ -148,6 +180,14 @@ def plot_logit_lens(
     """Rank (log scale) and probability of each target at the last token, by layer.
 
     ``before``, the unedited model's lens of the same prompt, is drawn dashed.
+
+    Args:
+        lens: the result of ``logit_lens``.
+        ax: two Axes (rank, probability) to draw into (``None``: a new figure).
+        before: the unedited model's lens of the same prompt, drawn dashed.
+
+    Returns:
+        The figure.
     """
     rank_ax, prob_ax = _panels(2, ax, 4.6, 3.2)
     layers = np.arange(lens.n_layers)
@@ -177,7 +217,15 @@ def plot_logit_lens(
 
 
 def plot_spectrum(stats: KeyStats | Moments, ax: AxesArg = None) -> Figure:
-    """The eigenvalues of a second moment, largest first, on a log scale."""
+    """The eigenvalues of a second moment, largest first, on a log scale.
+
+    Args:
+        stats: key statistics or moments.
+        ax: the Axes to draw into (``None``: a new figure).
+
+    Returns:
+        The figure.
+    """
     (panel,) = _panels(1, ax, 5.0, 3.2)
     moment = stats.moment if isinstance(stats, KeyStats) else stats.second_moment
     values = np.linalg.eigvalsh(moment.numpy())[::-1]
@@ -191,7 +239,15 @@ def plot_spectrum(stats: KeyStats | Moments, ax: AxesArg = None) -> Figure:
 
 
 def plot_edit(edit: WeightEdit, ax: AxesArg = None) -> Figure:
-    """P(new answer) on each request's prompt before and after the edit (up to 40 requests)."""
+    """P(new answer) on each request's prompt before and after the edit (up to 40 requests).
+
+    Args:
+        edit: any edit.
+        ax: the Axes to draw into (``None``: a new figure).
+
+    Returns:
+        The figure.
+    """
     (panel,) = _panels(1, ax, 7.0, 3.0)
     outcomes = edit.outcomes[:40]
     if not outcomes:
@@ -224,7 +280,15 @@ def plot_edit(edit: WeightEdit, ax: AxesArg = None) -> Figure:
 
 
 def plot_evaluation(evaluation: Evaluation, ax: AxesArg = None) -> Figure:
-    """ES, PS and NS before and after editing, per method (percent)."""
+    """ES, PS and NS before and after editing, per method (percent).
+
+    Args:
+        evaluation: the result of ``evaluate_edits``.
+        ax: the Axes to draw into (``None``: a new figure).
+
+    Returns:
+        The figure.
+    """
     (panel,) = _panels(1, ax, 6.0, 3.2)
     summary = evaluation.summary()
     metrics = ("ES", "PS", "NS")
@@ -249,7 +313,15 @@ def plot_evaluation(evaluation: Evaluation, ax: AxesArg = None) -> Figure:
 
 
 def plot_sequential(curve: SequentialCurve, ax: AxesArg = None) -> Figure:
-    """ES, PS and NS against the number of edits applied so far."""
+    """ES, PS and NS against the number of edits applied so far.
+
+    Args:
+        curve: the result of ``sequential_edits``.
+        ax: the Axes to draw into (``None``: a new figure).
+
+    Returns:
+        The figure.
+    """
     (panel,) = _panels(1, ax, 6.0, 3.2)
     table = curve.to_dataframe()
     for column, style in (("ES", "o-"), ("PS", "s-"), ("NS", "^-"), ("NS_unedited", "^--")):

@@ -1,17 +1,19 @@
 """Widgets for every rome_lens result, in a notebook or an offline page.
 
-Every function here returns a :class:`~rome_lens.viz.html.Widget`, and each
-result's ``widget()`` calls the one registered for its type below.
+Every function here returns a :class:`~rome_lens.viz.html.Widget` with a
+sentence or two of what it found (a page collects them in its summary card),
+and each result's ``widget()`` calls the one registered for its type below.
 
-* :func:`trace_widget`: ROME's (token × layer) heatmaps as inline SVG (hover a
-  cell for its value; subject tokens are starred and underlined), beside
-  circuitsvis ``ColoredTokensMulti``: the prompt coloured by each layer's
-  indirect effect.
-* :func:`logit_lens_widget`: the targets' probability and rank across layers,
-  the top-1 token at every (layer, position), and circuitsvis
-  ``TokenLogProbs`` for each layer (hover a token for that layer's top-k).
+* :func:`trace_widget`: ROME's (token × layer) heatmaps side by side, each
+  with a colour bar (hover a cell for its value; subject tokens are starred
+  and underlined), and the prompt coloured by one layer's indirect effect
+  (circuitsvis ``ColoredTokens``, with a layer slider).
+* :func:`logit_lens_widget`: each target's rank (log scale) and probability by
+  layer, before and after an edit told apart by dashes and markers, the top-1
+  token at every (layer, position), and circuitsvis ``TokenLogProbs`` for one
+  layer at a time (hover a token for that layer's top-k).
 * :func:`edit_widget`: top-k next tokens before and after an edit.
-* :func:`evaluation_widget`: the CounterFact metric table.
+* :func:`evaluation_widget`: the CounterFact summary and every case.
 * :func:`figure_widget`: any result's figure and table (key statistics,
   severed traces, average effects, edits, sequential curves).
 
@@ -48,7 +50,8 @@ from rome_lens.editing import WeightEdit, edited
 from rome_lens.evaluation import Evaluation, SequentialCurve
 from rome_lens.stats import KeyStats, Moments
 from rome_lens.tracing import AverageEffects, CausalTrace, SeveredTrace
-from rome_lens.viz.html import Widget, code, mix, placeholder
+from rome_lens.viz.html import CircuitsvisPart, Widget, code, placeholder
+from rome_lens.viz.svg import PALETTE, Heatmap, Series, heatmap_panels, line_chart
 
 __all__ = [
     "edit_widget",
@@ -60,91 +63,143 @@ __all__ = [
 
 _KIND_RGB = {"resid": (106, 61, 154), "mlp": (44, 160, 44), "attn": (214, 39, 40)}
 _KIND_TITLE = {
-    "resid": "Restoring the residual stream (single layer)",
-    "mlp": "Restoring MLP outputs (window of {w} layers)",
-    "attn": "Restoring attention outputs (window of {w} layers)",
+    "resid": "Residual stream (one layer)",
+    "mlp": "MLP outputs (window of {w})",
+    "attn": "Attention outputs (window of {w})",
 }
-_LINE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+_KIND_NAME = {"resid": "residual stream", "mlp": "MLP output", "attn": "attention output"}
+
+
+# --------------------------------------------------------------------------- tracing
 
 
 def trace_widget(trace: CausalTrace) -> Widget:
-    """ROME's heatmaps (one per kind, hover for values) and the prompt coloured per layer."""
+    """ROME's heatmaps side by side with colour bars, and the prompt coloured by layer.
+
+    Args:
+        trace: the result of :func:`rome_lens.tracing.trace_fact`.
+
+    Returns:
+        The widget; its table has one row per (kind, token, layer).
+    """
     first, last = trace.subject_range
     parts = [
-        f"<h2>Causal trace</h2><p>{code(trace.prompt)} → {code(trace.target_str)}: "
-        f"clean p = {trace.clean_prob:.3f}, corrupted p = {trace.corrupted_prob:.3f}; "
-        f"subject {code(trace.subject)} (tokens {first}–{last - 1}, starred), "
-        f"{trace.samples} noise samples, seed {trace.seed}.</p>"
+        f"<p>{code(trace.prompt)} → {code(trace.target_str)}: clean p = "
+        f"{trace.clean_prob:.3f}, with the subject {code(trace.subject)} noised p = "
+        f"{trace.corrupted_prob:.3f} ({trace.samples} noise samples, seed {trace.seed}).</p>"
     ]
+    parts += [f'<p class="warning">Warning: {html.escape(p)}.</p>' for p in trace.problems]
+    parts.append(_trace_heatmaps(trace))
+    parts.append(
+        f'<p class="caption">Each cell is p({html.escape(repr(trace.target_str))}) after '
+        "restoring that (token, layer) state in the noised run; white is the noised p, the "
+        "darkest shade the panel's highest. MLP and attention cells restore a window of "
+        f"{trace.window} layers centred on the column's layer. Subject tokens are starred.</p>"
+    )
     peaks = "".join(
-        f"<tr><td>{p.kind}</td><td>{p.token} {html.escape(repr(p.str_token))}</td>"
+        f"<tr><td>{_KIND_NAME[p.kind]}</td><td>{p.token} {html.escape(repr(p.str_token))}</td>"
         f"<td>{p.layer}</td><td>{p.score:.3f}</td><td>{p.indirect_effect:+.3f}</td></tr>"
         for p in (trace.peak(kind) for kind in trace.kinds)
     )
     parts.append(
-        '<table class="peaks"><tr><th>kind</th><th>peak token</th><th>layer</th>'
+        '<table class="peaks"><tr><th>restored</th><th>peak token</th><th>layer</th>'
         f"<th>p restored</th><th>indirect effect</th></tr>{peaks}</table>"
     )
-    circuitsvis: list[tuple[str, dict[str, Any]]] = []
+    kind = "mlp" if "mlp" in trace.kinds else trace.kinds[0]
+    grid = trace.kind_scores(kind) - trace.corrupted_prob
+    n_layers = grid.shape[1]
+    parts.append(
+        f"<h3>The prompt coloured by the {_KIND_NAME[kind]}'s indirect effect</h3>"
+        f'<p class="note">Drag the slider to pick a layer; hover a token for its value.</p>'
+        + placeholder(0)
+    )
+    frames = [
+        {"tokens": trace.str_tokens, "values": grid[:, layer].float(),
+         "minValue": 0.0, "maxValue": max(float(grid.max()), 1e-6)}
+        for layer in range(n_layers)
+    ]  # fmt: skip
+    part = CircuitsvisPart(
+        "ColoredTokens",
+        frames,
+        labels=[f"layer {layer}" for layer in range(n_layers)],
+        initial=trace.peak(kind).layer,
+    )
+    return Widget(
+        "Causal trace", "\n".join(parts), [part], trace.to_dataframe(), _trace_summary(trace)
+    )
+
+
+def _trace_heatmaps(trace: CausalTrace) -> str:
+    first, last = trace.subject_range
+    labels = [repr(t) + ("*" if first <= i < last else "") for i, t in enumerate(trace.str_tokens)]
+    n_layers = trace.scores.shape[2]
+    panels = []
     for kind in trace.kinds:
         grid = trace.kind_scores(kind)
-        parts.append(f"<h3>{_KIND_TITLE[kind].format(w=trace.window)}</h3>")
-        parts.append(_heatmap_svg(trace, kind, grid))
-        parts.append(
-            f'<p class="note">Indirect effect of {kind} by token; choose a layer:</p>'
-            + placeholder(len(circuitsvis))
-        )
-        effect = (grid - trace.corrupted_prob).float()
-        labels = [f"layer {layer}" for layer in range(grid.shape[1])]
-        circuitsvis.append(
-            ("ColoredTokensMulti", {"tokens": trace.str_tokens, "values": effect, "labels": labels})
-        )
-    return Widget("Causal trace", "\n".join(parts), circuitsvis, trace.to_dataframe())
-
-
-def _heatmap_svg(trace: CausalTrace, kind: str, grid: torch.Tensor) -> str:
-    """An SVG grid, tokens down and layers across; each cell's <title> is its hover text."""
-    n_pos, n_layers = grid.shape
-    cell, label_width, top = 16, 150, 24
-    low, high = trace.corrupted_prob, max(float(grid.max()), trace.corrupted_prob + 1e-9)
-    first, last = trace.subject_range
-    rgb = _KIND_RGB[kind]
-    rows = []
-    for t in range(n_pos):
-        y = top + t * cell
-        subject = first <= t < last
-        label = repr(trace.str_tokens[t]) + ("*" if subject else "")
-        style = ' font-weight="bold" text-decoration="underline"' if subject else ""
-        rows.append(
-            f'<text x="{label_width - 6}" y="{y + 12}" text-anchor="end"{style}>'
-            f"{html.escape(label)}</text>"
-        )
-        for layer in range(n_layers):
-            score = float(grid[t, layer])
-            shade = min(max((score - low) / (high - low), 0.0), 1.0)
-            fill = mix((255, 255, 255), rgb, shade)
-            rows.append(
-                f'<rect class="cell" data-token="{t}" data-layer="{layer}" '
-                f'data-score="{score:.6g}" x="{label_width + layer * cell}" y="{y}" '
-                f'width="{cell - 1}" height="{cell - 1}" fill="{fill}">'
-                f"<title>{html.escape(repr(trace.str_tokens[t]))}, layer {layer}: "
-                f"p = {score:.4f} (effect {score - low:+.4f})</title></rect>"
+        hover = [
+            [
+                f"{trace.str_tokens[t]!r}, layer {layer}: p = {float(grid[t, layer]):.4f} "
+                f"(effect {float(grid[t, layer]) - trace.corrupted_prob:+.4f})"
+                for layer in range(n_layers)
+            ]
+            for t in range(len(trace.str_tokens))
+        ]
+        panels.append(
+            Heatmap(
+                title=_KIND_TITLE[kind].format(w=trace.window),
+                values=grid.tolist(),
+                low=trace.corrupted_prob,
+                high=max(float(grid.max()), trace.corrupted_prob + 1e-9),
+                colour=_KIND_RGB[kind],
+                hover=hover,
+                css_class="trace-heatmap",
+                data=f'data-kind="{kind}"',
             )
-    ticks = "".join(
-        f'<text x="{label_width + layer * cell + cell / 2}" y="{top - 6}" '
-        f'text-anchor="middle">{layer}</text>'
-        for layer in range(0, n_layers, max(1, n_layers // 10))
+        )
+    ticks = sorted({*range(0, n_layers, 5), n_layers - 1})
+    svg = heatmap_panels(
+        panels,
+        labels,
+        bold_rows=range(first, last),
+        column_ticks=ticks,
+        colour_label=f"p({trace.target_str!r}) with the state restored",
     )
-    width = max(label_width + n_layers * cell + 10, label_width + 260)  # room for the caption
-    height = top + n_pos * cell + 24
-    caption = (
-        f'<text x="{label_width}" y="{height - 6}">layer →  (white: p = {low:.3f}, '
-        f"darkest: p = {high:.3f})</text>"
+    return f'<div class="scroll">{svg}</div>'
+
+
+def _trace_summary(trace: CausalTrace) -> list[str]:
+    if trace.problems:
+        return [
+            f"<b>Trace of {code(trace.prompt)}:</b> it cannot show where the fact is stored: "
+            + "; ".join(html.escape(p) for p in trace.problems)
+            + "."
+        ]
+    sentence = (
+        f"<b>Where the fact is recalled.</b> The model answers {code(trace.target_str)} to "
+        f"{code(trace.prompt)} (p = {trace.clean_prob:.2f}; {trace.corrupted_prob:.3f} with "
+        "the subject noised)."
     )
-    return (
-        f'<svg class="trace-heatmap" data-kind="{kind}" xmlns="http://www.w3.org/2000/svg" '
-        f'width="{width}" height="{height}" role="img">{ticks}{"".join(rows)}{caption}</svg>'
-    )
+    for kind in trace.kinds:
+        peak = trace.peak(kind)
+        low, high = _span(trace.kind_scores(kind)[peak.token] - trace.corrupted_prob, peak.layer)
+        layers = f"layer {low}" if low == high else f"layers {low}–{high}"
+        sentence += (
+            f" Restoring the {_KIND_NAME[kind]} at {code(peak.str_token)} (token {peak.token}) "
+            f"brings back the most, p = {peak.score:.2f}, peak at layer {peak.layer} "
+            f"(at least half of that in {layers})."
+        )
+    return [sentence]
+
+
+def _span(effects: torch.Tensor, peak: int) -> tuple[int, int]:
+    """The layers around ``peak`` whose effect is at least half the peak's."""
+    half = float(effects[peak]) / 2
+    low = high = peak
+    while low > 0 and float(effects[low - 1]) >= half:
+        low -= 1
+    while high < len(effects) - 1 and float(effects[high + 1]) >= half:
+        high += 1
+    return low, high
 
 
 # --------------------------------------------------------------------------- logit lens
@@ -156,33 +211,46 @@ def logit_lens_widget(
     """Targets across layers, the top-1 grid, and circuitsvis ``TokenLogProbs`` per layer.
 
     Args:
-        lens: the result of :func:`rome_lens.lens.logit_lens`.
-        before: the same prompt's lens on the unedited model; its target curves
-            are drawn dashed beside ``lens``'s.
-        layers: the layers to show as ``TokenLogProbs`` (default: all).
+        lens: the result of :func:`rome_lens.analysis.logit_lens`.
+        before: the same prompt's lens on the unedited model; drawn dashed, with
+            hollow markers, beside ``lens``.
+        layers: the layers the ``TokenLogProbs`` slider offers (default: all).
+
+    Returns:
+        The widget; its table has one row per (layer, target).
     """
     layers = list(range(lens.n_layers)) if layers is None else list(layers)
     bad = [layer for layer in layers if not 0 <= layer < lens.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} are out of range: the lens has {lens.n_layers} layers")
+    if bad or not layers:
+        raise ValueError(
+            f"layers {bad or layers} are out of range: the lens has {lens.n_layers} layers"
+        )
     parts = [
-        f"<h2>Logit lens</h2><p>{code(lens.prompt)}: the residual stream after each layer, "
-        "read through the final norm and the unembedding.</p>",
-        "<h3>Targets at the last position</h3>",
+        f"<p>{code(lens.prompt)}: the residual stream after each layer, read through the "
+        "final norm and the unembedding, as if the model stopped there.</p>",
+        '<div class="row">',
         _target_chart(lens, before, "rank"),
         _target_chart(lens, before, "prob"),
+        "</div>",
+        "<details><summary>The targets' probability and rank at every layer</summary>",
         _target_table(lens, before),
-        "<h3>Top-1 prediction at each (layer, position)</h3>",
-        _top1_grid(lens),
-        '<h3>Top tokens per layer</h3><p class="note">Each line is one layer; a token is '
-        "coloured by how well that layer predicts it, and hovering shows the layer's top "
-        f"tokens. The last token is the first target, {code(lens.targets[0])}.</p>",
+        "</details>",
+        "<details><summary>Top-1 prediction at every (layer, position)</summary>",
+        f'<div class="scroll">{_top1_grid(lens)}</div>',
+        "</details>",
+        "<h3>Each token coloured by how well one layer predicts it</h3>"
+        '<p class="note">Drag the slider to pick a layer; hover a token for that layer\'s '
+        f"top tokens. The last token shown is the first target, {code(lens.targets[0])}.</p>"
+        + placeholder(0),
     ]
-    circuitsvis: list[tuple[str, dict[str, Any]]] = []
-    for layer in layers:
-        parts.append(f"<div><b>layer {layer}</b>{placeholder(len(circuitsvis))}</div>")
-        circuitsvis.append(("TokenLogProbs", _token_log_probs_props(lens, layer)))
-    return Widget("Logit lens", "\n".join(parts), circuitsvis, lens.to_dataframe())
+    part = CircuitsvisPart(
+        "TokenLogProbs",
+        [_token_log_probs_props(lens, layer) for layer in layers],
+        labels=[f"layer {layer}" for layer in layers],
+        initial=len(layers) - 1,
+    )
+    summary = _lens_summary(lens, before)
+    return Widget("Logit lens", "\n".join(parts), [part], lens.to_dataframe(), summary)
 
 
 def _token_log_probs_props(lens: LogitLens, layer: int) -> dict[str, Any]:
@@ -199,48 +267,39 @@ def _token_log_probs_props(lens: LogitLens, layer: int) -> dict[str, Any]:
 
 
 def _target_chart(lens: LogitLens, before: LogitLens | None, metric: str) -> str:
-    """Inline SVG of each target by layer (``before`` dashed): probability, or log rank."""
-    width, height, left, bottom = 460, 220, 46, 30
-    plot_w, plot_h = width - left - 10, height - bottom - 10
-    n = lens.n_layers
-
-    def height_of(source: LogitLens, t: int) -> list[float]:
-        if metric == "prob":
-            return [float(p) for p in source.target_log_probs[:, t].exp()]
-        span = math.log10(source.vocab_size)
-        return [1 - math.log10(int(r) + 1) / span for r in source.target_ranks[:, t]]
-
-    def polyline(values: list[float], colour: str, dashed: bool) -> str:
-        points = " ".join(
-            f"{left + plot_w * i / max(n - 1, 1):.1f},{10 + plot_h * (1 - v):.1f}"
-            for i, v in enumerate(values)
-        )
-        dash = ' stroke-dasharray="5,4"' if dashed else ""
-        return f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{points}"/>'
-
-    lines, legend = [], []
+    """Each target by layer (``before`` dashed): rank on a log axis, or probability."""
+    series = []
     for t, target in enumerate(lens.targets):
-        colour = _LINE_COLOURS[t % len(_LINE_COLOURS)]
-        lines.append(polyline(height_of(lens, t), colour, False))
-        if before is not None and t < len(before.targets):
-            lines.append(polyline(height_of(before, t), colour, True))
-        legend.append(
-            f'<text x="{left + 10}" y="{24 + 14 * t}" fill="{colour}">{html.escape(repr(target))}'
-            f"{' (dashed: before)' if before is not None else ''}</text>"
+        colour = PALETTE[t % len(PALETTE)]
+        sources = [(lens, False)] + ([(before, True)] if before and t < len(before.targets) else [])
+        for source, dashed in sources:
+            if metric == "rank":
+                values = [float(r) + 1 for r in source.target_ranks[:, t]]
+            else:
+                values = [float(p) for p in source.target_log_probs[:, t].exp()]
+            label = repr(target) + (" before" if dashed else " after" if before else "")
+            series.append(Series(label, values, colour, dashed))
+    if metric == "rank":
+        vocab = lens.vocab_size
+        ticks = {float(10**k): f"{10**k:,}" for k in range(int(math.log10(vocab)) + 1)}
+        ticks[float(vocab)] = f"{vocab:,}"
+        return line_chart(
+            series,
+            x_label="layer",
+            y_label="rank at the last token (1 = top)",
+            log_y=True,
+            y_range=(1, vocab),
+            invert_y=True,
+            y_tick_labels=ticks,
+            css_class="lens-rank",
         )
-    base = 10 + plot_h
-    high, low = ("1", "0") if metric == "prob" else ("rank 1", f"{lens.vocab_size}")
-    axes = (
-        f'<line x1="{left}" y1="10" x2="{left}" y2="{base}" stroke="#888"/>'
-        f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#888"/>'
-        f'<text x="{left - 4}" y="14" text-anchor="end">{high}</text>'
-        f'<text x="{left - 4}" y="{base}" text-anchor="end">{low}</text>'
-        f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">'
-        f"layer (0–{n - 1}); {'probability' if metric == 'prob' else 'rank, log scale'}</text>"
-    )
-    return (
-        f'<svg class="lens-{metric}" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{height}" role="img">{axes}{"".join(lines)}{"".join(legend)}</svg>'
+    return line_chart(
+        series,
+        x_label="layer",
+        y_label="probability at the last token",
+        y_range=(0, 1),
+        y_tick_labels={0.0: "0", 0.25: "0.25", 0.5: "0.5", 0.75: "0.75", 1.0: "1"},
+        css_class="lens-prob",
     )
 
 
@@ -251,16 +310,13 @@ def _target_table(lens: LogitLens, before: LogitLens | None) -> str:
         cells = []
         for t in range(len(lens.targets)):
             prob, rank = float(lens.target_log_probs[layer, t].exp()), lens.target_ranks[layer, t]
-            now = f"{prob:.3f} / {int(rank)}"
+            now = f"{prob:.3f} / {int(rank) + 1}"
             if before is not None and t < len(before.targets):
                 was = float(before.target_log_probs[layer, t].exp())
-                now += f" (was {was:.3f} / {int(before.target_ranks[layer, t])})"
+                now += f" (was {was:.3f} / {int(before.target_ranks[layer, t]) + 1})"
             cells.append(f"<td>{now}</td>")
         rows.append(f"<tr><td>{layer}</td>{''.join(cells)}</tr>")
-    return (
-        f'<details><summary>Table</summary><table class="lens-table"><tr><th>layer</th>'
-        f"{header}</tr>{''.join(rows)}</table></details>"
-    )
+    return f'<table class="lens-table"><tr><th>layer</th>{header}</tr>{"".join(rows)}</table>'
 
 
 def _top1_grid(lens: LogitLens) -> str:
@@ -276,12 +332,45 @@ def _top1_grid(lens: LogitLens) -> str:
                     lens.top_strs[layer][pos], lens.top_log_probs[layer, pos], strict=True
                 )
             )
+            shade = round(255 - 160 * min(prob, 1.0))
             cells.append(
-                f'<td style="background:{mix((255, 255, 255), (31, 119, 180), prob)}" '
+                f'<td style="background:rgb({shade},{shade + (255 - shade) // 3},255)" '
                 f'title="{html.escape(hover)}">{html.escape(lens.top_strs[layer][pos][0])}</td>'
             )
         rows.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
     return f'<table class="grid"><tr><th>layer</th>{header}</tr>{"".join(rows)}</table>'
+
+
+def _lens_summary(lens: LogitLens, before: LogitLens | None) -> list[str]:
+    target = lens.targets[0]
+    top = _from_layer(lens.target_ranks[:, 0] == 0)
+    p_out = float(lens.target_log_probs[-1, 0].exp())
+    where = f"is top-1 from layer {top}" if top is not None else "never becomes top-1"
+    sentence = (
+        f"<b>Layer by layer.</b> In the logit lens of {code(lens.prompt)}, {code(target)} "
+        f"{where} (p = {p_out:.2f} at the output)"
+    )
+    if len(lens.targets) > 1:
+        others = lens.target_ranks[:, 1:].min(dim=1).values
+        ahead = _from_layer(lens.target_ranks[:, 0] < others)
+        rivals = ", ".join(code(t) for t in lens.targets[1:])
+        if ahead is not None:
+            sentence += f", and it ranks above {rivals} from layer {ahead} on"
+    if before is not None:
+        was = _from_layer(before.target_ranks[:, 0] == 0)
+        was_text = f"top-1 from layer {was}" if was is not None else "never top-1"
+        sentence += f"; before the edit it was {was_text}"
+    return [sentence + "."]
+
+
+def _from_layer(mask: torch.Tensor) -> int | None:
+    """The first layer from which ``mask`` holds to the last layer (``None`` if it fails there)."""
+    if not bool(mask[-1]):
+        return None
+    layer = len(mask) - 1
+    while layer > 0 and bool(mask[layer - 1]):
+        layer -= 1
+    return layer
 
 
 # --------------------------------------------------------------------------- edits
@@ -326,15 +415,18 @@ def edit_widget(
         for r in range(k)
     ]
     table = pd.DataFrame(rows)
-    body = [f"<h2>Edit</h2><p>{html.escape(_describe(edit))}</p><table class='edit-table'>"]
-    body.append("<tr><th></th><th>prompt</th><th>before</th><th>after</th></tr>")
+    body = [f"<p>{html.escape(_describe(edit))}</p>"]
+    body += [f'<p class="warning">Warning: {html.escape(m)}</p>' for m in _miss_notes(edit)]
+    body.append("<table class='edit-table'><tr><th></th><th>prompt</th><th>before</th>")
+    body.append("<th>after</th></tr>")
     for label, prompt in labelled.items():
         body.append(
             f"<tr><td>{html.escape(label)}</td><td>{code(prompt)}</td>"
             f"<td>{_ranked(before[label])}</td><td>{_ranked(after[label])}</td></tr>"
         )
     body.append("</table>")
-    return Widget("Edit", "".join(body), [], table)
+    summary = _edit_summary(edit, labelled, before, after)
+    return Widget("Edit", "".join(body), [], table, summary)
 
 
 def _labelled_prompts(
@@ -370,19 +462,77 @@ def _describe(edit: WeightEdit) -> str:
     return f"{type(edit).__name__} on {weights}: {'; '.join(shown[:3])}{more}"
 
 
+def _miss_notes(edit: WeightEdit) -> list[str]:
+    return [
+        f"the edit did not take on {m.prompt!r}: {m.target_new!r} has p = {m.p_new:.3g}, "
+        f"rank {m.rank_new + 1}"
+        for m in edit.misses[:5]
+    ]
+
+
+def _edit_summary(
+    edit: WeightEdit,
+    labelled: dict[str, str],
+    before: dict[str, list[tuple[str, float]]],
+    after: dict[str, list[tuple[str, float]]],
+) -> list[str]:
+    weights = ", ".join(edit.deltas())
+    took = len(edit.outcomes) - len(edit.misses)
+    if not edit.outcomes:
+        status = "its requests were not read back"
+    elif len(edit.outcomes) > 1:
+        status = f"{took} of {len(edit.outcomes)} requests took"
+    else:
+        status = "it took" if edit.took else "it did <b>not</b> take"
+    changes = "; ".join(
+        f"{html.escape(label)}: {code(before[label][0][0])} → {code(after[label][0][0])}"
+        + (" (kept)" if before[label][0][0] == after[label][0][0] else "")
+        for label in labelled
+    )
+    return [f"<b>What the edit changed.</b> The edit of {weights}: {status}. Top-1 {changes}."]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
 def evaluation_widget(evaluation: Evaluation) -> Widget:
-    """The CounterFact metric table: the summary per method, then every case."""
-    parts = ["<h2>Evaluation</h2><h3>Summary (scores in %)</h3>"]
-    parts.append(evaluation.summary().to_html(index=False, float_format="{:.1f}".format))
+    """The CounterFact metric table: the summary per method, then every case.
+
+    Args:
+        evaluation: the result of :func:`rome_lens.evaluation.evaluate_edits`.
+
+    Returns:
+        The widget; its table has one row per case.
+    """
+    summary = evaluation.summary()
+    parts = ["<h3>Summary (scores in %)</h3>"]
+    parts.append(summary.to_html(index=False, float_format="{:.1f}".format))
     parts.append("<details><summary>Every case</summary>")
     table = evaluation.to_dataframe()
     parts.append(table.to_html(index=False, float_format="{:.3f}".format))
     parts.append("</details>")
-    return Widget("Evaluation", "".join(parts), [], table)
+    sentences = [
+        f"<b>CounterFact, {html.escape(str(row.method))}</b> over {row.cases} cases: "
+        f"ES {row.post_ES:.1f}, PS {row.post_PS:.1f}, NS {row.post_NS:.1f} "
+        f"(unedited NS {row.pre_NS:.1f}), S {row.S:.1f}."
+        for row in summary.itertuples()
+    ]
+    return Widget("Evaluation", "".join(parts), [], table, sentences)
+
+
+# --------------------------------------------------------------------------- the rest
 
 
 def figure_widget(result: Result, title: str | None = None) -> Widget:
-    """The result's figure (inline SVG) above its table."""
+    """The result's figure (inline SVG) above its table.
+
+    Args:
+        result: any rome_lens result with a registered figure.
+        title: the widget's title (default: the result's type).
+
+    Returns:
+        The widget; its table is ``result.to_dataframe()``.
+    """
     title = title or type(result).__name__
     figure = result.plot()
     buffer = io.StringIO()
@@ -391,10 +541,49 @@ def figure_widget(result: Result, title: str | None = None) -> Widget:
     svg = svg[svg.index("<svg") :]
     table = result.to_dataframe()
     body = (
-        f"<h2>{html.escape(title)}</h2>{svg}<details><summary>Table</summary>"
+        f'<div class="scroll">{svg}</div><details><summary>Table</summary>'
         f"{table.to_html(index=False, float_format='{:.4g}'.format)}</details>"
     )
-    return Widget(title, body, [], table)
+    return Widget(title, body, [], table, _figure_summary(result))
+
+
+def _figure_summary(result: Result) -> list[str]:
+    if isinstance(result, KeyStats):
+        return [
+            f"<b>Key statistics</b> of layer {result.layer}: C over {result.n_tokens:,} tokens "
+            f"of {html.escape(result.corpus)}, condition number {result.condition_number:.3g}."
+        ]
+    if isinstance(result, SeveredTrace):
+        before = float((result.scores[:10] - result.corrupted_prob).mean())
+        after = float((result.severed_scores[:10] - result.corrupted_prob).mean())
+        token = result.str_tokens[result.token]
+        return [
+            f"<b>Severed trace.</b> With the {result.severed} path at {code(token)} held "
+            f"noised, the mean effect of restoring layers 0–9 goes from {before:+.3f} to "
+            f"{after:+.3f}."
+        ]
+    if isinstance(result, AverageEffects):
+        k = result.kinds.index("mlp") if "mlp" in result.kinds else 0
+        group = result.groups.index("last subject token")
+        row = result.mean[k, group]
+        return [
+            f"<b>Average effects</b> over {result.n_facts} facts: the {result.kinds[k]} effect "
+            f"at the last subject token peaks at layer {int(row.argmax())} "
+            f"({float(row.max()):+.3f})."
+        ]
+    if isinstance(result, WeightEdit):
+        took = len(result.outcomes) - len(result.misses)
+        return [
+            f"<b>{type(result).__name__}</b> on {', '.join(result.deltas())}: "
+            f"{took} of {len(result.outcomes)} requests took."
+        ]
+    if isinstance(result, SequentialCurve) and result.rows:
+        last = result.rows[-1]
+        return [
+            f"<b>Sequential {html.escape(result.method)} edits:</b> after {last['edits']} edits, "
+            f"ES {last['ES']:.1f}, PS {last['PS']:.1f}, NS {last['NS']:.1f}."
+        ]
+    return []
 
 
 register_view(CausalTrace, "widget")(trace_widget)
