@@ -4,7 +4,8 @@
     python docs/make_figures.py --only-counts   # just the known-fact counts (~1 min)
     python docs/make_figures.py --only-lens     # docs/logit_lens.md and the README screenshot
 
-Reads ROME's known facts from ../shared/data (development data, not shipped).
+Reads ROME's known facts from ``--data`` (default ../shared/data: development
+data, not shipped).
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from rome_lens.core.predict import predict_next
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
-DATA = HERE.parents[1] / "shared" / "data" / "known_smollm2.json"
-ALL_KNOWN = DATA.with_name("known_1000.json")
+SHARED_DATA = HERE.parents[1] / "shared" / "data"
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
 
 
-def known_fact_counts(model) -> str:
+def known_fact_counts(model, data: Path) -> str:
     """How many of ROME's known facts the model answers top-1, with and without BOS."""
-    facts = json.loads(ALL_KNOWN.read_text())
+    facts = json.loads((data / "known_1000.json").read_text())
     prompts, answers = [f["prompt"] for f in facts], [f["attribute"] for f in facts]
     counts = {
         bos: int(predict_next(model, prompts, targets=answers, prepend_bos=bos).target_is_top.sum())
@@ -46,22 +46,23 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--only-counts", action="store_true")
     parser.add_argument("--only-lens", action="store_true")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="known-facts folder")
     args = parser.parse_args()
     FIGURES.mkdir(exist_ok=True)
     model = rome_lens.load_model()
     if args.only_lens:
         lens_figures(model)
         return
-    counts = known_fact_counts(model)
+    counts = known_fact_counts(model, args.data)
     (FIGURES / "known_facts.txt").write_text(counts + "\n")
     print(counts)
     if args.only_counts:
         return
 
     trace = trace_fact(model, PROMPT, SUBJECT)
-    trace.plot(FIGURES / "eiffel_trace.png")
+    trace.plot(path=FIGURES / "eiffel_trace.png")
     window1 = trace_fact(model, PROMPT, SUBJECT, kinds=("mlp", "attn"), window=1)
-    window1.plot(FIGURES / "eiffel_trace_window1.png")
+    window1.plot(path=FIGURES / "eiffel_trace_window1.png")
     lines = [f"clean p = {trace.clean_prob:.3f}, corrupted p = {trace.corrupted_prob:.3f}"]
     for t in (trace, window1):
         for kind in t.kinds:
@@ -74,16 +75,16 @@ def main() -> None:
     token = trace.peak("mlp").token
     for severed in ("mlp", "attn"):
         result = trace_severed(model, PROMPT, SUBJECT, severed=severed, token=token)
-        result.plot(FIGURES / f"eiffel_severed_{severed}.png")
+        result.plot(path=FIGURES / f"eiffel_severed_{severed}.png")
         lines.append(
             f"severed {severed} at {result.str_tokens[token]!r}: mean effect layers 0-9 "
             f"{(result.scores[:10] - result.corrupted_prob).mean():+.3f} -> "
             f"{(result.severed_scores[:10] - result.corrupted_prob).mean():+.3f}"
         )
 
-    facts = json.loads(DATA.read_text())[: args.facts]
+    facts = json.loads((args.data / "known_smollm2.json").read_text())[: args.facts]
     average = average_causal_effects(model, facts, samples=args.samples)
-    average.plot(FIGURES / "average_effects.png")
+    average.plot(path=FIGURES / "average_effects.png")
     average.to_dataframe().to_csv(FIGURES / "average_effects.csv", index=False)
     for k, kind in enumerate(average.kinds):
         for g, group in enumerate(average.groups):

@@ -141,12 +141,6 @@ def visit(
                 ".filter(d => d.children.length === 0).length"
             )
             visit.layout = tab.evaluate(LAYOUT_SCRIPT)
-            visit.slider_labels = tab.evaluate(SLIDER_SCRIPT)
-            tab.wait_for_timeout(300)
-            visit.empty_circuitsvis += tab.evaluate(
-                "[...document.querySelectorAll('div.circuitsvis')]"
-                ".filter(d => !d.innerText.trim()).length"
-            )
             if screenshot is not None:
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 tab.screenshot(path=str(screenshot), full_page=True)
@@ -154,6 +148,12 @@ def visit(
                 sections.mkdir(parents=True, exist_ok=True)
                 for i, section in enumerate(tab.locator("section.widget").all()):
                     section.screenshot(path=str(sections / f"section-{i + 1}.png"))
+            visit.slider_labels = tab.evaluate(SLIDER_SCRIPT)
+            tab.wait_for_timeout(300)
+            visit.empty_circuitsvis += tab.evaluate(
+                "[...document.querySelectorAll('div.circuitsvis')]"
+                ".filter(d => !d.innerText.trim()).length"
+            )
             browser.close()
     finally:
         server.shutdown()
