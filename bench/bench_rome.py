@@ -11,7 +11,10 @@ Phases (all seeded, cases in file order from ``--data``/counterfact_val.json):
   v* does not depend on C, so each case is optimised once and only u is re-solved;
 * ``main``: unedited and ROME over ``--cases`` cases, with median edit time;
 * ``ft``: the FT+L baseline over ``--ft-cases`` cases;
-* ``sequential``: ``--sequential`` ROME edits applied one after another.
+* ``sequential``: ``--sequential`` ROME edits applied one after another;
+* ``variants``: which keys the update maps exactly to v* (``key_match``:
+  the averaged k*, the bare prompt's key, or both) on ``--cases`` cases in one
+  run; v* does not depend on it, so each case is optimised once.
 
 Tables are printed and written as CSV to ``--out``.
 """
@@ -41,7 +44,7 @@ from rome_lens.evaluation import (
 )
 from rome_lens.stats import key_second_moment
 
-PHASES = ("stats", "layers", "n_tokens", "main", "ft", "sequential")
+PHASES = ("stats", "layers", "n_tokens", "main", "ft", "sequential", "variants")
 
 
 def main() -> None:
@@ -115,6 +118,8 @@ def main() -> None:
             model, cases[:n], checkpoints=checkpoints, layer=layer
         ).to_dataframe()
         report(args.out, "rome_sequential", curve)
+    if "variants" in phases:
+        report(args.out, "rome_variants", key_match_variants(model, cases[: args.cases], layer))
 
 
 def stats_times(model: HookedTransformer, layers: list[int]) -> pd.DataFrame:
@@ -159,6 +164,43 @@ def n_tokens_sweep(
             {"statistics": name, "ES": es, "PS": ps, "NS": ns, "S": overall_score([es, ps, ns])}
         )
     return pd.DataFrame(rows)
+
+
+def key_match_variants(
+    model: HookedTransformer, cases: list[CounterFactCase], layer: int
+) -> pd.DataFrame:
+    """ES / PS / NS of each ``key_match``, the unedited model beside them, reusing each v*."""
+    from rome_lens.editing import memory
+    from rome_lens.editing.rome import KEY_MATCHES, _left_vector
+
+    stats = key_second_moment(model, layer, progress=False)
+    moment = stats.regularised(stats.ridge(1e10))
+    frames: dict[str, list[pd.DataFrame]] = {name: [] for name in ("unedited", *KEY_MATCHES)}
+    seconds = []
+    for case in cases:
+        frames["unedited"].append(case_scores(model, [case]))
+        started = time.perf_counter()
+        edit = rome_edit(model, case.request, layer=layer, stats=stats, progress=False)
+        seconds.append(time.perf_counter() - started)
+        bare = memory.compute_keys(model, [case.request], layer, ["{}"])[0]
+        u = torch.linalg.solve(moment, edit.key)
+        chosen = {"averaged": edit.key[None], "bare": bare[None],
+                  "both": torch.stack([edit.key, bare])}  # fmt: skip
+        for name in KEY_MATCHES:
+            variant = dataclasses.replace(edit, left=_left_vector(u, chosen[name], moment))
+            with edited(model, variant):
+                frames[name].append(case_scores(model, [case]))
+    rows = []
+    for name, parts in frames.items():
+        df = pd.concat(parts)
+        es, ps, ns = (
+            100 * df[f"{m}_score"].mean() for m in ("efficacy", "paraphrase", "neighborhood")
+        )
+        rows.append({"key_match": name, "cases": len(df), "ES": es, "PS": ps, "NS": ns,
+                     "S": overall_score([es, ps, ns])})  # fmt: skip
+    table = pd.DataFrame(rows)
+    table["median_edit_s"] = float(pd.Series(seconds).median())
+    return table
 
 
 if __name__ == "__main__":

@@ -34,3 +34,25 @@ def report(out: Path, name: str, table: pd.DataFrame) -> None:
     print(f"\n== {name} ==")
     print(table.to_string(index=False))
     table.to_csv(out / f"{name}.csv", index=False)
+
+
+def reset_peak() -> int:
+    """Start a new window for :func:`peak_mib` (Linux resets VmHWM through clear_refs).
+
+    Returns:
+        The resident memory now, in MiB.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mib("VmRSS")
+
+
+def peak_mib() -> int:
+    """This process's peak resident memory since :func:`reset_peak`, in MiB."""
+    return _status_mib("VmHWM")
+
+
+def _status_mib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: peak memory needs Linux")

@@ -3,13 +3,15 @@
 Find it with causal tracing (:func:`trace_fact`), rewrite it with ROME
 (:func:`rome_edit`) or thousands at once with MEMIT (:func:`memit_edit`), check it
 with CounterFact (:func:`evaluate_edits`), watch it layer by layer with the
-logit lens (:func:`logit_lens`), undo it exactly (:func:`edited`,
-``edit.apply(model).revert()``), and see every result in a notebook or an
-offline page (:mod:`rome_lens.viz`).
+logit lens (:func:`logit_lens`), look inside with LLM-Microscope's metrics
+(:func:`token_nonlinearity`, :func:`contextualisation`, ...), ask which
+training texts drive an answer (:func:`influence`), undo an edit exactly
+(:func:`edited`, ``edit.apply(model).revert()``), and see every result in a
+notebook or an offline page (:mod:`rome_lens.viz`).
 
 The package is built in rooms, each importing only those below it::
 
-    core → stats → tracing | editing | analysis → evaluation → viz → cli
+    core → stats → tracing | editing | analysis | influence → evaluation → viz → cli
 
 The names below load their room on first use, so ``import rome_lens`` (and the
 ``rome-lens`` command's ``--help``) costs no torch import.
@@ -31,9 +33,27 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
-_ROOMS = ("analysis", "cli", "core", "editing", "evaluation", "stats", "tracing", "viz")
+_ROOMS = (
+    "analysis",
+    "cli",
+    "core",
+    "editing",
+    "evaluation",
+    "influence",
+    "stats",
+    "tracing",
+    "viz",
+)
 _EXPORTS = {
-    "analysis": ["LogitLens", "logit_lens"],
+    "analysis": [
+        "LogitLens",
+        "contextualisation",
+        "intermediate_predictions",
+        "layer_linearity",
+        "logit_lens",
+        "representation_geometry",
+        "token_nonlinearity",
+    ],
     "core": ["DEFAULT_MODEL", "load_model", "tiny_model"],
     "editing": [
         "AppliedEdit",
@@ -59,6 +79,7 @@ _EXPORTS = {
         "summarize",
         "without_conflicts",
     ],
+    "influence": ["InfluenceFactors", "InfluenceResult", "fit_influence_factors"],
     "stats": ["KeyStats", "key_second_moment"],
     "tracing": [
         "AverageEffects",
@@ -82,6 +103,8 @@ __all__ = [
     "EditRequest",
     "Evaluation",
     "FTHyperParams",
+    "InfluenceFactors",
+    "InfluenceResult",
     "KeyStats",
     "LogitLens",
     "MEMITHyperParams",
@@ -93,19 +116,26 @@ __all__ = [
     "WeightEdit",
     "WeightPatch",
     "average_causal_effects",
+    "contextualisation",
     "edited",
     "embedding_noise_scale",
     "evaluate_edits",
+    "fit_influence_factors",
     "ft_edit",
+    "influence",
+    "intermediate_predictions",
     "key_second_moment",
+    "layer_linearity",
     "load_counterfact",
     "load_counterfact_sample",
     "load_model",
     "logit_lens",
     "memit_edit",
+    "representation_geometry",
     "rome_edit",
     "summarize",
     "tiny_model",
+    "token_nonlinearity",
     "trace_fact",
     "trace_severed",
     "viz",
@@ -126,8 +156,19 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from rome_lens import viz
-    from rome_lens.analysis import LogitLens, logit_lens
+    from rome_lens import (
+        influence,  # the room, callable as rome_lens.influence(...)
+        viz,
+    )
+    from rome_lens.analysis import (
+        LogitLens,
+        contextualisation,
+        intermediate_predictions,
+        layer_linearity,
+        logit_lens,
+        representation_geometry,
+        token_nonlinearity,
+    )
     from rome_lens.core import DEFAULT_MODEL, load_model, tiny_model
     from rome_lens.editing import (
         AppliedEdit,
@@ -153,6 +194,7 @@ if TYPE_CHECKING:
         summarize,
         without_conflicts,
     )
+    from rome_lens.influence import InfluenceFactors, InfluenceResult, fit_influence_factors
     from rome_lens.stats import KeyStats, key_second_moment
     from rome_lens.tracing import (
         AverageEffects,

@@ -3,13 +3,17 @@
     rome-lens trace PROMPT --subject S [--target T] [--kinds resid mlp attn] --out DIR
     rome-lens edit PROMPT_TEMPLATE --subject S --new T [--layer L] [--neighbour P ...] --out DIR
     rome-lens lens PROMPT [--targets T ...] --out DIR
+    rome-lens microscope TEXT_OR_FILE [--adapter PATH] --out DIR
+    rome-lens influence PROMPT --completion C --corpus FILE [--layers L ...] --out DIR
     rome-lens demo [--out DIR]
 
 Each command works on the default model (SmolLM2-135M-Instruct) unless
 ``--model-path`` names a Llama-family GGUF file or a folder written by
 :func:`rome_lens.core.models.save_model`. Each prints what it found and writes
 its figures, CSV tables and an offline HTML report (``index.html``) into
-``--out``. ``demo`` traces, edits and lenses the Eiffel Tower fact on one page.
+``--out``. ``demo`` traces, edits and lenses the Eiffel Tower fact on one page;
+``microscope`` reads a text with LLM-Microscope's metrics; ``influence`` ranks
+the texts of a corpus by how much they raise a completion's probability.
 
 Exit status: 0 when all went well; 1 when the science failed (a trace of a
 fact the model does not know, unless ``--allow-unreliable``; an edit that did
@@ -21,6 +25,8 @@ argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import html
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -109,6 +115,58 @@ def _parser() -> argparse.ArgumentParser:
     lens.add_argument("prompt", help="the text to read layer by layer")
     lens.add_argument("--targets", nargs="*", default=None, help="answers to follow")
     _common(lens, "rome_lens_lens")
+
+    micro = commands.add_parser(
+        "microscope", help="LLM-Microscope: linearity, nonlinearity, predictions, context"
+    )
+    micro.add_argument("text", metavar="TEXT_OR_FILE", help="a text, or a path to a text file")
+    micro.add_argument(
+        "--reference-tokens",
+        type=int,
+        default=5000,
+        help="tokens sampled from the model to fit the linear maps on (default: 5000)",
+    )
+    micro.add_argument(
+        "--adapter", type=Path, default=None, help="a contextualisation adapter saved earlier"
+    )
+    micro.add_argument(
+        "--context-steps",
+        type=int,
+        default=100,
+        help="training steps of a new adapter when --adapter is not given (default: 100)",
+    )
+    micro.add_argument("--no-context", action="store_true", help="skip contextualisation")
+    _common(micro, "rome_lens_microscope")
+
+    infl = commands.add_parser("influence", help="which texts of a corpus drive a completion")
+    infl.add_argument("prompt", help="the query's prompt")
+    infl.add_argument("--completion", required=True, help="the answer whose probability counts")
+    infl.add_argument(
+        "--corpus",
+        required=True,
+        type=Path,
+        help="the texts: .txt (blank-line separated) or .jsonl",
+    )
+    infl.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="MLP layers (default: every layer)"
+    )
+    infl.add_argument(
+        "--fit-tokens",
+        type=int,
+        default=20_000,
+        help="corpus tokens the EK-FAC factors average over (default: 20000)",
+    )
+    infl.add_argument(
+        "--strategy",
+        choices=["ekfac", "kfac", "diagonal", "identity"],
+        default="ekfac",
+        help="curvature approximation (default: ekfac)",
+    )
+    infl.add_argument("--top-k", type=int, default=20, help="texts to show (default: 20)")
+    infl.add_argument(
+        "--prefilter", type=int, default=None, help="score only BM25's top texts (default: all)"
+    )
+    _common(infl, "rome_lens_influence")
     return parser
 
 
@@ -134,7 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check_args(args)
-        run = {"demo": _demo, "trace": _trace, "edit": _edit, "lens": _lens}[args.command]
+        run = {
+            "demo": _demo,
+            "trace": _trace,
+            "edit": _edit,
+            "lens": _lens,
+            "microscope": _microscope,
+            "influence": _influence,
+        }[args.command]
         failures: list[str] = []
         widgets = run(_model(args.model_path), args, failures)
         from rome_lens.viz import report
@@ -151,10 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("samples", "window"):
+    for name in ("samples", "window", "reference_tokens", "context_steps", "fit_tokens", "top_k"):
         value = getattr(args, name, 1)
         if value < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {value}")
+            flag = name.replace("_", "-")
+            raise ValueError(f"--{flag} must be a positive integer, got {value}")
 
 
 def _model(path: Path | None) -> HookedTransformer:
@@ -289,6 +355,88 @@ def _lens(model: HookedTransformer, args: argparse.Namespace, failures: list[str
             f"{target!r}: p = {float(lens.target_log_probs[-1, t].exp()):.3f} at the end, {where}"
         )
     return [logit_lens_widget(lens)]
+
+
+def _microscope(
+    model: HookedTransformer, args: argparse.Namespace, failures: list[str]
+) -> list[Widget]:
+    """Token nonlinearity, intermediate predictions, contextualisation, linearity, geometry."""
+    from rome_lens.analysis import (
+        ContextAdapter,
+        ContextHyperParams,
+        contextualisation,
+        fit_linear_maps,
+        intermediate_predictions,
+        representation_geometry,
+        token_nonlinearity,
+        train_context_adapter,
+    )
+
+    path = Path(args.text)
+    text = path.read_text() if path.is_file() else args.text
+    progress = not args.no_progress
+    maps = fit_linear_maps(model, n_tokens=args.reference_tokens, progress=progress)
+    results = [
+        token_nonlinearity(model, text, maps=maps, progress=progress),
+        intermediate_predictions(model, text, progress=progress),
+    ]
+    if not args.no_context:
+        if args.adapter is not None:
+            adapter = ContextAdapter.load(args.adapter, model=model)
+        else:
+            hparams = ContextHyperParams(steps=args.context_steps)
+            adapter = train_context_adapter(model, hparams=hparams, progress=progress)
+        results.append(contextualisation(model, text, adapter, progress=progress))
+    results.append(maps)
+    results.append(
+        representation_geometry(model, n_tokens=min(args.reference_tokens, 2048), progress=progress)
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    widgets = []
+    for result in results:
+        name = result.kind
+        result.to_dataframe().to_csv(args.out / f"{name}.csv", index=False)
+        _save_png_and_svg(result.plot(), args.out / name)
+        widget = result.widget()
+        print(" ".join(html.unescape(re.sub(r"<[^>]+>", "", s)) for s in widget.summary))
+        widgets.append(widget)
+    return widgets
+
+
+def _influence(
+    model: HookedTransformer, args: argparse.Namespace, failures: list[str]
+) -> list[Widget]:
+    """Fit EK-FAC factors on the corpus, then rank its texts for the query."""
+    from rome_lens.influence import fit_influence_factors, influence
+
+    progress = not args.no_progress
+    factors = fit_influence_factors(
+        model,
+        args.corpus,
+        layers=args.layers,
+        n_tokens=args.fit_tokens,
+        strategy=args.strategy if args.strategy in ("ekfac", "diagonal") else "kfac",
+        progress=progress,
+    )
+    result = influence(
+        model,
+        factors,
+        args.prompt,
+        args.completion,
+        args.corpus,
+        top_k=args.top_k,
+        prefilter=args.prefilter,
+        strategy=args.strategy,
+        progress=progress,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = result.to_dataframe()
+    table.to_csv(args.out / "influence.csv", index=False)
+    _save_png_and_svg(result.plot(), args.out / "influence")
+    for row in table.head(5).itertuples():
+        flat = " ".join(str(row.text).split())
+        print(f"{row.rank}. text {row.text_id}: score {row.score:.4g}  {flat[:80]!r}")
+    return [result.widget()]
 
 
 def _save_lens(lens: LogitLens, out: Path, *, before: LogitLens | None = None) -> None:

@@ -54,6 +54,9 @@ class PageVisit:
 # Measures the rendered page: its height, the smallest text, tall containers that show
 # nothing, and the colour bars and tick labels of every heatmap and chart.
 LAYOUT_SCRIPT = """() => {
+  const PANELS = 'g.trace-heatmap, g.token-heatmap, g.context-heatmap, g.influence-heatmap';
+  const CHARTS = 'svg.lens-rank, svg.lens-prob, svg.linearity, svg.anisotropy, '
+    + 'svg.intrinsic-dimension, svg.depth-weights';
   const visible = el => { const r = el.getBoundingClientRect(); const s = getComputedStyle(el);
     const folded = el.closest('details:not([open])') && !el.closest('summary');
     return !folded && r.width > 0 && r.height > 0 && s.visibility !== 'hidden'
@@ -75,14 +78,14 @@ LAYOUT_SCRIPT = """() => {
     height: document.documentElement.scrollHeight,
     smallest_font: smallest, smallest_text: smallestText,
     empty_tall: empty,
-    heatmaps: document.querySelectorAll('g.trace-heatmap').length,
+    heatmaps: document.querySelectorAll(PANELS).length,
     heatmaps_with_colorbar: [...document.querySelectorAll('svg.heatmaps')].map(svg =>
-      svg.querySelectorAll('g.colorbar').length === svg.querySelectorAll('g.trace-heatmap').length
+      svg.querySelectorAll('g.colorbar').length === svg.querySelectorAll(PANELS).length
       && [...svg.querySelectorAll('g.colorbar text.tick')].length >= 2).every(Boolean),
-    charts: document.querySelectorAll('svg.lens-rank, svg.lens-prob').length,
-    charts_with_ticks: [...document.querySelectorAll('svg.lens-rank, svg.lens-prob')]
+    charts: document.querySelectorAll(CHARTS).length,
+    charts_with_ticks: [...document.querySelectorAll(CHARTS)]
       .every(svg => svg.querySelectorAll('text.tick').length >= 4),
-    chart_widths: [...document.querySelectorAll('svg.lens-rank, svg.lens-prob')]
+    chart_widths: [...document.querySelectorAll(CHARTS)]
       .map(svg => svg.getBoundingClientRect().width),
     summary: document.querySelector('.summary-card')?.innerText ?? '',
     toc_links: document.querySelectorAll('nav.toc a').length,

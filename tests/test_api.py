@@ -20,7 +20,7 @@ NAMES_IN_0_1 = [
     "rome_edit", "summarize", "tiny_model", "trace_fact", "trace_severed", "viz",
     "without_conflicts",
 ]  # fmt: skip
-ROOMS = ["core", "stats", "tracing", "editing", "analysis", "evaluation", "viz"]
+ROOMS = ["core", "stats", "tracing", "editing", "analysis", "influence", "evaluation", "viz"]
 
 
 def public_functions():

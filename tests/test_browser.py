@@ -104,3 +104,93 @@ class TestRendering:
         """A screenshot of the whole page and of each section are in the test output."""
         assert (OUTPUT / "report.png").read_bytes()[:4] == b"\x89PNG"
         assert len(list((OUTPUT / "report-sections").glob("section-*.png"))) == 3
+
+
+@pytest.fixture(scope="module")
+def microscope_page(tmp_path_factory):
+    """`rome-lens microscope` on the tiny model (saved as a folder), and what Chromium saw."""
+    if chromium_path() is None:
+        pytest.skip("Chromium is not installed (`apt-get install chromium` failed or was not run)")
+    pytest.importorskip("playwright", reason="playwright drives Chromium: pip install playwright")
+    import rome_lens
+    from rome_lens.core.models import save_model
+
+    folder = tmp_path_factory.mktemp("microscope")
+    model_path = save_model(rome_lens.tiny_model(), folder / "model")
+    text = "The Eiffel Tower is located in the city of Paris. The Louvre is a museum in Paris."
+    args = ["microscope", text, "--model-path", str(model_path), "--reference-tokens", "300"]
+    args += ["--context-steps", "3", "--no-progress", "--out", str(folder / "page")]
+    assert main(args) == 0
+    return visit(
+        folder / "page",
+        "index.html",
+        ["div.circuitsvis", "svg.heatmaps"],
+        screenshot=OUTPUT / "microscope.png",
+        width=WIDTH,
+    )
+
+
+class TestMicroscopePage:
+    def test_every_widget_renders_offline_without_errors(self, microscope_page):
+        """Heatmaps with colour bars, charts with ticks, three token strips; no errors, no
+        outside requests, nothing tall and empty, no text under 11 px."""
+        layout = microscope_page.layout
+        assert layout["heatmaps"] == 3 and layout["heatmaps_with_colorbar"]
+        assert layout["charts"] == 4 and layout["charts_with_ticks"]
+        assert microscope_page.counts["div.circuitsvis"] == 3
+        assert microscope_page.empty_circuitsvis == 0
+        assert layout["empty_tall"] == [] and layout["smallest_font"] >= 11
+        assert microscope_page.console_errors == []
+        assert microscope_page.external_requests() == []
+
+    def test_summary_card_has_a_sentence_per_metric(self, microscope_page):
+        summary = microscope_page.layout["summary"]
+        for heading in ("Token nonlinearity.", "Intermediate predictions.", "Contextualisation.",
+                        "Layer linearity.", "Geometry."):  # fmt: skip
+            assert heading in summary
+
+
+@pytest.fixture(scope="module")
+def influence_page(tmp_path_factory):
+    """`rome-lens influence` on the tiny model (saved as a folder), and what Chromium saw."""
+    if chromium_path() is None:
+        pytest.skip("Chromium is not installed (`apt-get install chromium` failed or was not run)")
+    pytest.importorskip("playwright", reason="playwright drives Chromium: pip install playwright")
+    import rome_lens
+    from rome_lens.core.models import save_model
+
+    folder = tmp_path_factory.mktemp("influence")
+    model_path = save_model(rome_lens.tiny_model(), folder / "model")
+    corpus = folder / "texts.txt"
+    corpus.write_text(
+        "The Eiffel Tower is located in the city of Paris.\n\nThe Louvre is in Paris.\n\n"
+        "Rome is the capital of Italy.\n\nCats sleep most of the day.\n\nBerlin is in Germany."
+    )
+    args = ["influence", "The Eiffel Tower is located in the city of", "--completion", " Paris"]
+    args += ["--corpus", str(corpus), "--model-path", str(model_path), "--fit-tokens", "200"]
+    args += ["--top-k", "4", "--no-progress", "--out", str(folder / "page")]
+    assert main(args) == 0
+    return visit(
+        folder / "page",
+        "index.html",
+        ["div.circuitsvis", "svg.heatmaps"],
+        screenshot=OUTPUT / "influence.png",
+        width=WIDTH,
+    )
+
+
+class TestInfluencePage:
+    def test_every_widget_renders_offline_without_errors(self, influence_page):
+        """The layer heatmap with its colour bar, the distribution with ticks, the coloured
+        texts; no errors, no outside requests, nothing tall and empty, no text under 11 px."""
+        layout = influence_page.layout
+        assert layout["heatmaps"] == 1 and layout["heatmaps_with_colorbar"]
+        assert layout["charts"] >= 1 and layout["charts_with_ticks"]
+        assert influence_page.counts["div.circuitsvis"] == 1
+        assert influence_page.empty_circuitsvis == 0
+        assert layout["empty_tall"] == [] and layout["smallest_font"] >= 11
+        assert influence_page.console_errors == []
+        assert influence_page.external_requests() == []
+
+    def test_summary_names_the_top_text(self, influence_page):
+        assert "Eiffel" in influence_page.layout["summary"]

@@ -113,6 +113,47 @@ class TestCommandLineOnAnyModel:
         assert "\n" not in err
 
 
+class TestMicroscope:
+    def test_microscope_writes_tables_figures_and_report(self, tiny_path, tmp_path, capsys):
+        """`rome-lens microscope` on a text file writes a CSV and figures per metric, and a page."""
+        text = tmp_path / "text.txt"
+        text.write_text("The Eiffel Tower is located in the city of Paris. The Louvre is a museum.")
+        out = tmp_path / "out"
+        args = ["microscope", str(text), "--reference-tokens", "200", "--context-steps", "2"]
+        assert main([*args, "--model-path", tiny_path, "--no-progress", "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert "Token nonlinearity." in printed and "Contextualisation." in printed
+        names = ["token_nonlinearity", "intermediate_predictions", "contextualisation",
+                 "linear_maps", "representation_geometry"]  # fmt: skip
+        for name in names:
+            assert (out / f"{name}.csv").exists() and (out / f"{name}.png").exists()
+        page = (out / "index.html").read_text()
+        assert page.count('<section class="widget"') == len(names)
+
+    def test_bad_numbers_are_refused(self, tiny_path, tmp_path, capsys):
+        args = ["microscope", "Some text.", "--reference-tokens", "0", "--model-path", tiny_path]
+        assert main([*args, "--out", str(tmp_path)]) == 2
+        assert "--reference-tokens must be a positive integer, got 0" in capsys.readouterr().err
+
+
+class TestInfluence:
+    def test_influence_ranks_the_corpus(self, tiny_path, tmp_path, capsys):
+        """`rome-lens influence` fits factors on the corpus, ranks its texts, writes a page."""
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text(
+            "The Eiffel Tower is in Paris.\n\nCats sleep a lot.\n\nBerlin is in Germany."
+        )
+        args = ["influence", "The Eiffel Tower is in", "--completion", "Paris"]
+        args += ["--corpus", str(corpus), "--layers", "1", "2", "--fit-tokens", "100"]
+        out = tmp_path / "out"
+        assert main([*args, "--model-path", tiny_path, "--no-progress", "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith("1. text ")
+        table = pd.read_csv(out / "influence.csv")
+        assert sorted(table["text_id"]) == [0, 1, 2]
+        assert "Influence" in (out / "index.html").read_text()
+
+
 class TestParsing:
     def test_help_imports_no_torch(self):
         """`rome-lens --help` parses and prints before anything heavy is imported."""

@@ -85,12 +85,14 @@ class TestAverageEffects:
         assert len(result.to_dataframe()) == 6 * smol.cfg.n_layers
 
 
-class TestSameNumbersAsBefore:
+@pytest.fixture(scope="module")
+def golden():
     """The numbers rome_lens 0.1.0 computed, before the rooms were built (tests/data)."""
+    return load_file(DATA / "golden_demo.safetensors")
 
-    @pytest.fixture(scope="class")
-    def golden(self):
-        return load_file(DATA / "golden_demo.safetensors")
+
+class TestSameNumbersAsBefore:
+    """The demo's trace and edit give rome_lens 0.1.0's numbers."""
 
     def test_demo_trace(self, demo_trace, golden):
         """The demo trace's every score, and its clean and corrupted p, to 1e-6."""

@@ -92,6 +92,27 @@ class TestRankOneUpdate:
         along_k = torch.outer(k, k @ gradient) / (k @ k)
         assert torch.allclose(gradient, along_k, atol=1e-9 * gradient.abs().max())
 
+    @pytest.mark.parametrize("match", ["bare", "both"])
+    def test_key_match_maps_the_chosen_keys_exactly(self, tiny, stats, match):
+        """With "bare", k_bare · ℓ = 1 (ROME's original form); "both": k* · ℓ = k_bare · ℓ = 1 with
+        the least C-norm, checked against a dense constrained solve (Lagrange system)."""
+        hparams = ROMEHyperParams(context_lengths=((3, 2),), v_steps=5, key_match=match)
+        found = rome_edit(tiny, REQUEST, layer=LAYER, hparams=hparams, stats=stats,
+                          progress=False)  # fmt: skip
+        bare = memory.compute_keys(tiny, [REQUEST], LAYER, ["{}"])[0]
+        assert float(bare @ found.left) == pytest.approx(1.0, rel=1e-9)
+        if match == "bare":
+            u = torch.linalg.solve(stats.moment, found.key)
+            torch.testing.assert_close(found.left, u / (bare @ u))
+            return
+        assert float(found.key @ found.left) == pytest.approx(1.0, rel=1e-9)
+        keys = torch.stack([found.key, bare])  # min ℓᵀCℓ s.t. Kℓ = 1: [[2C, Kᵀ], [K, 0]]
+        d = len(bare)
+        system = torch.zeros(d + 2, d + 2, dtype=torch.float64)
+        system[:d, :d], system[:d, d:], system[d:, :d] = 2 * stats.moment, keys.T, keys
+        rhs = torch.cat([torch.zeros(d, dtype=torch.float64), torch.ones(2, dtype=torch.float64)])
+        torch.testing.assert_close(found.left, torch.linalg.solve(system, rhs)[:d])
+
     def test_edit_raises_target_probability(self, tiny, edit):
         """The new target becomes more likely after the edit."""
         before = target_nll(tiny, [REQUEST.text], ["Rome"])

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from rome_lens.core.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
+from rome_lens.core.distributed import Split, is_main
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.generation import sample_tokens
 from rome_lens.core.runtime import pad
@@ -292,5 +293,6 @@ def _model_samples(
             batches.append(sample_tokens(model, prompts, length, generator=generator).cpu())
             bar.update(rows)
     tokens = torch.cat(batches)
-    save_tensors(path, {"tokens": tokens}, {"seed": seed})
+    if is_main(Split.of(None)):  # under torch.distributed, every rank samples the same; one writes
+        save_tensors(path, {"tokens": tokens}, {"seed": seed})
     return list(tokens)

@@ -35,7 +35,7 @@ import weakref
 import torch
 from transformer_lens import HookedTransformer
 
-__all__ = ["check_layer", "hook_fingerprint", "model_fingerprint"]
+__all__ = ["check_layer", "hook_fingerprint", "hook_scope", "model_fingerprint"]
 
 _CONFIG_FIELDS = (
     "n_layers",
@@ -62,6 +62,10 @@ _SAMPLES_PER_WEIGHT = 2048
 _BEFORE_MLP_OUT = re.compile(
     r"^blocks\.(\d+)\.(hook_resid_pre|ln1\.|attn\.|hook_attn_out|hook_resid_mid|ln2\."
     r"|mlp\.hook_pre|mlp\.hook_pre_linear|mlp\.hook_post)"
+)
+# model -> {weight name: (state of the weight read, its summary line)}
+_SUMMARIES: weakref.WeakKeyDictionary[HookedTransformer, dict[str, tuple[bytes, bytes]]] = (
+    weakref.WeakKeyDictionary()
 )
 # model -> {upto_layer: (state of the weights read, fingerprint)}
 _MEMO: weakref.WeakKeyDictionary[HookedTransformer, dict[int | None, tuple[bytes, str]]] = (
@@ -134,18 +138,29 @@ def model_fingerprint(model: HookedTransformer, *, upto_layer: int | None = None
     config = {field: str(getattr(model.cfg, field, None)) for field in _CONFIG_FIELDS}
     sha.update(json.dumps(config, sort_keys=True).encode())
     sha.update(f"upto_layer={upto_layer}".encode())
-    with torch.no_grad():
-        for (name, param), sample in zip(params, samples, strict=True):
-            flat = _flat(param)  # row-major whatever the layout, so the sums round alike
-            total = flat.sum(dtype=torch.float64).item()
-            norm = torch.linalg.vector_norm(flat, dtype=torch.float64).item()
-            sha.update(
-                f"{name}|{tuple(param.shape)}|{param.dtype}|{total:.17g}|{norm:.17g}".encode()
-            )
-            sha.update(sample)
+    for (name, param), sample in zip(params, samples, strict=True):
+        sha.update(_summary(model, name, param, sample))
+        sha.update(sample)
     fingerprint = sha.hexdigest()[:16]
     memo[upto_layer] = (state.digest(), fingerprint)
     return fingerprint
+
+
+def _summary(model: HookedTransformer, name: str, param: torch.Tensor, sample: bytes) -> bytes:
+    """A weight's name, shape, dtype, sum and norm, remembered while the weight is unchanged
+    (fingerprints of many layer prefixes then read each weight once)."""
+    state = sample + f"|{param.data_ptr()}|{param._version}".encode()
+    summaries = _SUMMARIES.setdefault(model, {})
+    remembered = summaries.get(name)
+    if remembered is not None and remembered[0] == state:
+        return remembered[1]
+    with torch.no_grad():
+        flat = _flat(param)  # row-major whatever the layout, so the sums round alike
+        total = flat.sum(dtype=torch.float64).item()
+        norm = torch.linalg.vector_norm(flat, dtype=torch.float64).item()
+    line = f"{name}|{tuple(param.shape)}|{param.dtype}|{total:.17g}|{norm:.17g}".encode()
+    summaries[name] = (state, line)
+    return line
 
 
 def _flat(param: torch.Tensor) -> torch.Tensor:
@@ -173,7 +188,21 @@ def hook_fingerprint(model: HookedTransformer, hook: str, direction: str = "forw
     Returns:
         The fingerprint, a hex string.
     """
+    return model_fingerprint(model, upto_layer=hook_scope(model, hook, direction))
+
+
+def hook_scope(model: HookedTransformer, hook: str, direction: str = "forward") -> int | None:
+    """The ``upto_layer`` of :func:`model_fingerprint` that covers a hook point's inputs.
+
+    Args:
+        model: the model.
+        hook: a hook point name.
+        direction: ``"forward"`` or ``"backward"``.
+
+    Returns:
+        A layer, or ``None`` for every weight.
+    """
     found = _BEFORE_MLP_OUT.match(hook)
     if direction == "forward" and found and not model.cfg.attn_only:
-        return model_fingerprint(model, upto_layer=int(found.group(1)))
-    return model_fingerprint(model)
+        return int(found.group(1))
+    return None

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
+import safetensors.torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -119,6 +121,35 @@ class Result:
         fields = _encode(self, "", tensors)
         save_tensors(Path(path), tensors, {"format": FORMAT, "kind": self.kind, "value": fields})
         return Path(path)
+
+    def to_bytes(self) -> bytes:
+        """The result as safetensors bytes, its fields as JSON metadata (no pickle).
+
+        Returns:
+            What :meth:`from_bytes` reads back.
+        """
+        tensors: dict[str, Tensor] = {}
+        fields = _encode(self, "", tensors)
+        meta = {"format": str(FORMAT), "kind": self.kind, "value": json.dumps(fields)}
+        return safetensors.torch.save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls: type[R], data: bytes) -> R:
+        """Read a result written by :meth:`to_bytes`.
+
+        Args:
+            data: the bytes.
+
+        Returns:
+            The result.
+        """
+        tensors = safetensors.torch.load(data)
+        size = int.from_bytes(data[:8], "little")  # safetensors: header length, then JSON header
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__", {})
+        target = _TYPES.get(meta.get("kind", ""))
+        if meta.get("format") != str(FORMAT) or target is None or not issubclass(target, cls):
+            raise ValueError(f"these bytes hold no {cls.__name__} (kind {meta.get('kind')!r})")
+        return _decode(json.loads(meta["value"]), tensors)
 
     @classmethod
     def load(

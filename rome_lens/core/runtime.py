@@ -31,7 +31,7 @@ True
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -45,6 +45,7 @@ from rome_lens.core.hooks import Hook, attached
 __all__ = [
     "PaddingSide",
     "capture",
+    "capture_with_gradients",
     "frozen",
     "hook_layer",
     "linear_layout",
@@ -191,6 +192,56 @@ def capture(
     with attached(model, [(name, keep(name)) for name in hook_names]):
         model(tokens.to(device), attention_mask=mask, stop_at_layer=stop, return_type=None)
     return {name: store[name] for name in hook_names}
+
+
+def capture_with_gradients(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    hook_names: Sequence[str],
+    gradient_names: Sequence[str],
+    loss: Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor],
+    *,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Activations at some hooks, and the gradient of a scalar loss of the logits at others.
+
+    Gradients start at the embeddings (``hook_embed`` becomes a leaf), so no
+    weight gathers a gradient and ``requires_grad`` flags are never touched:
+    only the activations named get one.
+
+    Args:
+        model: any ``HookedTransformer``.
+        tokens: ``[batch pos]`` token ids.
+        hook_names: hook points whose activations are returned.
+        gradient_names: hook points whose ``d loss / d activation`` is returned.
+        loss: the scalar to differentiate, a function of the logits.
+        attention_mask: passed to the model (needed for left padding).
+
+    Returns:
+        ``({hook: activation}, {hook: gradient})``, detached, each ``[batch pos ...]``.
+    """
+    store: dict[str, Tensor] = {}
+
+    def leaf(act: Tensor, hook: object) -> Tensor:
+        return act.detach().requires_grad_(True)
+
+    def keep(name: str) -> Hook:
+        def hook(act: Tensor, hook: object) -> None:
+            store[name] = act
+
+        return hook
+
+    names = sorted({*hook_names, *gradient_names})
+    device = model.cfg.device
+    mask = None if attention_mask is None else attention_mask.to(device)
+    with (
+        torch.enable_grad(),
+        attached(model, [("hook_embed", leaf)] + [(n, keep(n)) for n in names]),
+    ):
+        logits = model(tokens.to(device), attention_mask=mask)
+        grads = torch.autograd.grad(loss(logits), [store[name] for name in gradient_names])
+    gradients = {name: g.detach() for name, g in zip(gradient_names, grads, strict=True)}
+    return {name: store[name].detach() for name in hook_names}, gradients
 
 
 def run_to_layer(

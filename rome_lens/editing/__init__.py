@@ -1,7 +1,8 @@
 """Editing: write facts into ``blocks.{L}.mlp.W_out``, check they took, undo them exactly.
 
 This room holds the editors (ROME's rank-one update, MEMIT's multi-layer batch
-update, the FT+L fine-tuning baseline), what they share (requests and
+update, AlphaEdit's null-space update and the editor that writes batch after
+batch, the FT+L fine-tuning baseline), what they share (requests and
 settings, contexts, keys and the optimised values, the per-model defaults),
 and the reversible weight patches every editor returns. It imports
 :mod:`rome_lens.core` and :mod:`rome_lens.stats` (key statistics), nothing above.
@@ -20,6 +21,12 @@ and the reversible weight patches every editor returns. It imports
 ...     pass
 """
 
+from rome_lens.editing.alphaedit import (
+    AlphaEditHyperParams,
+    alphaedit_edit,
+    null_space_projector,
+    null_space_update,
+)
 from rome_lens.editing.defaults import (
     DEFAULT_LAYERS,
     DEFAULT_MEMIT_LAYERS,
@@ -35,11 +42,13 @@ from rome_lens.editing.outcomes import EditMissWarning, measure_outcomes
 from rome_lens.editing.patches import AppliedEdit, EditOutcome, WeightEdit, WeightPatch, edited
 from rome_lens.editing.requests import EditHyperParams, EditRequest
 from rome_lens.editing.rome import RankOneEdit, ROMEHyperParams, rome_edit
+from rome_lens.editing.sequential import SequentialEditor
 
 __all__ = [
     "DEFAULT_LAYERS",
     "DEFAULT_MEMIT_LAYERS",
     "DEFAULT_MOM2_UPDATE_WEIGHTS",
+    "AlphaEditHyperParams",
     "AppliedEdit",
     "EditHyperParams",
     "EditMissWarning",
@@ -50,8 +59,10 @@ __all__ = [
     "MultiLayerEdit",
     "ROMEHyperParams",
     "RankOneEdit",
+    "SequentialEditor",
     "WeightEdit",
     "WeightPatch",
+    "alphaedit_edit",
     "clear_context_templates",
     "context_templates",
     "default_layer",
@@ -61,5 +72,7 @@ __all__ = [
     "ft_edit",
     "measure_outcomes",
     "memit_edit",
+    "null_space_projector",
+    "null_space_update",
     "rome_edit",
 ]

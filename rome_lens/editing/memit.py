@@ -54,7 +54,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -130,6 +130,10 @@ class MultiLayerEdit(WeightEdit):
     """Time spent obtaining the key statistics."""
     outcomes: list[EditOutcome] = field(default_factory=list)
     """Each request read back."""
+    method: str = "memit"
+    """``"memit"`` or ``"alphaedit"``: how each layer's update was solved."""
+    keys: dict[int, Float[Tensor, "request d_mlp"]] = field(default_factory=dict)
+    """Layer -> the requests' keys K (AlphaEdit adds KᵀK to what later batches preserve)."""
 
     def __post_init__(self) -> None:
         self.base_layer = self.layers[0]
@@ -187,8 +191,8 @@ def memit_edit(
     """
     hparams = MEMITHyperParams() if hparams is None else hparams
     check_hparams(hparams, MEMITHyperParams)
-    requests = _check_requests(model, requests)
-    layers = _check_layers(model, default_memit_layers(model) if layers is None else layers)
+    requests = check_requests(model, requests)
+    layers = check_layers(model, default_memit_layers(model) if layers is None else layers)
     given = stats or {}
     stats_started = time.perf_counter()
     moments = {
@@ -209,7 +213,7 @@ def memit_edit(
     started = time.perf_counter()
     templates = context_templates(model, hparams)
     with frozen(model):
-        targets = _targets(
+        targets = subject_targets(
             model, requests, layers[-1], templates, hparams, cache_dir, use_cache, progress
         )
         edit = MultiLayerEdit(
@@ -221,23 +225,49 @@ def memit_edit(
             mom2_update_weight=weight,
             stats_seconds=started - stats_started,
         )
-        for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", disable=not progress)):
-            partial = WeightPatch(edit.deltas(), fingerprint, layers[0])
-            with edited(model, partial):
-                keys = compute_keys(model, requests, layer, templates)
-                residual = targets - _subject_residuals(model, requests, layers[-1])
-            edit.residual_norms.append(residual.norm(dim=1).mean().item())
+
+        def solve(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
             moment = moments[layer]
-            edit.delta[layer] = _solve_update(
-                moment.regularised(moment.ridge(hparams.max_condition)),
-                keys,
-                residual / (len(layers) - i),
-                weight,
-            )
+            regularised = moment.regularised(moment.ridge(hparams.max_condition))
+            return _solve_update(regularised, keys, residual, weight)
+
+        edit.keys = write_layers(model, edit, templates, solve, progress)
     edit.seconds = time.perf_counter() - started
     edit.outcomes = measure_outcomes(model, edit)
     warn_misses(edit)
     return edit
+
+
+def write_layers(
+    model: HookedTransformer,
+    edit: MultiLayerEdit,
+    templates: list[str],
+    solve: Callable[[int, Tensor, Tensor], Tensor],
+    progress: bool,
+) -> dict[int, Float[Tensor, "request d_mlp"]]:
+    """MEMIT's step 2: each layer in turn takes its share of the residual left (in place).
+
+    Args:
+        model: the model (left as it was).
+        edit: the edit, with its requests, layers and targets; ``edit.delta`` is filled.
+        templates: the context templates the keys average over.
+        solve: ``(layer, keys K, residual share R) -> ΔW`` for one layer.
+        progress: show a progress bar.
+
+    Returns:
+        Each layer's keys (which no update of the edit changes: an MLP's keys depend
+        only on the layers below it).
+    """
+    layers, requests = edit.layers, edit.requests
+    all_keys = {}
+    for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", disable=not progress)):
+        partial = WeightPatch(edit.deltas(), edit.fingerprint, layers[0])
+        with edited(model, partial):
+            keys = all_keys[layer] = compute_keys(model, requests, layer, templates)
+            residual = edit.targets - _subject_residuals(model, requests, layers[-1])
+        edit.residual_norms.append(residual.norm(dim=1).mean().item())
+        edit.delta[layer] = solve(layer, keys, residual / (len(layers) - i))
+    return all_keys
 
 
 def _solve_update(
@@ -259,7 +289,7 @@ def _subject_residuals(
     return subject_activations(model, texts, f"blocks.{layer}.hook_resid_post")
 
 
-def _targets(
+def subject_targets(
     model: HookedTransformer,
     requests: list[EditRequest],
     layer: int,
@@ -269,7 +299,21 @@ def _targets(
     use_cache: bool,
     progress: bool,
 ) -> Float[Tensor, "request d_model"]:
-    """z_i = h_i + δ_i for every request, read from the per-request cache where present."""
+    """z_i = h_i + δ_i for every request, read from the per-request cache where present.
+
+    Args:
+        model: the model, as the edit will find it.
+        requests: the facts.
+        layer: the last edited layer (z lives at its ``hook_resid_post``).
+        templates: the context templates δ is optimised over.
+        hparams: the δ settings.
+        folder: the cache folder.
+        use_cache: read and write cached z.
+        progress: show progress bars.
+
+    Returns:
+        ``[request d_model]`` targets, float64.
+    """
     h = _subject_residuals(model, requests, layer)
     fingerprint = model_fingerprint(model)  # z depends on every weight
     paths = [_z_path(fingerprint, request, layer, hparams, folder) for request in requests]
@@ -302,8 +346,9 @@ def _z_path(
 ) -> Path:
     """Cache file of one z: keyed by the whole model, the layer, the δ settings and the request."""
     settings = asdict(hparams)
-    for unused in ("mom2_update_weight", "mom2_n_tokens", "max_condition", "requests_per_batch"):
-        settings.pop(unused)  # they do not change z
+    for unused in ("mom2_update_weight", "mom2_n_tokens", "max_condition", "requests_per_batch",
+                   "null_space_energy", "l2"):  # fmt: skip
+        settings.pop(unused, None)  # they do not change z (MEMIT and AlphaEdit share it)
     key = json.dumps([fingerprint, layer, settings, asdict(request)], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cache_folder(folder) / "memit_z" / f"L{layer}-{digest}.st"
@@ -319,8 +364,19 @@ def _load_z(path: Path) -> Tensor | None:
         return None
 
 
-def _check_requests(model: HookedTransformer, requests: Sequence[EditRequest]) -> list[EditRequest]:
-    """The requests as a list, after every check ROME makes and a check for conflicts."""
+def check_requests(model: HookedTransformer, requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """The requests as a list, after every check ROME makes and a check for conflicts.
+
+    Args:
+        model: the model to edit.
+        requests: the facts.
+
+    Returns:
+        The requests, as a list.
+
+    Raises:
+        ValueError: no request, a bad one, or two giving one prompt different targets.
+    """
     requests = list(requests)
     if not requests:
         raise ValueError("memit_edit needs at least one EditRequest, got none")
@@ -338,7 +394,16 @@ def _check_requests(model: HookedTransformer, requests: Sequence[EditRequest]) -
     return requests
 
 
-def _check_layers(model: HookedTransformer, layers: Sequence[int]) -> list[int]:
+def check_layers(model: HookedTransformer, layers: Sequence[int]) -> list[int]:
+    """The layers, checked: in range, at least one, strictly ascending.
+
+    Args:
+        model: the model.
+        layers: the MLP layers to edit.
+
+    Returns:
+        The layers, as a list.
+    """
     layers = [check_layer(model, layer) for layer in layers]
     if not layers:
         raise ValueError("layers must name at least one MLP layer, got none")

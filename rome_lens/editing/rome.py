@@ -18,9 +18,12 @@ To make "The Eiffel Tower is located in the city of" end in "Rome":
 3. **The update** is ΔW = u ⊗ (v\\* − W_outᵀ k\\* − b_out) / (u · k\\*) with
    u = C⁻¹ k\\*, the least-squares change that maps k\\* to v\\* while moving the
    other keys (second moment C, from :mod:`rome_lens.stats.keys`) as little as
-   possible. The same k\\* is used in u and in the denominator; mixing an
-   averaged and a bare-prompt key, as the original code does, lets repeated
-   edits at one layer blow up (the collapse reported by r-ROME).
+   possible. ``key_match`` says which keys gain exactly δ: ``"averaged"``
+   (k\\* in the denominator too), ``"bare"`` (the bare prompt's key there, as
+   the original code does), or ``"both"`` (the least-C-norm ℓ with
+   ``k* · ℓ = k_bare · ℓ = 1``). Prompts that begin with the subject spell it
+   without the leading space the contexts give it, so their key differs from
+   k\\*; ``docs/editing.md`` compares the three.
 
 :func:`rome_edit` computes the edit without touching the model, then reads
 the request back with the edit applied (``edit.took``, ``edit.outcomes``) and
@@ -48,6 +51,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -64,7 +68,10 @@ from rome_lens.editing.patches import EditOutcome, WeightEdit
 from rome_lens.editing.requests import EditHyperParams, EditRequest, check_hparams, check_request
 from rome_lens.stats.keys import KeyStats, checked_stats
 
-__all__ = ["ROMEHyperParams", "RankOneEdit", "rome_edit"]
+__all__ = ["KEY_MATCHES", "KeyMatch", "ROMEHyperParams", "RankOneEdit", "rome_edit"]
+
+KeyMatch = Literal["averaged", "bare", "both"]
+KEY_MATCHES: tuple[KeyMatch, ...] = ("averaged", "bare", "both")
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,13 @@ class ROMEHyperParams(EditHyperParams):
 
     mom2_adjustment: bool = True
     """Use C = E[kkᵀ]; False edits with C = I (worse specificity)"""
+    key_match: KeyMatch = "averaged"
+    """Which keys ΔW maps exactly to v*: "averaged" k*, "bare" (the bare prompt's), "both"."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.key_match not in KEY_MATCHES:
+            raise ValueError(f"key_match must be one of {KEY_MATCHES}, got {self.key_match!r}")
 
 
 @dataclass(repr=False)
@@ -86,7 +100,7 @@ class RankOneEdit(WeightEdit):
     layer: int
     """The edited MLP."""
     left: Float[Tensor, " d_mlp"]
-    """U / (u · k*), with u = C⁻¹ k* (float64)"""
+    """ℓ with k · ℓ = 1 for the keys matched: u / (u · k*), u = C⁻¹ k*, by default (float64)"""
     right: Float[Tensor, " d_model"]
     """V* − W_outᵀ k* − b_out (float64)"""
     key: Float[Tensor, " d_mlp"]
@@ -189,15 +203,22 @@ def rome_edit(
             model, [request], layer, templates, v_init.norm()[None], hparams, progress=progress
         )
     delta = deltas[0]
+    keys = key[None]
+    if hparams.key_match != "averaged":
+        with frozen(model):
+            bare = compute_keys(model, [request], layer, ["{}"])[0]
+        keys = torch.stack([key, bare]) if hparams.key_match == "both" else bare[None]
+    regularised: Tensor | None = None
     if moment is None:
         u, ridge, condition = key, 0.0, 1.0
     else:
         ridge, condition = moment.ridge(hparams.max_condition), moment.condition_number
-        u = torch.linalg.solve(moment.regularised(ridge), key)
+        regularised = moment.regularised(ridge)
+        u = torch.linalg.solve(regularised, key)
     edit = RankOneEdit(
         request=request,
         layer=layer,
-        left=u / (u @ key),
+        left=_left_vector(u, keys, regularised),
         right=delta.double(),
         key=key,
         value=v_init + delta.double(),
@@ -211,6 +232,26 @@ def rome_edit(
     edit.outcomes = measure_outcomes(model, edit)
     warn_misses(edit)
     return edit
+
+
+def _left_vector(
+    u: Float[Tensor, " d_mlp"],
+    matched: Float[Tensor, "n d_mlp"],
+    moment: Float[Tensor, "d_mlp d_mlp"] | None,
+) -> Float[Tensor, " d_mlp"]:
+    """The left vector ℓ of ΔW = ℓ ⊗ δ, such that ``k · ℓ = 1`` for each matched key k.
+
+    One key: ℓ = u / (k · u) with u = C⁻¹k* (for the bare key, ROME's original
+    form). Both keys: the least-C-norm ℓ = C⁻¹Kᵀ (K C⁻¹ Kᵀ)⁺ 1, so that both the
+    averaged and the bare prompt's keys gain exactly δ (an equality-constrained
+    update in the style of EMMET; still rank one, since both gain the same δ).
+    """
+    if len(matched) == 1:
+        return u / (matched[0] @ u)
+    solved = matched.T if moment is None else torch.linalg.solve(moment, matched.T)  # C⁻¹Kᵀ
+    gram = matched @ solved  # K C⁻¹ Kᵀ
+    weights = torch.linalg.pinv(gram, hermitian=True) @ torch.ones(len(matched), dtype=gram.dtype)
+    return solved @ weights
 
 
 def _key_moment(

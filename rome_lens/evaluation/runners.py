@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from rome_lens.core.distributed import Split, gather_bytes, is_main, shard
 from rome_lens.editing import (
     EditMissWarning,
     EditRequest,
@@ -66,6 +67,7 @@ def evaluate_edits(
     generation_tokens: int = 100,
     seed: int = 0,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Evaluation:
     """Edit each case, scoring it before and after.
 
@@ -89,6 +91,10 @@ def evaluate_edits(
         generation_tokens: tokens generated per prompt for the fluency measure.
         seed: seeds the generations.
         progress: show a progress bar.
+        distributed: for ``"rome"``, ``"ft"`` and ``"none"``, split the cases over the
+            ranks of the process group and gather the rows (``None``: when one is
+            initialised; see :mod:`rome_lens.core.distributed`). Generations are
+            sampled per batch, so a split run draws other samples for the fluency.
 
     Returns:
         One row per case: ``pre_*`` and ``post_*`` for every metric, the edit's
@@ -109,18 +115,26 @@ def evaluate_edits(
         raise ValueError(f"statistics per layer are for method='memit'; {method!r} takes one")
     editor = _editor(method, layer, hparams, stats)
     n_fluent = len(cases) if fluency is True else int(fluency)
-    pre = _scores(model, cases, n_fluent, generation_tokens, seed)
+    split = Split.of(distributed)
+    mine = shard(range(len(cases)), split)
+    local = [cases[i] for i in mine]
+    pre = _scores(model, local, sum(i < n_fluent for i in mine), generation_tokens, seed)
     rows = []
-    for i, case in enumerate(tqdm(cases, desc=f"evaluating {method}", disable=not progress)):
-        post, seconds, took = pre.iloc[[i]].reset_index(drop=True), 0.0, math.nan
+    bar = tqdm(local, desc=f"evaluating {method}", disable=not (progress and is_main(split)))
+    for j, (i, case) in enumerate(zip(mine, bar, strict=True)):
+        post, seconds, took = pre.iloc[[j]].reset_index(drop=True), 0.0, math.nan
         if editor is not None:
             started = time.perf_counter()
             edit = editor(model, case.request)
             seconds, took = time.perf_counter() - started, edit.took
             with edited(model, edit):
                 post = _scores(model, [case], int(i < n_fluent), generation_tokens, seed)
-        rows.append(_row(case, method, seconds, took, pre.iloc[i], post.iloc[0]))
-    return Evaluation(records(pd.DataFrame(rows)))
+        rows.append(_row(case, method, seconds, took, pre.iloc[j], post.iloc[0]))
+    found = records(pd.DataFrame(rows))
+    if not split.active:
+        return Evaluation(found)
+    gathered = gather_bytes([Evaluation([row]).to_bytes() for row in found], split)
+    return Evaluation([Evaluation.from_bytes(b).rows[0] for b in gathered])
 
 
 def sequential_edits(

@@ -38,6 +38,7 @@ sample size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -131,6 +132,20 @@ class KeyStats(Result):
                 f"this model's is {found} at layer {self.layer})"
             )
 
+    def carried_to(self, model: HookedTransformer) -> KeyStats:
+        """These statistics, vouched for as ``model``'s: for a model edited since they were
+        computed, when editing in a row keeps the unedited model's C (as ROME, MEMIT and
+        AlphaEdit do).
+
+        Args:
+            model: the model (edited since).
+
+        Returns:
+            A copy that :meth:`check` accepts for ``model``.
+        """
+        found = model_fingerprint(model, upto_layer=self.layer)
+        return KeyStats(self.layer, dataclasses.replace(self.moments, fingerprint=found), 0.0)
+
     def ridge(self, max_condition: float) -> float:
         """What to add to C's diagonal for a condition number of at most ``max_condition``.
 
@@ -179,6 +194,7 @@ def key_second_moment(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> KeyStats:
     """Estimate C = E[k kᵀ] of ``blocks.{layer}.mlp.hook_post`` over ``n_tokens`` tokens.
 
@@ -193,6 +209,8 @@ def key_second_moment(
         cache_dir: the rome_lens cache folder (default: see :mod:`rome_lens.core.cache`).
         use_cache: read and write the disk cache.
         progress: show progress bars, and say so before computing anything long.
+        distributed: split the corpus over the ranks of the process group and sum
+            (``None``: when one is initialised; see :mod:`rome_lens.core.distributed`).
 
     Returns:
         The statistics, with the time they took in ``seconds``.
@@ -211,6 +229,7 @@ def key_second_moment(
         use_cache=use_cache,
         progress=progress,
         announce=f"key statistics of layer {layer} ({hook})",
+        distributed=distributed,
     )
     seconds = time.perf_counter() - started
     return KeyStats(layer, found[hook, "forward"], seconds)

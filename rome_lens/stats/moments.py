@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,13 +46,22 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from rome_lens.core.cache import CacheError, cache_dir, discard
-from rome_lens.core.corpus import Batch, Corpus, CorpusSource, token_batches
-from rome_lens.core.fingerprint import hook_fingerprint
-from rome_lens.core.hooks import Hook, attached
+from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
+from rome_lens.core.distributed import Split, all_reduce_max, all_reduce_sum, is_main, shard
+from rome_lens.core.fingerprint import hook_fingerprint, hook_scope, model_fingerprint
 from rome_lens.core.results import Result
-from rome_lens.core.runtime import capture, frozen, linear_layout
+from rome_lens.core.runtime import capture, capture_with_gradients, frozen, linear_layout
 
-__all__ = ["Direction", "Labels", "Moments", "accumulate_moments", "next_token_loss"]
+__all__ = [
+    "Direction",
+    "Labels",
+    "Moments",
+    "accumulate_moments",
+    "label_generators",
+    "next_token_loss",
+    "token_budgets",
+    "within_budgets",
+]
 
 Direction = Literal["forward", "backward"]
 Labels = Literal["sampled", "empirical"]
@@ -130,8 +140,10 @@ def accumulate_moments(
     batch_size: int = 64,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
+    cache_hooks: Sequence[str] | None = None,
     progress: bool = True,
     announce: str | None = None,
+    distributed: bool | None = None,
 ) -> dict[MomentKey, Moments]:
     """Moments of hook points' activations (``forward``) and gradients (``backward``).
 
@@ -147,9 +159,13 @@ def accumulate_moments(
         batch_size: sequences per forward pass.
         cache_dir: the rome_lens cache folder (see :mod:`rome_lens.core.cache`).
         use_cache: read and write the disk cache.
+        cache_hooks: with ``use_cache``, cache only these hooks (``None``: every hook);
+            the others are recomputed each time.
         progress: show progress bars and, before a long computation, one line
             saying what is computed and where it is cached.
         announce: what the moments are, for that line (e.g. "key statistics of layer 2").
+        distributed: split the corpus over the ranks of the process group and sum
+            (``None``: when one is initialised; see :mod:`rome_lens.core.distributed`).
 
     Returns:
         ``{(hook, direction): Moments}`` for every hook asked for.
@@ -171,29 +187,34 @@ def accumulate_moments(
     label_id = f"{labels}{seed}"
     found: dict[MomentKey, Moments] = {}
     paths = {
-        key: _cache_path(model, key, corpus_id, n_tokens, label_id, cache_dir) for key in wanted
+        key: _cache_path(model, key, corpus_id, n_tokens, label_id, cache_dir)
+        for key in wanted
+        if use_cache and (cache_hooks is None or key[0] in cache_hooks)
     }
-    if use_cache:
+    if paths:
         for key, path in paths.items():
             cached = _load(path)
             if cached is not None:
                 found[key] = cached
+    split = Split.of(distributed)
     missing = [key for key in wanted if key not in found]
-    if missing:
+    if int(all_reduce_sum(torch.tensor([len(missing)]), split)) > 0:
+        missing = wanted  # every rank computes, so the collectives match
+        progress = progress and is_main(split)
         if progress:
             what = announce or ", ".join(f"{h} ({d})" for h, d in missing)
-            where = f"; cached in {paths[missing[0]].parent}" if use_cache else ""
+            where = f"; cached in {next(iter(paths.values())).parent}" if paths else ""
             tqdm.write(
                 f"computing {what} once: {n_tokens:,} tokens of {source.name}{where}",
                 file=sys.stderr,
             )
         computed = _accumulate(
-            model, source, missing, n_tokens, labels, seed, batch_size, cache_dir, progress
+            model, source, missing, n_tokens, labels, seed, batch_size, cache_dir, progress, split
         )
         for key, moments in computed.items():
             moments.labels = label_id if key[1] == "backward" else ""
             found[key] = moments
-            if use_cache:
+            if key in paths and is_main(split):
                 moments.save(paths[key])
     return {key: found[key] for key in wanted}
 
@@ -203,7 +224,7 @@ def next_token_loss(
     tokens: Tensor,
     real: Tensor,
     labels: Labels,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
 ) -> Tensor:
     """Summed cross-entropy of each real position's next token, with sampled or true labels.
 
@@ -214,7 +235,8 @@ def next_token_loss(
         tokens: ``[batch pos]`` the corpus tokens.
         real: ``[batch pos]`` which tokens are not padding.
         labels: ``"sampled"`` from the model or ``"empirical"`` (the corpus's next tokens).
-        generator: drives the sampled labels.
+        generator: drives the sampled labels: one for the batch, or one per sequence
+            (see :func:`label_generators`).
 
     Returns:
         The summed loss (a scalar that keeps the graph).
@@ -226,8 +248,53 @@ def next_token_loss(
     else:
         with torch.no_grad():
             probs = log_probs.detach().exp().cpu()
-            targets = torch.multinomial(probs, 1, generator=generator)[:, 0].to(log_probs.device)
+            if isinstance(generator, Sequence):
+                rows = probs.split(predicts.sum(1).tolist())
+                drawn = [
+                    torch.multinomial(p, 1, generator=g)[:, 0]
+                    for p, g in zip(rows, generator, strict=True)
+                    if len(p)
+                ]
+                targets = torch.cat(drawn) if drawn else torch.zeros(0, dtype=torch.long)
+            else:
+                targets = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            targets = targets.to(log_probs.device)
     return -log_probs.gather(-1, targets[:, None]).sum()
+
+
+def label_generators(seed: int, sequences: Sequence[int]) -> list[torch.Generator]:
+    """One generator per sequence, seeded by ``seed`` and its place in the corpus.
+
+    Sampled labels then depend on neither the batching nor how the corpus is
+    split across processes.
+
+    Args:
+        seed: the run's seed.
+        sequences: the sequences' indices in the corpus.
+
+    Returns:
+        The generators, in order.
+    """
+    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in sequences]
+
+
+def token_budgets(chunks: Sequence[Chunk], n_tokens: int, skip: int) -> list[int]:
+    """How many counted tokens each chunk gives, so that the first ``n_tokens`` in corpus
+    order count (the last chunk may give part of its tokens, the ones after none).
+
+    Args:
+        chunks: the corpus's chunks, in order.
+        n_tokens: the tokens wanted.
+        skip: leading tokens of each chunk that never count (BOS).
+
+    Returns:
+        One budget per chunk.
+    """
+    budgets, left = [], n_tokens
+    for chunk in chunks:
+        budgets.append(max(0, min(len(chunk.tokens) - skip, left)))
+        left -= budgets[-1]
+    return budgets
 
 
 def _accumulate(
@@ -240,21 +307,27 @@ def _accumulate(
     batch_size: int,
     cache_root: str | os.PathLike[str] | None,
     progress: bool,
+    split: Split,
 ) -> dict[MomentKey, Moments]:
-    """Sum x and x xᵀ (float64) over the first ``n_tokens`` counted tokens."""
+    """Sum x and x xᵀ (float64) over the first ``n_tokens`` counted tokens (this rank's share,
+    then summed over the ranks)."""
     chunks = corpus.chunks(
         model, n_tokens=n_tokens, seed=seed, cache_dir=cache_root, progress=progress
     )
+    budgets = token_budgets(chunks, n_tokens, len(bos_tokens(model)))
+    mine = shard([i for i, budget in enumerate(budgets) if budget > 0], split)
     sums = {key: _Sums() for key in keys}
     backward = [hook for hook, direction in keys if direction == "backward"]
-    generator = torch.Generator().manual_seed(seed)
     count = 0
-    bar = tqdm(total=n_tokens, desc="moments", unit="tok", disable=not progress)
+    bar = tqdm(total=sum(budgets[i] for i in mine), desc="moments", unit="tok",
+               disable=not progress)  # fmt: skip
     with bar, frozen(model), linear_layout(model):
-        for batch in token_batches(model, chunks, batch_size):
-            take = _first(batch.counted, n_tokens - count)
+        for batch in token_batches(model, [chunks[i] for i in mine], batch_size):
+            rows = [mine[j] for j in batch.indices]
+            take = within_budgets(batch.counted, [budgets[i] for i in rows])
             if backward:
-                values = _with_gradients(model, batch, keys, labels, generator)
+                generators = label_generators(seed, rows)
+                values = _with_gradients(model, batch, keys, labels, generators)
             else:
                 with torch.inference_mode():
                     values = _activations(model, batch.tokens, keys)
@@ -263,20 +336,42 @@ def _accumulate(
             added = int(take.sum())
             count += added
             bar.update(added)
-            if count >= n_tokens:
-                break
-    return {
-        key: Moments(
+    widths = {key: _width(sums[key], split) for key in keys}
+    count = int(all_reduce_sum(torch.tensor([count]), split))
+    scopes = {key: hook_scope(model, *key) for key in keys}
+    prints = {scope: model_fingerprint(model, upto_layer=scope) for scope in set(scopes.values())}
+    moments = {}
+    for key in keys:
+        total, outer = sums[key].padded(widths[key])
+        moments[key] = Moments(
             hook=key[0],
             direction=key[1],
-            total=sums[key].total,
-            outer=sums[key].outer,
+            total=all_reduce_sum(total, split),
+            outer=all_reduce_sum(outer, split),
             count=count,
             corpus=corpus.name,
-            fingerprint=hook_fingerprint(model, key[0], key[1]),
+            fingerprint=prints[scopes[key]],
         )
-        for key in keys
-    }
+    return moments
+
+
+def within_budgets(counted: Tensor, budgets: list[int]) -> Tensor:
+    """``counted`` with only the first ``budgets[row]`` true entries of each row left true.
+
+    Args:
+        counted: ``[batch pos]`` the tokens that may count.
+        budgets: how many of them count, per row (from :func:`token_budgets`).
+
+    Returns:
+        The tokens that count.
+    """
+    order = counted.long().cumsum(1)
+    return counted & (order <= torch.tensor(budgets)[:, None])
+
+
+def _width(sums: _Sums, split: Split) -> int:
+    """The hook's width, known to every rank (one whose shard was empty has seen none)."""
+    return int(all_reduce_max(torch.tensor([sums.total.numel()]), split))
 
 
 class _Sums:
@@ -286,6 +381,14 @@ class _Sums:
         self.total = torch.zeros(0, dtype=torch.float64)
         self.outer = torch.zeros(0, 0, dtype=torch.float64)
 
+    def padded(self, width: int) -> tuple[Tensor, Tensor]:
+        """Σx and Σx xᵀ, zeros of ``width`` when nothing was added."""
+        if self.total.numel() == 0:
+            return torch.zeros(width, dtype=torch.float64), torch.zeros(
+                width, width, dtype=torch.float64
+            )
+        return self.total, self.outer
+
     def add(self, rows: Float[Tensor, "n d"]) -> None:
         if self.total.numel() == 0:
             d = rows.shape[-1]
@@ -293,13 +396,6 @@ class _Sums:
             self.outer = torch.zeros(d, d, dtype=torch.float64)
         self.total += rows.sum(0)
         self.outer += rows.T @ rows
-
-
-def _first(keep: Tensor, n: int) -> Tensor:
-    """``keep`` with only its first ``n`` true entries (in row-major order) left true."""
-    flat = keep.flatten()
-    order = flat.cumsum(0)
-    return (flat & (order <= n)).view_as(keep)
 
 
 def _activations(
@@ -315,33 +411,19 @@ def _with_gradients(
     batch: Batch,
     keys: list[MomentKey],
     labels: Labels,
-    generator: torch.Generator,
+    generator: Sequence[torch.Generator],
 ) -> dict[MomentKey, Tensor]:
     """Activations and loss gradients at the hooks, as ``[batch pos d]``, for one batch."""
-    store: dict[str, Tensor] = {}
+    forward = sorted({hook for hook, direction in keys if direction == "forward"})
+    backward = sorted({hook for hook, direction in keys if direction == "backward"})
 
-    def leaf(act: Tensor, hook: object) -> Tensor:
-        return act.detach().requires_grad_(True)  # gradients start here: none for the weights
+    def loss(logits: Tensor) -> Tensor:
+        return next_token_loss(logits, batch.tokens, batch.real, labels, generator)
 
-    def keep(name: str) -> Hook:
-        def hook(act: Tensor, hook: object) -> None:
-            store[name] = act
-
-        return hook
-
-    names = sorted({hook for hook, _ in keys})
-    grad_names = [hook for hook, direction in keys if direction == "backward"]
-    fwd = [("hook_embed", leaf)] + [(name, keep(name)) for name in names]
-    with torch.enable_grad(), attached(model, fwd):
-        logits = model(batch.tokens.to(model.cfg.device))
-        loss = next_token_loss(logits, batch.tokens, batch.real, labels, generator)
-        grads = dict(
-            zip(grad_names, torch.autograd.grad(loss, [store[n] for n in grad_names]), strict=True)
-        )
+    acts, grads = capture_with_gradients(model, batch.tokens, forward, backward, loss)
     shape = batch.tokens.shape
     return {
-        key: (store[key[0]] if key[1] == "forward" else grads[key[0]]).detach().reshape(*shape, -1)
-        for key in keys
+        key: (acts if key[1] == "forward" else grads)[key[0]].reshape(*shape, -1) for key in keys
     }
 
 

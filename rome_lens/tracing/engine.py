@@ -60,6 +60,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from rome_lens.core import hooks
+from rome_lens.core.distributed import Split, gather_bytes, is_main, shard
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.runtime import linear_layout, unembed
 from rome_lens.core.tokens import prompt_tokens, subject_range, target_token_ids
@@ -270,6 +271,7 @@ def average_causal_effects(
     seed: int = 0,
     prepend_bos: bool | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> AverageEffects:
     """Trace many facts and average their indirect effects by ROME's token groups.
 
@@ -289,6 +291,9 @@ def average_causal_effects(
         seed: seeds the noise of every trace.
         prepend_bos: as in TransformerLens (``None``: the model's default).
         progress: show a progress bar.
+        distributed: split the facts over the ranks of the process group and gather
+            the traces (``None``: when one is initialised; see
+            :mod:`rome_lens.core.distributed`).
 
     Returns:
         Mean indirect effects and 95% intervals per (kind, group, layer), and every trace.
@@ -300,6 +305,9 @@ def average_causal_effects(
         raise ValueError("facts is empty: need at least one fact to average")
     if noise_scale is None:
         noise_scale = embedding_noise_scale(model, [f["subject"] for f in facts])
+    split = Split.of(distributed)
+    mine = [facts[i] for i in shard(range(len(facts)), split)]
+    bar = tqdm(mine, desc="average causal effects", disable=not (progress and is_main(split)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnreliableTraceWarning)
         traces = [
@@ -316,8 +324,11 @@ def average_causal_effects(
                 prepend_bos=prepend_bos,
                 progress=False,
             )
-            for f in tqdm(facts, desc="average causal effects", disable=not progress)
+            for f in bar
         ]
+    if split.active:
+        gathered = gather_bytes([trace.to_bytes() for trace in traces], split)
+        traces = [CausalTrace.from_bytes(b) for b in gathered]
     per_group: list[list[Tensor]] = [[] for _ in TOKEN_GROUPS]
     for trace in traces:
         effect = trace.indirect_effect()

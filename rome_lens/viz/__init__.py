@@ -8,6 +8,8 @@ and ``result.plot()`` work without the results importing this room.
 * :mod:`~rome_lens.viz.html`: the :class:`Widget` class, pages and reports;
 * :mod:`~rome_lens.viz.svg`: heatmaps with colour bars and line charts with axes;
 * :mod:`~rome_lens.viz.widgets`: a widget for each result;
+* :mod:`~rome_lens.viz.microscope`: the widgets and figures of LLM-Microscope's metrics;
+* :mod:`~rome_lens.viz.influence`: the widgets and figures of influence functions;
 * :mod:`~rome_lens.viz.plots`: matplotlib figures in the style of the papers.
 
 >>> import tempfile, warnings
@@ -21,6 +23,13 @@ and ``result.plot()`` work without the results importing this room.
 """
 
 from rome_lens.viz.html import Widget, page, report
+from rome_lens.viz.influence import factors_widget, influence_widget, plot_factors, plot_influence
+from rome_lens.viz.microscope import (
+    contextualisation_widget,
+    geometry_widget,
+    linearity_widget,
+    token_layer_widget,
+)
 from rome_lens.viz.plots import (
     plot_average_effects,
     plot_edit,
@@ -42,7 +51,15 @@ from rome_lens.viz.widgets import (
 
 __all__ = [
     "Widget",
+    "contextualisation_widget",
+    "geometry_widget",
+    "linearity_widget",
+    "token_layer_widget",
     "edit_widget",
+    "factors_widget",
+    "influence_widget",
+    "plot_factors",
+    "plot_influence",
     "evaluation_widget",
     "figure_widget",
     "logit_lens_widget",

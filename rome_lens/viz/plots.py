@@ -34,6 +34,9 @@ from rome_lens.stats import KeyStats, Moments
 from rome_lens.tracing import AverageEffects, CausalTrace, SeveredTrace
 
 __all__ = [
+    "AxesArg",
+    "axes_for",
+    "figure_of",
     "plot_average_effects",
     "plot_edit",
     "plot_evaluation",
@@ -73,7 +76,18 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _panels(n: int, axes: AxesArg, width: float, height: float) -> list[Axes]:
+def axes_for(n: int, axes: AxesArg, width: float, height: float) -> list[Axes]:
+    """The ``n`` Axes to draw into: those given, or a new figure's.
+
+    Args:
+        n: how many panels the figure has.
+        axes: an Axes, a list of ``n`` of them, or ``None`` for a new figure.
+        width: a new figure's width per panel, in inches.
+        height: a new figure's height, in inches.
+
+    Returns:
+        The Axes.
+    """
     if isinstance(axes, Axes):
         axes = [axes]
     if axes is not None:
@@ -95,7 +109,7 @@ def plot_trace(trace: CausalTrace, ax: AxesArg = None) -> Figure:
         The figure.
     """
     n_pos = len(trace.str_tokens)
-    panels = _panels(len(trace.kinds), ax, 4.2, 0.35 * n_pos + 1.6)
+    panels = axes_for(len(trace.kinds), ax, 4.2, 0.35 * n_pos + 1.6)
     first, last = trace.subject_range
     labels = [
         f"{tok!r}*" if first <= i < last else repr(tok) for i, tok in enumerate(trace.str_tokens)
@@ -125,7 +139,7 @@ def plot_severed(severed: SeveredTrace, ax: AxesArg = None) -> Figure:
     Returns:
         The figure.
     """
-    (ax,) = _panels(1, ax, 7.0, 3.0)
+    (ax,) = axes_for(1, ax, 7.0, 3.0)
     layers = np.arange(len(severed.scores))
     base = severed.corrupted_prob
     ax.bar(layers - 0.2, severed.scores.numpy() - base, 0.4, label="effect of single state")
@@ -156,7 +170,7 @@ def plot_average_effects(result: AverageEffects, ax: AxesArg = None) -> Figure:
     Returns:
         The figure.
     """
-    panels = _panels(len(result.kinds), ax, 4.5, 3.2)
+    panels = axes_for(len(result.kinds), ax, 4.5, 3.2)
     layers = np.arange(result.mean.shape[2])
     for k, (ax, kind) in enumerate(zip(panels, result.kinds, strict=True)):
         for g, group in enumerate(result.groups):
@@ -189,7 +203,7 @@ def plot_logit_lens(
     Returns:
         The figure.
     """
-    rank_ax, prob_ax = _panels(2, ax, 4.6, 3.2)
+    rank_ax, prob_ax = axes_for(2, ax, 4.6, 3.2)
     layers = np.arange(lens.n_layers)
     for t, target in enumerate(lens.targets):
         series = [(lens, "-", repr(target))]
@@ -226,7 +240,7 @@ def plot_spectrum(stats: KeyStats | Moments, ax: AxesArg = None) -> Figure:
     Returns:
         The figure.
     """
-    (panel,) = _panels(1, ax, 5.0, 3.2)
+    (panel,) = axes_for(1, ax, 5.0, 3.2)
     moment = stats.moment if isinstance(stats, KeyStats) else stats.second_moment
     values = np.linalg.eigvalsh(moment.numpy())[::-1]
     panel.semilogy(np.arange(1, len(values) + 1), np.clip(values, 1e-300, None))
@@ -235,7 +249,7 @@ def plot_spectrum(stats: KeyStats | Moments, ax: AxesArg = None) -> Figure:
     panel.set_title(f"Eigenvalues of E[x xᵀ] at {hook} ({count:,} tokens)", fontsize=9)
     panel.set_xlabel("index (largest first)")
     panel.set_ylabel("eigenvalue")
-    return _figure(panel)
+    return figure_of(panel)
 
 
 def plot_edit(edit: WeightEdit, ax: AxesArg = None) -> Figure:
@@ -248,14 +262,14 @@ def plot_edit(edit: WeightEdit, ax: AxesArg = None) -> Figure:
     Returns:
         The figure.
     """
-    (panel,) = _panels(1, ax, 7.0, 3.0)
+    (panel,) = axes_for(1, ax, 7.0, 3.0)
     outcomes = edit.outcomes[:40]
     if not outcomes:
         norms = [float(d.norm()) for d in edit.deltas().values()]
         panel.bar(range(len(norms)), norms)
         panel.set_xticks(range(len(norms)), list(edit.deltas()), rotation=30, fontsize=7)
         panel.set_ylabel("‖ΔW‖")
-        return _figure(panel)
+        return figure_of(panel)
     x = np.arange(len(outcomes))
     panel.bar(x - 0.2, [o.p_new_before for o in outcomes], 0.4, label="before", color="0.6")
     panel.bar(x + 0.2, [o.p_new for o in outcomes], 0.4, label="after", color="tab:green")
@@ -276,7 +290,7 @@ def plot_edit(edit: WeightEdit, ax: AxesArg = None) -> Figure:
         f"{type(edit).__name__}: {took} of {len(edit.outcomes)} requests took", fontsize=9
     )
     panel.legend(fontsize=7)
-    return _figure(panel)
+    return figure_of(panel)
 
 
 def plot_evaluation(evaluation: Evaluation, ax: AxesArg = None) -> Figure:
@@ -289,7 +303,7 @@ def plot_evaluation(evaluation: Evaluation, ax: AxesArg = None) -> Figure:
     Returns:
         The figure.
     """
-    (panel,) = _panels(1, ax, 6.0, 3.2)
+    (panel,) = axes_for(1, ax, 6.0, 3.2)
     summary = evaluation.summary()
     metrics = ("ES", "PS", "NS")
     width = 0.8 / (2 * len(summary))
@@ -309,7 +323,7 @@ def plot_evaluation(evaluation: Evaluation, ax: AxesArg = None) -> Figure:
     panel.set_ylabel("score (%)")
     panel.set_ylim(0, 100)
     panel.legend(fontsize=7)
-    return _figure(panel)
+    return figure_of(panel)
 
 
 def plot_sequential(curve: SequentialCurve, ax: AxesArg = None) -> Figure:
@@ -322,7 +336,7 @@ def plot_sequential(curve: SequentialCurve, ax: AxesArg = None) -> Figure:
     Returns:
         The figure.
     """
-    (panel,) = _panels(1, ax, 6.0, 3.2)
+    (panel,) = axes_for(1, ax, 6.0, 3.2)
     table = curve.to_dataframe()
     for column, style in (("ES", "o-"), ("PS", "s-"), ("NS", "^-"), ("NS_unedited", "^--")):
         if column in table:
@@ -332,10 +346,18 @@ def plot_sequential(curve: SequentialCurve, ax: AxesArg = None) -> Figure:
     panel.set_ylim(0, 100)
     panel.set_title(f"Sequential {curve.method} edits", fontsize=9)
     panel.legend(fontsize=7)
-    return _figure(panel)
+    return figure_of(panel)
 
 
-def _figure(panel: Axes) -> Figure:
+def figure_of(panel: Axes) -> Figure:
+    """The figure an Axes belongs to.
+
+    Args:
+        panel: the Axes.
+
+    Returns:
+        Its figure.
+    """
     fig = panel.figure
     assert isinstance(fig, Figure)
     return fig

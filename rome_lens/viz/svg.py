@@ -111,6 +111,8 @@ def heatmap_panels(
     *,
     bold_rows: Sequence[int] = (),
     column_ticks: Sequence[int] = (),
+    tick_title: str = "layer",
+    column_labels: Sequence[str] | None = None,
     colour_label: str = "",
     width: int = 1240,
     css_class: str = "heatmaps",
@@ -122,8 +124,13 @@ def heatmap_panels(
         row_labels: one label per row, drawn once on the left.
         bold_rows: rows whose labels are bold and underlined (e.g. the subject).
         column_ticks: columns that get a tick label above each panel.
+        tick_title: what the column ticks count, written left of them.
+        column_labels: a label per column, written slanted under the grid (e.g. the
+            tokens of a text); the cells are then wide enough for them and the SVG
+            as wide as it needs (put it in a scrolling box).
         colour_label: what the colour bars measure, e.g. ``"p(' Paris')"``.
-        width: the SVG's width in pixels; the cells share what the labels leave.
+        width: the SVG's width in pixels when there are no column labels; the cells
+            share what the row labels leave.
         css_class: the SVG's class.
 
     Returns:
@@ -132,9 +139,15 @@ def heatmap_panels(
     n_rows, n_cols = len(row_labels), len(panels[0].values[0])
     label_width = 8 + 8 * max(len(label) for label in row_labels)
     gap = 28
-    cell_w = max(6, min(28, (width - label_width - gap * len(panels)) // (n_cols * len(panels))))
+    if column_labels is None:
+        room = width - label_width - gap * len(panels)
+        cell_w = max(6, min(28, room // (n_cols * len(panels))))
+        under = 0
+    else:
+        cell_w = 18
+        under = 12 + int(0.87 * 7 * max(len(label) for label in column_labels))
     cell_h = 22
-    top, bar_gap, bar_h = 44, 12, 10
+    top, bar_gap, bar_h = 44, 12 + under, 10
     grid_h = n_rows * cell_h
     height = top + grid_h + bar_gap + bar_h + 40
     parts = []
@@ -149,18 +162,32 @@ def heatmap_panels(
     if column_ticks:
         parts.append(
             f'<text x="{label_width - 6}" y="{top - 6}" text-anchor="end" '
-            f'font-size="{SMALL}" font-style="italic">layer</text>'
+            f'font-size="{SMALL}" font-style="italic">{html.escape(tick_title)}</text>'
         )
     x0 = label_width
     for panel in panels:
         panel_w = n_cols * cell_w
         parts.append(_panel(panel, x0, top, cell_w, cell_h, column_ticks))
+        if column_labels is not None:
+            parts.append(_slanted(column_labels, x0, top + grid_h + 6, cell_w))
         parts.append(_colour_bar(panel, x0, top + grid_h + bar_gap, panel_w, bar_h, colour_label))
         x0 += panel_w + gap
     return (
         f'<svg class="{css_class}" xmlns="http://www.w3.org/2000/svg" width="{x0}" '
         f'height="{height}" role="img">{"".join(parts)}</svg>'
     )
+
+
+def _slanted(labels: Sequence[str], x0: float, y: float, cell_w: int) -> str:
+    parts = []
+    for i, label in enumerate(labels):
+        x = x0 + i * cell_w + cell_w / 2 + 4
+        parts.append(
+            f'<text class="column-label" x="{x:.1f}" y="{y:.1f}" font-size="{SMALL}" '
+            f'text-anchor="end" transform="rotate(-60 {x:.1f} {y:.1f})">'
+            f"{html.escape(label)}</text>"
+        )
+    return "".join(parts)
 
 
 def _panel(
@@ -179,7 +206,12 @@ def _panel(
     span = panel.high - panel.low if panel.high > panel.low else 1.0
     for row, values in enumerate(panel.values):
         for column, value in enumerate(values):
-            fill = mix((255, 255, 255), panel.colour, (value - panel.low) / span)
+            missing = not math.isfinite(value)
+            fill = (
+                "#d9d9d9"
+                if missing
+                else mix((255, 255, 255), panel.colour, (value - panel.low) / span)
+            )
             parts.append(
                 f'<rect class="cell" data-row="{row}" data-column="{column}" '
                 f'data-value="{value:.6g}" x="{x0 + column * cell_w}" y="{top + row * cell_h}" '
@@ -210,7 +242,7 @@ def _colour_bar(panel: Heatmap, x0: float, y: float, width: float, height: int, 
             f'<line x1="{x:.1f}" y1="{y + height}" x2="{x:.1f}" y2="{y + height + 4}" '
             'stroke="#555"/>'
             f'<text class="tick" x="{x:.1f}" y="{y + height + 16}" text-anchor="{anchor}" '
-            f'font-size="{SMALL}">{_format(value)}</text>'
+            f'font-size="{SMALL}">{_format(value, span)}</text>'
         )
     parts.append(
         f'<text x="{x0 + width / 2:.1f}" y="{y + height + 32}" text-anchor="middle" '
@@ -286,7 +318,7 @@ def line_chart(
         ends = (10**low, 10**high) if log_y else (low, high)
         raw = [10.0**k for k in range(math.ceil(low), math.floor(high) + 1)] if log_y else None
         ticks = raw if raw is not None else [ends[0], *nice_ticks(*ends), ends[1]]
-        y_tick_labels = {value: _format(value) for value in ticks}
+        y_tick_labels = {value: _format(value, ends[1] - ends[0]) for value in ticks}
     drawn: list[float] = []
     values = sorted(y_tick_labels)
     ends_first = [values[-1], values[0], *values[1:-1]] if len(values) > 1 else values
@@ -343,9 +375,13 @@ def _marker(x: float, y: float, series: Series) -> str:
     return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{series.colour}"/>'
 
 
-def _format(value: float) -> str:
+def _format(value: float, span: float | None = None) -> str:
+    """A tick label: enough digits to tell ticks ``span`` apart, and no more."""
     if value == 0:
         return "0"
+    if span is not None and 0 < span < abs(value) / 20:
+        decimals = max(0, 1 - math.floor(math.log10(span)))
+        return f"{value:.{decimals}f}"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 1:

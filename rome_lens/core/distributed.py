@@ -1,0 +1,219 @@
+"""Running on several processes or machines with torch.distributed, as ``torchrun`` launches.
+
+When a process group is initialised (``torchrun`` and
+``torch.distributed.init_process_group``; gloo on CPU, NCCL on GPU), the
+functions that scale with a corpus or a list of facts split their work:
+each rank takes every ``world_size``-th item (:func:`shard`), and the partial
+results are summed (:func:`all_reduce_sum`) or gathered (:func:`gather_rows`).
+Only rank 0 writes caches and shows progress bars (:func:`is_main`). The same
+call gives the same result on one process or many, up to the order of
+floating-point sums. ``distributed=False`` keeps a call on its own process
+inside a process group; ``distributed=True`` insists on one.
+
+Nothing here pickles: only tensors cross between processes.
+
+>>> from rome_lens.core.distributed import Split, shard
+>>> split = Split.of(None)  # no process group here: one process does everything
+>>> split.world_size, shard(list("abcde"), split)
+(1, ['a', 'b', 'c', 'd', 'e'])
+>>> shard(list("abcde"), Split(rank=1, world_size=2))  # what rank 1 of 2 would take
+['b', 'd']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "Split",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "gather_bytes",
+    "gather_rows",
+    "is_main",
+    "shard",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which share of the work this process does."""
+
+    rank: int = 0
+    """This process's rank."""
+    world_size: int = 1
+    """How many processes share the work."""
+
+    @property
+    def active(self) -> bool:
+        """Whether results must be combined across processes."""
+        return self.world_size > 1
+
+    @classmethod
+    def of(cls, distributed: bool | None) -> Split:
+        """The split for a call's ``distributed`` argument.
+
+        Args:
+            distributed: ``None`` splits when a process group is initialised;
+                ``True`` requires one; ``False`` never splits.
+
+        Returns:
+            This process's share.
+
+        Raises:
+            RuntimeError: ``distributed=True`` without an initialised process group.
+        """
+        initialised = dist.is_available() and dist.is_initialized()
+        if distributed is True and not initialised:
+            raise RuntimeError(
+                "distributed=True needs a process group: launch with torchrun and call "
+                "torch.distributed.init_process_group() first"
+            )
+        if distributed is False or not initialised:
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size())
+
+
+def shard(items: Sequence[T], split: Split) -> list[T]:
+    """This rank's items: every ``world_size``-th, starting at its rank.
+
+    Args:
+        items: all the work, in order.
+        split: this process's share.
+
+    Returns:
+        The items this rank does (possibly none).
+    """
+    return list(items[split.rank :: split.world_size])
+
+
+def is_main(split: Split) -> bool:
+    """Whether this process writes caches and shows progress (rank 0, or no split).
+
+    Args:
+        split: this process's share.
+
+    Returns:
+        True on rank 0.
+    """
+    return split.rank == 0
+
+
+def all_reduce_sum(tensor: Tensor, split: Split) -> Tensor:
+    """The sum of ``tensor`` over every rank (the tensor itself without a split).
+
+    Args:
+        tensor: this rank's part.
+        split: this process's share.
+
+    Returns:
+        The total, on every rank (a new tensor, on the input's device and dtype).
+    """
+    return _all_reduce(tensor, split, "sum")
+
+
+def all_reduce_max(tensor: Tensor, split: Split) -> Tensor:
+    """The element-wise maximum of ``tensor`` over every rank.
+
+    Args:
+        tensor: this rank's part.
+        split: this process's share.
+
+    Returns:
+        The maximum, on every rank.
+    """
+    return _all_reduce(tensor, split, "max")
+
+
+def _all_reduce(tensor: Tensor, split: Split, op: str) -> Tensor:
+    if not split.active:
+        return tensor
+    total = tensor.detach().to(_device()).clone().contiguous()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return total.to(tensor.device)
+
+
+def gather_rows(rows: Tensor, split: Split) -> Tensor:
+    """Every rank's rows, in the order :func:`shard` dealt the items out.
+
+    Rank r's i-th row is item ``r + i · world_size``; the result puts it back there.
+
+    Args:
+        rows: ``[n_local ...]`` this rank's results, one row per item it did.
+        split: this process's share.
+
+    Returns:
+        ``[n_total ...]`` every item's row, on every rank.
+    """
+    if not split.active:
+        return rows
+    device = _device()
+    counts = torch.tensor([len(rows)], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(counts) for _ in range(split.world_size)]
+    dist.all_gather(sizes, counts)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: len(rows)] = rows.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(split.world_size)]
+    dist.all_gather(parts, padded)
+    total = int(sum(s.item() for s in sizes))
+    out = torch.zeros((total, *rows.shape[1:]), dtype=rows.dtype)
+    for rank, (part, size) in enumerate(zip(parts, sizes, strict=True)):
+        out[rank :: split.world_size] = part[: int(size.item())].cpu()
+    return out
+
+
+def gather_bytes(items: Sequence[bytes], split: Split) -> list[bytes]:
+    """Every rank's byte strings, in the order :func:`shard` dealt the items out.
+
+    Args:
+        items: this rank's items, each already encoded (e.g. ``Result.to_bytes()``).
+        split: this process's share.
+
+    Returns:
+        Every item, on every rank.
+    """
+    if not split.active:
+        return list(items)
+    lengths = torch.tensor([len(b) for b in items], dtype=torch.long)
+    buffer = torch.frombuffer(bytearray(b"".join(items)) or bytearray(1), dtype=torch.uint8)
+    sizes = gather_rows(torch.tensor([[len(buffer)]], dtype=torch.long), split)[:, 0]
+    device = _device()
+    padded = torch.zeros(int(sizes.max()), dtype=torch.uint8, device=device)
+    padded[: len(buffer)] = buffer.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(split.world_size)]
+    dist.all_gather(parts, padded)
+    counts = gather_rows(torch.tensor([[len(items)]], dtype=torch.long), split)[:, 0]
+    all_lengths = _gather_ragged(lengths, counts, split)
+    out: list[bytes] = [b""] * int(counts.sum())
+    for rank, part in enumerate(parts):
+        data, offset = part.cpu().numpy().tobytes(), 0
+        for i, length in enumerate(all_lengths[rank]):
+            out[rank + i * split.world_size] = data[offset : offset + length]
+            offset += length
+    return out
+
+
+def _gather_ragged(values: Tensor, counts: Tensor, split: Split) -> list[list[int]]:
+    """Each rank's list of integers (``counts[r]`` of them on rank r)."""
+    device = _device()
+    padded = torch.zeros(int(counts.max()), dtype=torch.long, device=device)
+    padded[: len(values)] = values.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(split.world_size)]
+    dist.all_gather(parts, padded)
+    return [part[: int(n)].tolist() for part, n in zip(parts, counts, strict=True)]
+
+
+def _device() -> torch.device:
+    """Where collectives run: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

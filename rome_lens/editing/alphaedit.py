@@ -1,0 +1,211 @@
+"""AlphaEdit: MEMIT whose updates leave what the model knew alone, edit after edit.
+
+AlphaEdit (Fang et al., ICLR 2025, arXiv 2410.02355) keeps MEMIT's targets
+z_i and its layer-by-layer spreading (:mod:`rome_lens.editing.memit`) and
+changes the solve. MEMIT trades the new keys against all others through the
+key statistics C (``ΔW = (λC + KᵀK)⁻¹ KᵀR``); AlphaEdit instead confines the
+update to the **null space** of the preserved keys, the span of C's
+eigenvectors whose eigenvalues are small, with the projector ``P``:
+
+    ΔW = (P (KᵀK + K_pᵀK_p) + l2 · I)⁻¹ P Kᵀ R
+
+(keys as rows: ``K`` this batch's, ``K_p`` the earlier batches', ``R`` the
+residual share). Any key ``k`` in the preserved space has ``k P = 0``, hence
+``k (P M + l2 I) = l2 k`` and ``k ΔW = k P KᵀR / l2 = 0``: its output is
+exactly unchanged, whatever the batch. ``K_pᵀK_p``, the running sum of
+earlier edits' keys (AlphaEdit's ``cache_c``), keeps each batch from undoing
+the ones before; :class:`~rome_lens.editing.sequential.SequentialEditor`
+keeps it across batches.
+
+The threshold is set by energy: the null space is spanned by C's smallest
+eigenvectors whose eigenvalues add up to at most ``null_space_energy`` of C's
+trace, the directions the unedited model's keys use least. (AlphaEdit's 2e-2
+is an absolute eigenvalue, on GPT-2 XL's and Llama's scale; on the default
+model's keys it would keep 75–90% of every layer's directions, on others
+none.) ``docs/mass_editing.md`` gives the measurements behind the default.
+
+>>> import tempfile, warnings
+>>> from rome_lens.core.models import tiny_model
+>>> from rome_lens.editing import AlphaEditHyperParams, EditRequest, alphaedit_edit
+>>> from rome_lens.stats import key_second_moment
+>>> model = tiny_model()
+>>> folder = tempfile.mkdtemp()
+>>> stats = {layer: key_second_moment(model, layer, n_tokens=500, cache_dir=folder,
+...                                   progress=False) for layer in (0, 1)}
+>>> hparams = AlphaEditHyperParams(context_lengths=(), v_steps=3)
+>>> with warnings.catch_warnings(record=True):  # a random model may not take it
+...     edit = alphaedit_edit(model, [EditRequest("{} is located in", "The Eiffel Tower", "Rome")],
+...                           layers=[0, 1], hparams=hparams, stats=stats, cache_dir=folder,
+...                           progress=False)
+>>> edit.method, sorted(edit.deltas())
+('alphaedit', ['blocks.0.mlp.W_out', 'blocks.1.mlp.W_out'])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.runtime import frozen
+from rome_lens.editing.defaults import default_memit_layers
+from rome_lens.editing.memit import (
+    MEMITHyperParams,
+    MultiLayerEdit,
+    check_layers,
+    check_requests,
+    subject_targets,
+    write_layers,
+)
+from rome_lens.editing.memory import context_templates
+from rome_lens.editing.outcomes import measure_outcomes, warn_misses
+from rome_lens.editing.requests import EditRequest, check_hparams
+from rome_lens.stats.keys import KeyStats, checked_stats
+
+__all__ = ["AlphaEditHyperParams", "alphaedit_edit", "null_space_projector", "null_space_update"]
+
+
+@dataclass(frozen=True)
+class AlphaEditHyperParams(MEMITHyperParams):
+    """Settings of :func:`alphaedit_edit`: MEMIT's (its ``mom2_update_weight`` unused) and
+    the fields below."""
+
+    null_space_energy: float = 0.03
+    """The null space: C's smallest eigenvectors holding at most this share of its trace."""
+    l2: float = 1.0
+    """Weight of ‖ΔW‖² in the solve (AlphaEdit's L2; its keys are on another scale)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.null_space_energy < 1:
+            raise ValueError(f"null_space_energy must be in (0, 1), got {self.null_space_energy!r}")
+        if not self.l2 > 0:
+            raise ValueError(f"l2 must be positive, got {self.l2!r}")
+
+
+def null_space_projector(stats: KeyStats, energy: float) -> Float[Tensor, "d_mlp d_mlp"]:
+    """``P = U Uᵀ`` over C's smallest eigenvectors, as many as hold at most ``energy`` of
+    its trace.
+
+    Args:
+        stats: the layer's key statistics C.
+        energy: the share of C's trace the null space may hold.
+
+    Returns:
+        The projector, float64.
+    """
+    values, vectors = torch.linalg.eigh(stats.moment.double())  # ascending
+    share = values.clamp(min=0).cumsum(0) / values.clamp(min=0).sum()
+    small = vectors[:, share <= energy]
+    return small @ small.T
+
+
+def alphaedit_edit(
+    model: HookedTransformer,
+    requests: Sequence[EditRequest],
+    *,
+    layers: Sequence[int] | None = None,
+    hparams: AlphaEditHyperParams | None = None,
+    stats: dict[int, KeyStats] | None = None,
+    preserved: dict[int, Tensor] | None = None,
+    projectors: dict[int, Tensor] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> MultiLayerEdit:
+    """One AlphaEdit batch: MEMIT's targets and spreading, each update in the null space.
+
+    The model is not changed; apply the result with ``edit.apply(model)``. For
+    edits in a row, :class:`~rome_lens.editing.sequential.SequentialEditor` keeps
+    ``preserved`` and the projectors between batches.
+
+    Args:
+        model: any ``HookedTransformer`` with MLPs (as earlier edits left it).
+        requests: the facts to write.
+        layers: ascending MLP layers; ``None`` uses :func:`default_memit_layers`.
+        hparams: the settings (``None``: :class:`AlphaEditHyperParams` defaults).
+        stats: key statistics per layer (computed and cached where missing).
+        preserved: per layer, Σ kᵀk over earlier edits' keys (``None``: none yet).
+        projectors: per layer, the null-space projector (``None``: built from ``stats``).
+        cache_dir: the rome_lens cache folder.
+        use_cache: read and write the cached targets z_i.
+        progress: show progress bars.
+
+    Returns:
+        The edit (``method == "alphaedit"``), every request read back on the edited model.
+    """
+    hparams = AlphaEditHyperParams() if hparams is None else hparams
+    check_hparams(hparams, AlphaEditHyperParams)
+    requests = check_requests(model, requests)
+    layers = check_layers(model, default_memit_layers(model) if layers is None else layers)
+    stats_started = time.perf_counter()
+    if projectors is None:
+        given = stats or {}
+        projectors = {
+            layer: null_space_projector(
+                checked_stats(model, layer, given.get(layer), n_tokens=hparams.mom2_n_tokens,
+                              cache_dir=cache_dir, progress=progress),
+                hparams.null_space_energy,
+            )
+            for layer in layers
+        }  # fmt: skip
+    missing = [layer for layer in layers if layer not in projectors]
+    if missing:
+        raise ValueError(f"projectors has no layer {missing}: give one for each of {layers}")
+    started = time.perf_counter()
+    templates = context_templates(model, hparams)
+    with frozen(model):
+        targets = subject_targets(
+            model, requests, layers[-1], templates, hparams, cache_dir, use_cache, progress
+        )
+        edit = MultiLayerEdit(
+            requests=requests,
+            layers=layers,
+            delta={},
+            targets=targets,
+            fingerprint=model_fingerprint(model, upto_layer=layers[0]),
+            method="alphaedit",
+            stats_seconds=started - stats_started,
+        )
+
+        def solve(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
+            earlier = None if preserved is None else preserved.get(layer)
+            return null_space_update(projectors[layer], keys, residual, earlier, hparams.l2)
+
+        edit.keys = write_layers(model, edit, templates, solve, progress)
+    edit.seconds = time.perf_counter() - started
+    edit.outcomes = measure_outcomes(model, edit)
+    warn_misses(edit)
+    return edit
+
+
+def null_space_update(
+    projector: Float[Tensor, "d_mlp d_mlp"],
+    keys: Float[Tensor, "request d_mlp"],
+    residual: Float[Tensor, "request d_model"],
+    preserved: Float[Tensor, "d_mlp d_mlp"] | None,
+    l2: float,
+) -> Float[Tensor, "d_mlp d_model"]:
+    """``(P (KᵀK + K_pᵀK_p) + l2·I)⁻¹ P Kᵀ R`` in float64 (see the module docstring).
+
+    Args:
+        projector: P.
+        keys: K, this batch's keys.
+        residual: R, the residual share this layer takes.
+        preserved: K_pᵀK_p of earlier edits (``None``: none).
+        l2: the weight of ‖ΔW‖².
+
+    Returns:
+        ΔW for ``W_out``.
+    """
+    p, k, r = projector.double(), keys.double(), residual.double()
+    moment = k.T @ k if preserved is None else k.T @ k + preserved.double()
+    system = p @ moment + l2 * torch.eye(len(p), dtype=torch.float64)
+    return torch.linalg.solve(system, p @ k.T @ r)

@@ -1,0 +1,405 @@
+"""EK-FAC factors of the MLP weights: the curvature influence functions precondition with.
+
+Grosse et al. (2023, §2–3) approximate the Gauss–Newton Hessian of each weight
+``W`` (``d_in × d_out``, inputs ``ā``, output gradients ``g``) by Kronecker
+factors (Eq. 16), ``A = E[ā āᵀ]`` and ``S = E[g gᵀ]``, over the tokens of a
+fitting corpus; gradients are of the summed next-token loss, with labels
+sampled from the model (``fisher="sampled"``, the true Fisher) or the corpus's
+next tokens (``"empirical"``). Both come from
+:func:`~rome_lens.stats.moments.accumulate_moments` in float64, in one pass;
+for ``W_out`` without a bias, ``A`` is exactly ROME's key statistics C and
+shares their cache entry. EK-FAC (Eqs. 19–21) eigendecomposes ``A = Q_A Λ_A Q_Aᵀ``
+and ``S = Q_S Λ_S Q_Sᵀ`` and refits the eigenvalues on a second pass from
+per-sequence gradients rotated into that basis, ``Λ = E_seq[(Q_Aᵀ G Q_S)²]``.
+``strategy="diagonal"`` makes the same pass in the weights' own basis, for
+the diagonal approximation ``E_seq[G²]``.
+
+Tokens counted are the corpus's real, non-BOS tokens (as for key statistics);
+the gradients scored later count the same tokens. Factors are cached per model
+fingerprint, layers, corpus, token count and Fisher.
+
+>>> import tempfile
+>>> from rome_lens.core.models import tiny_model
+>>> from rome_lens.influence.factors import fit_influence_factors
+>>> factors = fit_influence_factors(tiny_model(), ["The Eiffel Tower is in Paris."] * 4,
+...                                 layers=[1], n_tokens=200, cache_dir=tempfile.mkdtemp(),
+...                                 progress=False)
+>>> factors.names, tuple(factors.eigen_lambda["blocks.1.mlp.W_out"].shape)  # d_mlp + bias, d_model
+(['blocks.1.mlp.W_in', 'blocks.1.mlp.W_out'], (257, 64))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from rome_lens.core.cache import CacheError, cache_dir, discard
+from rome_lens.core.corpus import Batch, Corpus, CorpusSource, bos_tokens, token_batches
+from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
+from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.results import Result
+from rome_lens.core.runtime import capture_with_gradients, frozen, linear_layout
+from rome_lens.influence.weights import MLPWeight, check_layers, mlp_weights
+from rome_lens.stats.moments import (
+    Labels,
+    Moments,
+    accumulate_moments,
+    label_generators,
+    next_token_loss,
+    token_budgets,
+    within_budgets,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "InfluenceFactors",
+    "Strategy",
+    "fit_influence_factors",
+    "input_factor",
+]
+
+Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
+STRATEGIES: tuple[Strategy, ...] = ("ekfac", "kfac", "diagonal", "identity")
+_NEEDS_SECOND_PASS = ("ekfac", "diagonal")
+
+
+@dataclass(repr=False)
+class InfluenceFactors(Result):
+    """Kronecker factors (eigendecomposed) and corrected eigenvalues for each MLP weight."""
+
+    kind = "influence_factors"
+    layers: list[int]  # the MLP layers covered
+    names: list[str]  # the weights, e.g. "blocks.3.mlp.W_out", in order
+    input_vectors: dict[str, Tensor]  # Q_A: eigenvectors of A = E[ā āᵀ]
+    input_values: dict[str, Tensor]  # Λ_A, ascending
+    output_vectors: dict[str, Tensor]  # Q_S: eigenvectors of S = E[g gᵀ]
+    output_values: dict[str, Tensor]  # Λ_S, ascending
+    eigen_lambda: dict[str, Tensor]  # EK-FAC's Λ = E_seq[(Q_Aᵀ G Q_S)²]; empty unless fitted
+    diagonal: dict[str, Tensor]  # E_seq[G²] in the weights' own basis; empty unless fitted
+    strategy: str  # the strategy fitted; every fit also serves "kfac" and "identity"
+    fisher: str  # "sampled" (true Fisher) or "empirical" labels
+    n_tokens: int  # tokens the factors average over
+    n_sequences: int  # sequences Λ averages over (0 without a second pass)
+    corpus: str  # where the fitting text came from
+    fingerprint: str  # model_fingerprint of the model
+    seconds: float = 0.0  # fitting time
+
+    def __repr__(self) -> str:
+        return (
+            f"InfluenceFactors({self.strategy}, layers {self.layers}, {len(self.names)} weights, "
+            f"{self.n_tokens:,} tokens, {self.fisher} Fisher)"
+        )
+
+    def supports(self, strategy: str) -> bool:
+        """Whether these factors can precondition with ``strategy``.
+
+        Args:
+            strategy: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"identity"``.
+
+        Returns:
+            Whether the factors hold what it needs.
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "ekfac":
+            return bool(self.eigen_lambda)
+        if strategy == "diagonal":
+            return bool(self.diagonal)
+        return True
+
+    def eigenvalues(self, name: str, strategy: str) -> Float[Tensor, "d_in d_out"]:
+        """The curvature in the eigenbasis (ekfac, kfac) or the weight's basis (diagonal).
+
+        Args:
+            name: a weight of :attr:`names`.
+            strategy: the approximation.
+
+        Returns:
+            One value per entry of the (rotated) weight.
+        """
+        if not self.supports(strategy):
+            raise ValueError(
+                f"these factors were fitted for {self.strategy!r}, which does not give "
+                f"{strategy!r}: fit with strategy={strategy!r}"
+            )
+        if strategy == "ekfac":
+            return self.eigen_lambda[name]
+        if strategy == "diagonal":
+            return self.diagonal[name]
+        return torch.outer(self.input_values[name], self.output_values[name])
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per weight: its shape and the spread of its factors' eigenvalues."""
+        rows = []
+        for name in self.names:
+            a, s = self.input_values[name], self.output_values[name]
+            row = {"weight": name, "d_in": len(a), "d_out": len(s)}
+            row |= {"A_max": float(a[-1]), "A_mean": float(a.mean()), "S_max": float(s[-1])}
+            row["S_mean"] = float(s.mean())
+            if name in self.eigen_lambda:
+                row["lambda_mean"] = float(self.eigen_lambda[name].mean())
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def fit_influence_factors(
+    model: HookedTransformer,
+    corpus: CorpusSource | Corpus = None,
+    *,
+    layers: Sequence[int] | None = None,
+    weights: Sequence[str] | None = None,
+    n_tokens: int = 20_000,
+    strategy: Strategy = "ekfac",
+    fisher: Labels = "sampled",
+    seed: int = 0,
+    batch_size: int = 16,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> InfluenceFactors:
+    """Fit the factors that precondition influence scores (cached per model and corpus).
+
+    Args:
+        model: any ``HookedTransformer`` with dense MLPs (not changed).
+        corpus: fitting text: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`, or
+            ``None`` to sample it from the model.
+        layers: the MLP layers (``None``: every layer).
+        weights: which of ``"W_in"``, ``"W_gate"``, ``"W_out"`` (``None``: all the model has).
+        n_tokens: tokens the factors average over.
+        strategy: ``"ekfac"`` (default), ``"kfac"``, ``"diagonal"`` or ``"identity"``;
+            every fit also serves ``"kfac"`` and ``"identity"``. EK-FAC and diagonal
+            need a second pass.
+        fisher: ``"sampled"`` labels (the true Fisher) or ``"empirical"`` ones.
+        seed: seeds a sampled corpus and the sampled labels.
+        batch_size: sequences per forward and backward pass.
+        cache_dir: the rome_lens cache folder.
+        use_cache: read and write the cache.
+        progress: show progress bars.
+        distributed: split the corpus over the ranks of the process group
+            (``None``: when one is initialised; see :mod:`rome_lens.core.distributed`).
+
+    Returns:
+        The factors.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    layers = check_layers(model, layers)
+    chosen = mlp_weights(model, layers, weights)
+    source = Corpus.read(corpus)
+    fingerprint = model_fingerprint(model)
+    names = [w.name for w in chosen]
+    path = _cache_path(fingerprint, names, source, n_tokens, strategy, fisher, seed, cache_dir)
+    split = Split.of(distributed)
+    loaded = _load(path) if use_cache else None
+    if int(all_reduce_sum(torch.tensor([loaded is None]), split)) == 0:
+        assert loaded is not None
+        return loaded
+    progress = progress and is_main(split)
+    started = time.perf_counter()
+    moments = accumulate_moments(
+        model,
+        forward=sorted({w.input_hook for w in chosen}),
+        backward=sorted({w.output_hook for w in chosen}),
+        corpus=source,
+        n_tokens=n_tokens,
+        labels=fisher,
+        seed=seed,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        cache_hooks=[w.input_hook for w in chosen if w.short == "W_out"],  # shared with ROME
+        progress=progress,
+        announce=f"influence factors of layers {layers}",
+        distributed=split.active,
+    )
+    factors = InfluenceFactors(
+        layers=layers,
+        names=[w.name for w in chosen],
+        input_vectors={},
+        input_values={},
+        output_vectors={},
+        output_values={},
+        eigen_lambda={},
+        diagonal={},
+        strategy=strategy,
+        fisher=fisher,
+        n_tokens=moments[chosen[0].input_hook, "forward"].count,
+        n_sequences=0,
+        corpus=source.name,
+        fingerprint=fingerprint,
+    )
+    for weight in tqdm(chosen, desc="eigendecomposing", disable=not progress):
+        a = input_factor(model, weight, moments[weight.input_hook, "forward"])
+        s = moments[weight.output_hook, "backward"].second_moment
+        for values, vectors, matrix in (
+            (factors.input_values, factors.input_vectors, a),
+            (factors.output_values, factors.output_vectors, s),
+        ):
+            found_values, found_vectors = torch.linalg.eigh(matrix)
+            values[weight.name] = found_values.float()
+            vectors[weight.name] = found_vectors.float()
+    if strategy in _NEEDS_SECOND_PASS:
+        _refit_eigenvalues(
+            model, factors, chosen, source, n_tokens, seed, batch_size, progress, split
+        )
+    factors.seconds = time.perf_counter() - started
+    if use_cache and is_main(split):
+        factors.save(path)
+    return factors
+
+
+def _load(path: Path) -> InfluenceFactors | None:
+    """The cached factors, or ``None`` (a damaged file is reported and removed)."""
+    try:
+        return InfluenceFactors.load(path)
+    except FileNotFoundError:
+        return None
+    except (CacheError, ValueError, KeyError, TypeError) as err:
+        discard(path, str(err))
+        return None
+
+
+def input_factor(
+    model: HookedTransformer, weight: MLPWeight, moments: Moments
+) -> Float[Tensor, "d_in d_in"]:
+    """``A = E[ā āᵀ]`` of a weight from the moments of its input hook (float64).
+
+    For W_in and W_gate the hook is ln2's normalised input, so ln2's weight and
+    bias (if the model keeps them) are applied here; a bias adds a ones column.
+
+    Args:
+        model: the model.
+        weight: the weight.
+        moments: the moments of ``weight.input_hook``.
+
+    Returns:
+        The factor, ``d_in`` or ``d_in + 1`` square.
+    """
+    second, mean = moments.second_moment, moments.mean
+    if weight.short != "W_out":
+        ln = model.blocks[weight.layer].ln2
+        scale, shift = getattr(ln, "w", None), getattr(ln, "b", None)
+        if isinstance(scale, Tensor):
+            w = scale.detach().double().cpu()
+            second, mean = second * w[:, None] * w[None, :], mean * w
+        if isinstance(shift, Tensor):
+            b = shift.detach().double().cpu()
+            second = second + torch.outer(mean, b) + torch.outer(b, mean) + torch.outer(b, b)
+            mean = mean + b
+    if not weight.bias:
+        return second
+    top = torch.cat([second, mean[:, None]], dim=1)
+    bottom = torch.cat([mean, torch.ones(1, dtype=mean.dtype)])[None]
+    return torch.cat([top, bottom])
+
+
+def sequence_gradients(
+    model: HookedTransformer,
+    tokens: Tensor,
+    counted: Tensor,
+    weights: Sequence[MLPWeight],
+    loss: Callable[[Tensor], Tensor],
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each weight's inputs ``ā`` and output gradients ``g`` at the counted tokens of a batch.
+
+    Args:
+        model: the model.
+        tokens: ``[batch pos]`` token ids.
+        counted: ``[batch pos]`` the tokens whose terms count (others are zeroed).
+        weights: the weights.
+        loss: the scalar function of the logits to differentiate.
+
+    Returns:
+        ``{weight: (ā [batch pos d_in], g [batch pos d_out])}``, float32 on the CPU.
+    """
+    acts, grads = capture_with_gradients(
+        model,
+        tokens,
+        sorted({w.input_hook for w in weights}),
+        sorted({w.output_hook for w in weights}),
+        loss,
+    )
+    mask = counted.to(torch.float32)[..., None]
+    return {
+        w.name: (
+            w.inputs(model, acts[w.input_hook].float().cpu()) * mask,
+            grads[w.output_hook].float().cpu() * mask,
+        )
+        for w in weights
+    }
+
+
+def _refit_eigenvalues(
+    model: HookedTransformer,
+    factors: InfluenceFactors,
+    weights: list[MLPWeight],
+    source: Corpus,
+    n_tokens: int,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    split: Split,
+) -> None:
+    """EK-FAC's Λ (or, for ``"diagonal"``, E[G²]) from per-sequence gradients (a second pass;
+    this rank's share of the sequences, then summed over the ranks)."""
+    chunks = source.chunks(model, n_tokens=n_tokens, seed=seed, progress=False)
+    budgets = token_budgets(chunks, n_tokens, len(bos_tokens(model)))
+    mine = shard([i for i, budget in enumerate(budgets) if budget > 0], split)
+    diagonal = factors.strategy == "diagonal"
+    squares = {w.name: torch.zeros(len(factors.input_values[w.name]), w.d_out) for w in weights}
+    bar = tqdm(total=len(mine), desc="EK-FAC eigenvalues", unit="seq", disable=not progress)
+    with bar, frozen(model), linear_layout(model):
+        for batch in token_batches(model, [chunks[i] for i in mine], batch_size):
+            rows = [mine[j] for j in batch.indices]
+            generators = label_generators(seed, rows)  # the same labels as the first pass
+
+            def loss(logits: Tensor, batch: Batch = batch, generators: list = generators) -> Tensor:
+                return next_token_loss(logits, batch.tokens, batch.real, factors.fisher, generators)  # type: ignore[arg-type]
+
+            counted = within_budgets(batch.counted, [budgets[i] for i in rows])
+            found = sequence_gradients(model, batch.tokens, counted, weights, loss)
+            for name, (a, g) in found.items():
+                if not diagonal:  # rotating each token is cheaper than rotating each G
+                    a, g = a @ factors.input_vectors[name], g @ factors.output_vectors[name]
+                total = squares[name]
+                for a_seq, g_seq in zip(a, g, strict=True):  # one G at a time stays in cache
+                    gradient = a_seq.T @ g_seq  # [d_in d_out]
+                    total.addcmul_(gradient, gradient)
+            bar.update(len(batch.indices))
+    sequences = int(all_reduce_sum(torch.tensor([len(mine)]), split))
+    factors.n_sequences = sequences
+    means = {name: all_reduce_sum(value, split) / sequences for name, value in squares.items()}
+    if diagonal:
+        factors.diagonal = means
+    else:
+        factors.eigen_lambda = means
+
+
+def _cache_path(
+    fingerprint: str,
+    names: list[str],
+    corpus: Corpus,
+    n_tokens: int,
+    strategy: str,
+    fisher: str,
+    seed: int,
+    root: str | os.PathLike[str] | None,
+) -> Path:
+    fitted = strategy if strategy in _NEEDS_SECOND_PASS else "kfac"
+    key = json.dumps([names, corpus.id(seed), n_tokens, fitted, fisher, seed])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir(root) / "influence" / f"factors-{fingerprint}-{digest}.st"
