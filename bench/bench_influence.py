@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from scipy.stats import spearmanr
-from tables import data_argument, data_file, peak_mib, report, reset_peak
+from tables import data_argument, data_file, peak_mib, record_numbers, report, reset_peak
 
 import rome_lens
 from rome_lens.core.corpus import Corpus, bos_tokens, token_batches
@@ -72,20 +72,16 @@ def main() -> None:
     model = rome_lens.load_model()
     texts, queries = fact_texts(args.data), fact_queries(args.data)
     phases = args.only or PHASES[:-1]
-    numbers: list[str] = []
-    if "compare" in phases:
-        numbers += compare(model, texts[: args.fit_texts], texts[: args.scan_texts], queries, args)
-    if "speed" in phases:
-        numbers += speed(model, texts[: args.fit_texts], texts[: args.scan_texts], queries, args)
-    if "rank" in phases:
-        numbers += rank(model, texts[: args.fit_texts], texts, queries, args)
-    if "fit100k" in phases:
-        numbers += fit_100k(model, args)
     path = FIGURES / "influence_numbers.txt"
-    old = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in old if line.split(":")[0] not in {n.split(":")[0] for n in numbers}]
-    path.write_text("\n".join(kept + numbers) + "\n")
-    print("\n".join(numbers))
+    fit_texts, scan_texts = texts[: args.fit_texts], texts[: args.scan_texts]
+    if "compare" in phases:
+        record_numbers(path, compare(model, fit_texts, scan_texts, queries, args))
+    if "speed" in phases:
+        record_numbers(path, speed(model, fit_texts, scan_texts, queries, args))
+    if "rank" in phases:
+        record_numbers(path, rank(model, fit_texts, texts, queries, args))
+    if "fit100k" in phases:
+        record_numbers(path, fit_100k(model, args))
 
 
 def fact_texts(data: Path) -> list[str]:

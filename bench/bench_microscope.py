@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tables import data_argument, data_file, peak_mib, report, reset_peak
+from tables import data_argument, data_file, peak_mib, record_numbers, report, reset_peak
 
 import rome_lens
 from rome_lens.analysis import (
@@ -87,22 +87,17 @@ def main() -> None:
     FIGURES.mkdir(exist_ok=True)
     model = rome_lens.load_model()
     phases = args.only or PHASES
-    numbers: list[str] = []
-    if "compare" in phases:
-        numbers += compare(model, args)
-    if "linearity" in phases:
-        numbers += linearity(model, args)
-    if "context" in phases:
-        numbers += context(model, args)
-    if "removal" in phases:
-        numbers += removal(model, args)
-    if "cost" in phases:
-        numbers += cost(model)
     path = FIGURES / "microscope_numbers.txt"
-    old = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in old if line.split(":")[0] not in {n.split(":")[0] for n in numbers}]
-    path.write_text("\n".join(kept + numbers) + "\n")
-    print("\n".join(numbers))
+    if "compare" in phases:
+        record_numbers(path, compare(model, args))
+    if "linearity" in phases:
+        record_numbers(path, linearity(model, args))
+    if "context" in phases:
+        record_numbers(path, context(model, args))
+    if "removal" in phases:
+        record_numbers(path, removal(model, args))
+    if "cost" in phases:
+        record_numbers(path, cost(model))
 
 
 # --------------------------------------------------------------------------- compare

@@ -183,7 +183,8 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
 def figure(out: Path) -> None:
     from matplotlib.figure import Figure
 
-    tables = [pd.read_csv(p) for p in sorted(out.glob("sequential_*.csv"))]
+    paths = [out / f"sequential_{method}.csv" for method in METHODS]
+    tables = [pd.read_csv(path) for path in paths if path.exists()]
     if not tables:
         return
     fig = Figure(figsize=(11, 3.4), layout="constrained")

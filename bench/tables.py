@@ -56,3 +56,15 @@ def _status_mib(field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) // 1024
     raise RuntimeError(f"no {field} in /proc/self/status: peak memory needs Linux")
+
+
+def record_numbers(path: Path, numbers: list[str]) -> None:
+    """Write ``numbers`` into the docs' numbers file, replacing lines of the same label.
+
+    Each phase records as it ends, so an interrupted run keeps what it measured.
+    """
+    old = path.read_text().splitlines() if path.exists() else []
+    labels = {line.split(":")[0] for line in numbers}
+    kept = [line for line in old if line.split(":")[0] not in labels]
+    path.write_text("\n".join(kept + numbers) + "\n")
+    print("\n".join(numbers), flush=True)

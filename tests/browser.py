@@ -83,6 +83,7 @@ LAYOUT_SCRIPT = """() => {
       svg.querySelectorAll('g.colorbar').length === svg.querySelectorAll(PANELS).length
       && [...svg.querySelectorAll('g.colorbar text.tick')].length >= 2).every(Boolean),
     charts: document.querySelectorAll(CHARTS).length,
+    figures: [...document.querySelectorAll('div.figure > svg')].filter(visible).length,
     charts_with_ticks: [...document.querySelectorAll(CHARTS)]
       .every(svg => svg.querySelectorAll('text.tick').length >= 4),
     chart_widths: [...document.querySelectorAll(CHARTS)]

@@ -181,11 +181,11 @@ def influence_page(tmp_path_factory):
 
 class TestInfluencePage:
     def test_every_widget_renders_offline_without_errors(self, influence_page):
-        """The layer heatmap with its colour bar, the distribution with ticks, the coloured
+        """The layer heatmap with its colour bar, the score distribution's figure, the coloured
         texts; no errors, no outside requests, nothing tall and empty, no text under 11 px."""
         layout = influence_page.layout
         assert layout["heatmaps"] == 1 and layout["heatmaps_with_colorbar"]
-        assert layout["charts"] >= 1 and layout["charts_with_ticks"]
+        assert layout["figures"] >= 1
         assert influence_page.counts["div.circuitsvis"] == 1
         assert influence_page.empty_circuitsvis == 0
         assert layout["empty_tall"] == [] and layout["smallest_font"] >= 11

@@ -212,12 +212,14 @@ class TestIntermediatePredictions:
         assert states.n_tokens == n_tokens
 
 
-class TestContextualisation:
-    @pytest.fixture(scope="class")
-    def adapter(self, tiny, tmp_path_factory):
-        folder = tmp_path_factory.mktemp("adapter")
-        return train_context_adapter(tiny, hparams=QUICK, cache_dir=folder, progress=False)
+@pytest.fixture(scope="module")
+def adapter(tiny, tmp_path_factory):
+    """A frozen-decoder adapter trained briefly on the tiny model."""
+    folder = tmp_path_factory.mktemp("adapter")
+    return train_context_adapter(tiny, hparams=QUICK, cache_dir=folder, progress=False)
 
+
+class TestContextualisation:
     def test_scores_are_the_prefix_cross_entropy(self, tiny, adapter):
         """C_i is the mean NLL of the 3 tokens before i, read by the model after e_i and BOS."""
         result = contextualisation(tiny, TEXT, adapter, progress=False)

@@ -195,7 +195,7 @@ def _svg(figure: Figure) -> str:
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", bbox_inches="tight")
     text = buffer.getvalue()
-    return f'<div class="scroll">{text[text.index("<svg") :]}</div>'
+    return f'<div class="scroll figure">{text[text.index("<svg") :]}</div>'
 
 
 def _bound(scores: torch.Tensor) -> float:
