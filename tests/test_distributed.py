@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # two processes start and import torch: seconds, not logic
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 
 

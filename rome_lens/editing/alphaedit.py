@@ -77,8 +77,9 @@ class AlphaEditHyperParams(MEMITHyperParams):
     """Settings of :func:`alphaedit_edit`: MEMIT's (its ``mom2_update_weight`` unused) and
     the fields below."""
 
-    null_space_energy: float = 0.03
-    """The null space: C's smallest eigenvectors holding at most this share of its trace."""
+    null_space_energy: float = 0.3
+    """The null space: C's smallest eigenvectors holding at most this share of its trace
+    (chosen by ``bench/bench_sequential.py --sweep``; see docs/mass_editing.md)."""
     l2: float = 1.0
     """Weight of ‖ΔW‖² in the solve (AlphaEdit's L2; its keys are on another scale)."""
 

@@ -33,6 +33,7 @@ __all__ = [
 
 FONT = 13  # px, the body text of every SVG
 SMALL = 12  # px, tick labels
+MIN_BAR_WIDTH = 160  # px, the narrowest colour bar: three tick labels fit under it
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 _ids = itertools.count()  # gradient ids, unique on a page
 
@@ -170,12 +171,18 @@ def heatmap_panels(
         parts.append(_panel(panel, x0, top, cell_w, cell_h, column_ticks))
         if column_labels is not None:
             parts.append(_slanted(column_labels, x0, top + grid_h + 6, cell_w))
-        parts.append(_colour_bar(panel, x0, top + grid_h + bar_gap, panel_w, bar_h, colour_label))
-        x0 += panel_w + gap
+        bar_w = max(panel_w, MIN_BAR_WIDTH)  # room for the tick labels of a narrow panel
+        parts.append(_colour_bar(panel, x0, top + grid_h + bar_gap, bar_w, bar_h, colour_label))
+        x0 += max(bar_w, _text_width(colour_label)) + gap
     return (
         f'<svg class="{css_class}" xmlns="http://www.w3.org/2000/svg" width="{x0}" '
         f'height="{height}" role="img">{"".join(parts)}</svg>'
     )
+
+
+def _text_width(text: str) -> int:
+    """A generous estimate of a label's width at the small font size, in pixels."""
+    return math.ceil(0.62 * SMALL * len(text))
 
 
 def _slanted(labels: Sequence[str], x0: float, y: float, cell_w: int) -> str:
@@ -244,8 +251,10 @@ def _colour_bar(panel: Heatmap, x0: float, y: float, width: float, height: int, 
             f'<text class="tick" x="{x:.1f}" y="{y + height + 16}" text-anchor="{anchor}" '
             f'font-size="{SMALL}">{_format(value, span)}</text>'
         )
+    centred = _text_width(label) <= width
     parts.append(
-        f'<text x="{x0 + width / 2:.1f}" y="{y + height + 32}" text-anchor="middle" '
+        f'<text x="{x0 + width / 2 if centred else x0:.1f}" y="{y + height + 32}" '
+        f'text-anchor="{"middle" if centred else "start"}" '
         f'font-size="{SMALL}">{html.escape(label)}</text>'
     )
     return f'<g class="colorbar">{"".join(parts)}</g>'
