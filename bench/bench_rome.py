@@ -119,7 +119,10 @@ def main() -> None:
         ).to_dataframe()
         report(args.out, "rome_sequential", curve)
     if "variants" in phases:
-        report(args.out, "rome_variants", key_match_variants(model, cases[: args.cases], layer))
+        variants = key_match_variants(
+            model, cases[: args.cases], layer, partial=args.out / "rome_variants.partial.csv"
+        )
+        report(args.out, "rome_variants", variants)
 
 
 def stats_times(model: HookedTransformer, layers: list[int]) -> pd.DataFrame:
@@ -167,9 +170,12 @@ def n_tokens_sweep(
 
 
 def key_match_variants(
-    model: HookedTransformer, cases: list[CounterFactCase], layer: int
+    model: HookedTransformer, cases: list[CounterFactCase], layer: int, partial: Path | None = None
 ) -> pd.DataFrame:
-    """ES / PS / NS of each ``key_match``, the unedited model beside them, reusing each v*."""
+    """ES / PS / NS of each ``key_match``, the unedited model beside them, reusing each v*.
+
+    Every 20 cases the table so far is written to ``partial``, so a run cut short keeps it.
+    """
     from rome_lens.editing import memory
     from rome_lens.editing.rome import KEY_MATCHES, _left_vector
 
@@ -190,6 +196,12 @@ def key_match_variants(
             variant = dataclasses.replace(edit, left=_left_vector(u, chosen[name], moment))
             with edited(model, variant):
                 frames[name].append(case_scores(model, [case]))
+        if partial is not None and len(seconds) % 20 == 0:
+            _variants_table(frames, seconds).to_csv(partial, index=False)
+    return _variants_table(frames, seconds)
+
+
+def _variants_table(frames: dict[str, list[pd.DataFrame]], seconds: list[float]) -> pd.DataFrame:
     rows = []
     for name, parts in frames.items():
         df = pd.concat(parts)

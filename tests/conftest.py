@@ -70,6 +70,35 @@ def quiet(*categories: type[Warning]) -> Iterator[None]:
         yield
 
 
+def micro_model() -> HookedTransformer:
+    """A 2-layer model small enough for dense (d_in d_out)² matrices: d_model 16, d_mlp 24.
+
+    Its MLP biases and ln2 parameters are random, so that every term of the influence
+    formulas is exercised.
+    """
+    from transformer_lens import HookedTransformerConfig
+
+    from rome_lens.core.models import _tiny_tokenizer
+
+    tokenizer = _tiny_tokenizer()
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=24, d_vocab=len(tokenizer),
+        n_ctx=64, act_fn="gelu_new", normalization_type="LN", seed=7,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("b_in", "b_out")):
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+            if name.endswith(("ln2.w", "ln2.b")):
+                param.add_(
+                    torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.1
+                )
+    return model
+
+
 @pytest.fixture(scope="session")
 def word_level() -> HookedTransformer:
     """A tiny model whose word-level tokenizer maps unseen words to [UNK]."""

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch.func import functional_call, grad
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 import rome_lens
-from rome_lens.core.models import _tiny_tokenizer
 from rome_lens.influence import (
     InfluenceFactors,
     fit_influence_factors,
@@ -24,7 +21,7 @@ from rome_lens.influence import factors as factors_module
 from rome_lens.influence.factors import input_factor
 from rome_lens.stats import accumulate_moments, key_second_moment
 
-from .conftest import hooks_left, weights
+from .conftest import hooks_left, micro_model, weights
 
 TEXTS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -40,23 +37,7 @@ QUERY = ("The Eiffel Tower is located in the city of", " Paris")
 @pytest.fixture(scope="module")
 def micro() -> HookedTransformer:
     """A 2-layer model small enough for dense (d_in d_out)² matrices: d_model 16, d_mlp 24."""
-    tokenizer = _tiny_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=24, d_vocab=len(tokenizer),
-        n_ctx=64, act_fn="gelu_new", normalization_type="LN", seed=7,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer=tokenizer).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("b_in", "b_out")):
-                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
-            if name.endswith(("ln2.w", "ln2.b")):
-                param.add_(
-                    torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.1
-                )
-    return model
+    return micro_model()
 
 
 @pytest.fixture(scope="module")
