@@ -14,7 +14,11 @@ Phases (all seeded, cases in file order from ``--data``/counterfact_val.json):
 * ``sequential``: ``--sequential`` ROME edits applied one after another;
 * ``variants``: which keys the update maps exactly to v* (``key_match``:
   the averaged k*, the bare prompt's key, or both) on ``--cases`` cases in one
-  run; v* does not depend on it, so each case is optimised once.
+  run; v* does not depend on it, so each case is optimised once;
+* ``latency``: ``--latency-cases`` ROME edits, each beside the reference
+  implementation's own v* loop (ROME's ``compute_v``: every context prompt
+  forward and backward through the whole model at every step), re-implemented
+  here and run for as many steps as the edit took.
 
 Tables are printed and written as CSV to ``--out``.
 """
@@ -44,7 +48,7 @@ from rome_lens.evaluation import (
 )
 from rome_lens.stats import key_second_moment
 
-PHASES = ("stats", "layers", "n_tokens", "main", "ft", "sequential", "variants")
+PHASES = ("stats", "layers", "n_tokens", "main", "ft", "sequential", "variants", "latency")
 
 
 def main() -> None:
@@ -56,6 +60,7 @@ def main() -> None:
     parser.add_argument("--ft-cases", type=int, default=200)
     parser.add_argument("--sequential", type=int, default=100)
     parser.add_argument("--fluency-cases", type=int, default=20)
+    parser.add_argument("--latency-cases", type=int, default=10)
     parser.add_argument("--generation-tokens", type=int, default=50)
     parser.add_argument("--only", choices=PHASES, action="append")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -123,6 +128,8 @@ def main() -> None:
             model, cases[: args.cases], layer, partial=args.out / "rome_variants.partial.csv"
         )
         report(args.out, "rome_variants", variants)
+    if "latency" in phases:
+        report(args.out, "rome_latency", latency(model, cases[: args.latency_cases], layer))
 
 
 def stats_times(model: HookedTransformer, layers: list[int]) -> pd.DataFrame:
@@ -213,6 +220,75 @@ def _variants_table(frames: dict[str, list[pd.DataFrame]], seconds: list[float])
     table = pd.DataFrame(rows)
     table["median_edit_s"] = float(pd.Series(seconds).median())
     return table
+
+
+def latency(model: HookedTransformer, cases: list[CounterFactCase], layer: int) -> pd.DataFrame:
+    """Each edit's time beside the reference v* loop's for the same number of steps."""
+    stats = key_second_moment(model, layer, progress=False)
+    rows = []
+    for case in cases:
+        started = time.perf_counter()
+        edit = rome_edit(model, case.request, layer=layer, stats=stats, progress=False)
+        seconds = time.perf_counter() - started
+        steps = len(edit.losses)
+        reference = reference_v_loop(model, case.request, layer, steps)
+        rows.append({"case_id": case.case_id, "steps": steps, "rome_lens_edit_s": seconds,
+                     "reference_v_loop_s": reference, "ratio": reference / seconds})  # fmt: skip
+    table = pd.DataFrame(rows)
+    median = table.median(numeric_only=True)
+    print(f"median edit {median.rome_lens_edit_s:.1f} s; reference v* loop alone "
+          f"{median.reference_v_loop_s:.1f} s; ratio {median.ratio:.2f}")  # fmt: skip
+    return table
+
+
+def reference_v_loop(
+    model: HookedTransformer, request: rome_lens.EditRequest, layer: int, steps: int
+) -> float:
+    """Seconds for ``steps`` steps of ROME's own v* loop on the same prompts.
+
+    Every step runs every context prompt (with the target but its last token) and the
+    KL prompt, right-padded, through all layers, takes the full logits, and goes
+    backward through all of it: what ROME's ``compute_v`` does. δ is added to
+    ``blocks.{layer}.hook_mlp_out`` at each prompt's last subject token. The loss has
+    the same NLL and KL terms; its decay is left unscaled, which costs the same.
+    """
+    from rome_lens.core.hooks import add_at_rows, attached
+    from rome_lens.core.runtime import frozen, pad
+    from rome_lens.editing import ROMEHyperParams
+    from rome_lens.editing.memory import _ValueProblem, context_templates
+
+    hparams = ROMEHyperParams()
+    problem = _ValueProblem.build(model, request, context_templates(model, hparams), hparams)
+    tokens, mask = pad([torch.tensor(s) for s in problem.sequences], 0, "right")
+    rows = torch.arange(len(problem.sequences))
+    subject_last = torch.tensor(problem.subject_last)
+    n_target = len(problem.target_ids)
+    lengths = mask.sum(1)
+    answers = torch.tensor(problem.target_ids)
+    delta = torch.zeros(model.cfg.d_model, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    init_kl = None
+    started = time.perf_counter()
+    with frozen(model), torch.enable_grad():
+        for _ in range(steps):
+            hook = add_at_rows(rows, subject_last, delta.expand(len(rows), -1))
+            with attached(model, [(f"blocks.{layer}.hook_mlp_out", hook)]):
+                log_probs = model(tokens, attention_mask=mask).log_softmax(-1)  # [seq pos vocab]
+            nll = 0.0
+            for row in range(len(rows) - 1):
+                first = int(lengths[row]) - n_target
+                picked = log_probs[row, first : first + n_target].gather(1, answers[:, None])
+                nll = nll - picked.mean()
+            nll = nll / (len(rows) - 1)
+            kl_log_probs = log_probs[-1, int(lengths[-1]) - 1]
+            if init_kl is None:
+                init_kl = kl_log_probs.detach()
+            kl = (kl_log_probs.exp() * (kl_log_probs - init_kl)).sum()
+            loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * delta.norm()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":
