@@ -10,10 +10,10 @@ trained model on the same weight should rank the texts as those changes do.
 
 Thresholds, measured on this set-up (8 queries): Spearman between EK-FAC scores and the
 leave-one-out drop 0.60-0.89 (mean 0.73), K-FAC 0.58-0.88 (mean 0.74), the plain
-gradient dot product ("identity") 0.35-0.63 (mean 0.46). The test asserts a mean of at least 0.5 for
-EK-FAC and K-FAC, every query above 0.3, and the curvature-aware scores ahead of the dot
-product by at least 0.15 on average: margins that survive float noise, not a second run
-of the same numbers.
+gradient dot product ("identity") 0.35-0.63 (mean 0.46). The test asserts a mean of at
+least 0.5 for EK-FAC and K-FAC, every query above 0.3, and the curvature-aware scores
+ahead of the dot product by at least 0.15 on average: margins that survive float noise,
+not a second run of the same numbers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from rome_lens.influence import fit_influence_factors, influence_many
+from rome_lens.influence import InfluenceFactors, fit_influence_factors, influence_many
 
 from .conftest import micro_model
 
@@ -89,11 +89,7 @@ class LastMLP:
     def log_probs(self, theta: Tensor, rows: Tensor) -> Tensor:
         """``[text pos vocab]`` next-token log-probabilities of the texts ``rows``."""
         w, b = self._split(theta)
-        x = self.resid[rows] + self.hidden[rows] @ w + b
-        x = x - x.mean(-1, keepdim=True)
-        x = x / (x.pow(2).mean(-1, keepdim=True) + self.model.cfg.eps).sqrt()
-        x = x * self.model.ln_final.w.double() + self.model.ln_final.b.double()
-        return (x @ self.model.W_U.double() + self.model.b_U.double()).log_softmax(-1)
+        return self._read_out(self.resid[rows] + self.hidden[rows] @ w + b)
 
     def loss(self, theta: Tensor, rows: Tensor) -> Tensor:
         """Summed next-token loss of each text in ``rows``."""
@@ -113,14 +109,8 @@ class LastMLP:
         z = hidden @ w + b  # [text pos d_model]
         targets = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # next tokens
 
-        ln_w, ln_b, w_u, b_u = (p.detach().double() for p in self._head())
-
         def position_loss(z_at: Tensor, resid_at: Tensor, target: Tensor) -> Tensor:
-            x = resid_at + z_at
-            x = x - x.mean()
-            x = x / (x.pow(2).mean() + self.model.cfg.eps).sqrt()
-            logits = (x * ln_w + ln_b) @ w_u + b_u
-            return -logits.log_softmax(-1).gather(-1, target[None])[0]
+            return -self._read_out(resid_at + z_at).gather(-1, target[None])[0]
 
         second = torch.func.jacrev(torch.func.jacrev(position_loss))
         per_position = torch.func.vmap(torch.func.vmap(second))
@@ -135,8 +125,13 @@ class LastMLP:
         blocks = blocks.reshape(n_in, n_in, n_out, n_out).permute(0, 2, 1, 3)
         return blocks.reshape(theta.numel(), theta.numel())
 
-    def _head(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.model.ln_final.w, self.model.ln_final.b, self.model.W_U, self.model.b_U
+    def _read_out(self, resid: Tensor) -> Tensor:
+        """The final residual stream through ``ln_final`` and the unembedding, as log-probs."""
+        model = self.model
+        x = resid - resid.mean(-1, keepdim=True)
+        x = x / (x.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+        x = x * model.ln_final.w.detach().double() + model.ln_final.b.detach().double()
+        return (x @ model.W_U.detach().double() + model.b_U.detach().double()).log_softmax(-1)
 
     def _split(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         d_mlp, d_model = self.mlp.W_out.shape
@@ -180,7 +175,7 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def retrained():
-    """The trained model, its leave-one-out log-probability changes, and a scoring function."""
+    """The trained model, its last MLP's view, and the ``[text query]`` leave-one-out changes."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # many tiny float64 steps: threads only contend
     try:
@@ -228,12 +223,18 @@ def retrained():
     return model, mlp, torch.stack(changes)  # [text query]
 
 
-def scores(model: HookedTransformer, strategy: str, tmp_path) -> Tensor:
+@pytest.fixture(scope="module")
+def factors(retrained, tmp_path_factory) -> InfluenceFactors:
+    """EK-FAC factors of the trained ``W_out`` (they also serve K-FAC and identity)."""
+    model = retrained[0]
+    return fit_influence_factors(model, TEXTS, layers=[model.cfg.n_layers - 1],
+                                 weights=["W_out"], n_tokens=5000, fisher="empirical",
+                                 cache_dir=tmp_path_factory.mktemp("factors"),
+                                 progress=False)  # fmt: skip
+
+
+def scores(model: HookedTransformer, factors: InfluenceFactors, strategy: str) -> Tensor:
     """``[text query]`` influence scores of the trained ``W_out``."""
-    layer = model.cfg.n_layers - 1
-    factors = fit_influence_factors(model, TEXTS, layers=[layer], weights=["W_out"],
-                                    n_tokens=5000, fisher="empirical", cache_dir=tmp_path,
-                                    progress=False)  # fmt: skip
     results = influence_many(model, factors, QUERIES, TEXTS, top_k=len(TEXTS), strategy=strategy,
                              progress=False)  # fmt: skip
     table = torch.zeros(len(TEXTS), len(QUERIES))
@@ -267,11 +268,11 @@ class TestAgainstRetraining:
             assert changes[:, q].argmin() == q  # "{name} lives in {city}." is text q
 
     @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
-    def test_curvature_aware_scores_rank_as_retraining_does(self, retrained, strategy, tmp_path):
+    def test_curvature_aware_scores_rank_as_retraining_does(self, retrained, factors, strategy):
         """EK-FAC and K-FAC scores rank the texts as leave-one-out retraining does."""
         model, _, changes = retrained
-        found = scores(model, strategy, tmp_path)
-        plain = scores(model, "identity", tmp_path)
+        found = scores(model, factors, strategy)
+        plain = scores(model, factors, "identity")
         ours = [spearman(found[:, q], -changes[:, q]) for q in range(len(QUERIES))]
         dots = [spearman(plain[:, q], -changes[:, q]) for q in range(len(QUERIES))]
         assert sum(ours) / len(ours) >= 0.5 and min(ours) > 0.3, ours
