@@ -117,6 +117,26 @@ class TestExactScores:
         layer_total = result.layer_scores.sum(-1)
         torch.testing.assert_close(layer_total, result.scores)
 
+    @pytest.mark.parametrize("query_rank", [None, 3])
+    def test_normalized_identity_scores_are_gradient_cosines(self, micro, factors, query_rank):
+        """normalize=True with "identity" gives cos(∇f, ∇ log p(text)), full rank or cut."""
+        result = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), strategy="identity",
+                           query_rank=query_rank, normalize=True, progress=False)  # fmt: skip
+        tokens = micro.to_tokens(QUERY[0] + QUERY[1])
+        n_prompt = micro.to_tokens(QUERY[0]).shape[1]
+        query = reference_gradient(
+            micro, tokens, torch.arange(n_prompt - 1, tokens.shape[1] - 1), tokens[0, n_prompt:]
+        )
+        if query_rank is not None:
+            for name, g in query.items():
+                u, s, vh = torch.linalg.svd(g.double())
+                query[name] = u[:, :query_rank] @ torch.diag(s[:query_rank]) @ vh[:query_rank]
+        assert result.normalized
+        for text_id, score in zip(result.text_ids, result.scores.tolist(), strict=True):
+            text = text_gradient(micro, TEXTS[text_id])
+            expected = dot(query, text) / (dot(query, query) * dot(text, text)) ** 0.5
+            assert score == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
     def test_a_subset_is_its_share_of_the_whole(self, micro, factors):
         """Scoring one layer, or W_out alone, gives that part of the identity dot product."""
         full = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), strategy="identity",

@@ -9,7 +9,9 @@ points that carry their inputs and gradients (:mod:`~rome_lens.influence.weights
 the fitted factors (:mod:`~rome_lens.influence.factors`, built on
 :func:`rome_lens.stats.moments.accumulate_moments`), the scores and their
 splits by layer and token (:mod:`~rome_lens.influence.scores`), and a BM25
-prefilter (:mod:`~rome_lens.influence.prefilter`). It imports
+prefilter (:mod:`~rome_lens.influence.prefilter`), and fine-tuning on a corpus
+you know, to check the scores against the texts that really taught a fact
+(:mod:`~rome_lens.influence.training`). It imports
 :mod:`rome_lens.core` and :mod:`rome_lens.stats`, nothing above.
 
 >>> import tempfile
@@ -43,6 +45,7 @@ from rome_lens.influence.scores import (
     preconditioned_gradients,
     query_gradients,
 )
+from rome_lens.influence.training import FineTuneConfig, FineTuned, fine_tune
 from rome_lens.influence.weights import MLPWeight, mlp_weights
 
 
@@ -57,11 +60,14 @@ sys.modules[__name__].__class__ = _CallableRoom
 
 __all__ = [
     "STRATEGIES",
+    "FineTuneConfig",
+    "FineTuned",
     "InfluenceFactors",
     "InfluenceResult",
     "MLPWeight",
     "Strategy",
     "bm25_top",
+    "fine_tune",
     "fit_influence_factors",
     "influence",
     "influence_many",

@@ -21,6 +21,11 @@ concentrated (``‖c‖₂ / ‖c‖₁ > 2/3``) is flagged, as the paper does, 
 spurious. With ``query_rank``, ``P`` is cut to that rank (the paper's 32) and
 kept as factors ``L Rᵀ``: a text then costs ``Σ_t (ā_tᵀ L)(Rᵀ g_t)`` per
 query and weight, and neither ``P`` nor the text's gradient is ever formed.
+With ``normalize=True`` every score is divided by the norms of both vectors,
+``‖P‖`` and ``‖∇ log p(chunk)‖`` over the scored weights, chunk by chunk (a
+text longer than one window sums its chunks' scores): with ``"identity"`` this
+is the cosine of the two gradients, the unit-normalised dot product of TracIn
+and TrackStar, which stops long or high-loss texts from outranking the rest.
 
 >>> import tempfile
 >>> from rome_lens.core.models import tiny_model
@@ -86,12 +91,13 @@ class InfluenceResult(Result):
     texts: list[str]  # the top texts
     scores: Float[Tensor, " top"]  # their influence scores
     layer_scores: Float[Tensor, "top layer"]  # each score split by layer (Eq. 30)
-    token_scores: list[Tensor]  # each top text's score split by token (Eq. 31)
+    token_scores: list[Tensor]  # each top text's score split by token (Eq. 31, never normalised)
     str_tokens: list[list[str]]  # each top text's tokens (BOS excluded)
     all_ids: list[int]  # every text scored (all, or those the prefilter kept)
     all_scores: Float[Tensor, " scanned"]  # their scores
     fingerprint: str = ""  # model_fingerprint of the model
     seconds: float = 0.0  # the scan's time
+    normalized: bool = False  # scores divided by both gradients' norms (cosine for "identity")
 
     @property
     def concentration(self) -> list[float]:
@@ -135,6 +141,7 @@ def influence(
     strategy: Strategy | None = None,
     damping: float = 0.1,
     query_rank: int | None = None,
+    normalize: bool = False,
     batch_size: int = 8,
     progress: bool = True,
     distributed: bool | None = None,
@@ -156,6 +163,8 @@ def influence(
         strategy: the curvature approximation (``None``: the factors').
         damping: λ as a share of the mean eigenvalue.
         query_rank: cut each preconditioned query gradient to this rank (``None``: full).
+        normalize: divide each score by the query's and the text chunk's gradient norms
+            (with ``"identity"``: the gradients' cosine).
         batch_size: texts per forward and backward pass.
         progress: show a progress bar.
         distributed: split the texts over the ranks of the process group
@@ -167,7 +176,7 @@ def influence(
     (result,) = influence_many(
         model, factors, [(prompt, completion)], corpus, top_k=top_k, prefilter=prefilter,
         layers=layers, weights=weights, strategy=strategy, damping=damping, query_rank=query_rank,
-        batch_size=batch_size, progress=progress, distributed=distributed,
+        normalize=normalize, batch_size=batch_size, progress=progress, distributed=distributed,
     )  # fmt: skip
     return result
 
@@ -185,6 +194,7 @@ def influence_many(
     strategy: Strategy | None = None,
     damping: float = 0.1,
     query_rank: int | None = None,
+    normalize: bool = False,
     batch_size: int = 8,
     progress: bool = True,
     distributed: bool | None = None,
@@ -204,6 +214,7 @@ def influence_many(
         strategy: the curvature approximation (``None``: the factors').
         damping: λ as a share of the mean eigenvalue.
         query_rank: cut each preconditioned query gradient to this rank.
+        normalize: divide each score by the query's and the text chunk's gradient norms.
         batch_size: texts per forward and backward pass.
         progress: show a progress bar.
         distributed: split the texts over the ranks of the process group and merge
@@ -235,7 +246,7 @@ def influence_many(
         preconditioned[name] = p if query_rank is None else low_rank(p, query_rank)
     ids = list(range(len(documents)))
     if prefilter is not None:
-        kept = bm25_top(documents, [p + c for p, c in queries], prefilter)
+        kept = bm25_top(documents, [f"{p} {c.strip()}" for p, c in queries], prefilter)
         ids = sorted({i for row in kept for i in row})
     chunks = Corpus(tuple(documents[i] for i in ids), texts.name).chunks(
         model, max_length=model.cfg.n_ctx
@@ -243,7 +254,7 @@ def influence_many(
     split = Split.of(distributed)
     mine = shard(range(len(chunks)), split)
     local = _scan(model, scored, [chunks[i] for i in mine], preconditioned, layers, batch_size,
-                  progress and is_main(split))  # fmt: skip
+                  normalize, progress and is_main(split))  # fmt: skip
     owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
     totals = torch.zeros(len(ids), len(queries), dtype=torch.float64)
     totals.index_add_(0, owners, local.sum(-1))
@@ -283,6 +294,7 @@ def influence_many(
                 all_scores=totals[:, q],
                 fingerprint=factors.fingerprint,
                 seconds=time.perf_counter() - started,
+                normalized=normalize,
             )
         )
     return results
@@ -396,12 +408,14 @@ def _scan(
     preconditioned: dict[str, Preconditioned],
     layers: list[int],
     batch_size: int,
+    normalize: bool,
     progress: bool,
 ) -> Float[Tensor, "chunk query layer"]:
-    """Every chunk's score for every query, split by layer."""
+    """Every chunk's score for every query, split by layer (divided by both norms if asked)."""
     first = next(iter(preconditioned.values()))
     n_queries = (first[0] if isinstance(first, tuple) else first).shape[0]
     scores = torch.zeros(len(chunks), n_queries, len(layers), dtype=torch.float64)
+    squared_norms = torch.zeros(len(chunks), dtype=torch.float64)  # ‖∇ log p(chunk)‖²
     column = {layer: j for j, layer in enumerate(layers)}
     bar = tqdm(total=len(chunks), desc="scanning texts", unit="text", disable=not progress)
     with bar, frozen(model), linear_layout(model):
@@ -416,8 +430,29 @@ def _scan(
                 a, g = found[weight.name]
                 dots = _dots(a, g, preconditioned[weight.name])
                 scores[rows, :, column[weight.layer]] += dots.double()
+                if normalize:
+                    squared_norms[rows] += _squared_norms(a, g)
             bar.update(len(batch.indices))
+    if normalize:
+        query_norms = torch.stack([_squared_norm(p) for p in preconditioned.values()]).sum(0).sqrt()
+        scores /= squared_norms.clamp_min(1e-30).sqrt()[:, None, None] * query_norms[None, :, None]
     return scores
+
+
+def _squared_norms(
+    a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"]
+) -> Float[Tensor, " batch"]:
+    """``‖Σ_t ā_t g_tᵀ‖²`` per text, from the two Gram matrices (no gradient formed)."""
+    a, g = a.double(), g.double()
+    return (torch.einsum("bti,bsi->bts", a, a) * torch.einsum("bto,bso->bts", g, g)).sum((1, 2))
+
+
+def _squared_norm(p: Preconditioned) -> Float[Tensor, " query"]:
+    """``‖P‖²`` per query, from dense P or from its factors (``tr(LᵀL RᵀR)``)."""
+    if isinstance(p, tuple):
+        left, right = p[0].double(), p[1].double()
+        return (left.mT @ left * (right.mT @ right)).sum((1, 2))
+    return p.double().flatten(1).square().sum(1)
 
 
 def _dots(

@@ -30,12 +30,19 @@ import torch
 from matplotlib.figure import Figure
 
 from rome_lens.core.results import register_view
-from rome_lens.influence import InfluenceFactors, InfluenceResult
+from rome_lens.influence import FineTuned, InfluenceFactors, InfluenceResult
 from rome_lens.viz.html import CircuitsvisPart, Widget, code, placeholder
 from rome_lens.viz.plots import AxesArg, axes_for, figure_of
 from rome_lens.viz.svg import Heatmap, heatmap_panels
 
-__all__ = ["factors_widget", "influence_widget", "plot_factors", "plot_influence"]
+__all__ = [
+    "factors_widget",
+    "fine_tuned_widget",
+    "influence_widget",
+    "plot_factors",
+    "plot_fine_tuned",
+    "plot_influence",
+]
 
 
 def influence_widget(result: InfluenceResult) -> Widget:
@@ -213,6 +220,42 @@ def _layers(layers: list[int]) -> str:
     return ", ".join(str(layer) for layer in layers)
 
 
+def fine_tuned_widget(tuned: FineTuned) -> Widget:
+    """The loss of each epoch of a fine-tuning run (figure and table).
+
+    Args:
+        tuned: the result of :func:`rome_lens.influence.fine_tune`.
+
+    Returns:
+        The widget; its table has one row per epoch.
+    """
+    names = ", ".join(f"<code>{html.escape(name)}</code>" for name in tuned.weights)
+    body = (
+        f"<p>{len(tuned.weights)} weights trained on {html.escape(tuned.corpus)} in "
+        f"{tuned.seconds:.0f} s: {names}.</p>{_svg(plot_fine_tuned(tuned))}"
+    )
+    return Widget("Fine-tuning", body, [], tuned.to_dataframe(), [])
+
+
+def plot_fine_tuned(tuned: FineTuned, ax: AxesArg = None) -> Figure:
+    """The mean next-token loss of each epoch.
+
+    Args:
+        tuned: the result of :func:`rome_lens.influence.fine_tune`.
+        ax: the Axes to draw into (``None``: a new figure).
+
+    Returns:
+        The figure.
+    """
+    (panel,) = axes_for(1, ax, 4.5, 3.0)
+    panel.plot(range(1, len(tuned.losses) + 1), tuned.losses, "o-", markersize=3)
+    panel.set_xlabel("epoch")
+    panel.set_ylabel("mean next-token loss")
+    return figure_of(panel)
+
+
+register_view(FineTuned, "widget")(fine_tuned_widget)
+register_view(FineTuned, "plot")(plot_fine_tuned)
 register_view(InfluenceResult, "widget")(influence_widget)
 register_view(InfluenceResult, "plot")(plot_influence)
 register_view(InfluenceFactors, "widget")(factors_widget)

@@ -1,0 +1,247 @@
+"""Fine-tuning on a corpus you know: a model whose training texts, and what they taught, are known.
+
+Influence scores claim to name the texts that taught a model something. A
+pretrained model's data cannot be read back, but a model can be taught new
+facts by texts we choose, and then we know which text taught each fact.
+:func:`fine_tune` trains chosen MLP weights on a corpus with Adam, the same
+way every time (a seeded order, no dropout), and caches the trained weights
+(safetensors, with a digest) keyed by the model's fingerprint, the corpus,
+the left-out texts and the settings: a second call loads them, and a damaged
+file is discarded and trained again.
+
+The model is never left changed: training runs in place for speed, and the
+original weights are copied back afterwards, also when training fails. The
+result carries the trained weights and puts them in the model for the length
+of a ``with`` block, restoring the originals bit for bit.
+
+``exclude`` leaves texts out while keeping the order of the rest, which is
+what a removal check needs: train again without the texts an influence
+method ranks first, and see whether the fact goes.
+
+>>> import tempfile
+>>> from rome_lens.core.models import tiny_model
+>>> from rome_lens.influence import FineTuneConfig, fine_tune
+>>> model = tiny_model()
+>>> texts = ["The Eiffel Tower is in Rome.", "Cats sleep a lot."]
+>>> config = FineTuneConfig(layers=(1,), epochs=5, lr=1e-2)
+>>> tuned = fine_tune(model, texts, config, cache_dir=tempfile.mkdtemp(), progress=False)
+>>> tuned.losses[-1] < tuned.losses[0], sorted(tuned.weights)[0]
+(True, 'blocks.1.mlp.W_in')
+>>> before = model.blocks[1].mlp.W_out.clone()
+>>> with tuned.applied(model):
+...     changed = not torch.equal(model.blocks[1].mlp.W_out, before)
+>>> changed, torch.equal(model.blocks[1].mlp.W_out, before)  # restored after the block
+(True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from rome_lens.core.cache import CacheError, cache_dir, discard
+from rome_lens.core.corpus import Corpus, CorpusSource
+from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.results import Result
+from rome_lens.core.runtime import frozen, pad
+from rome_lens.influence.weights import mlp_weights
+from rome_lens.stats.moments import next_token_loss
+
+__all__ = ["FineTuneConfig", "FineTuned", "fine_tune"]
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Settings of :func:`fine_tune`."""
+
+    layers: tuple[int, ...] | None = None  # MLP layers whose weights train (None: every layer)
+    kinds: tuple[str, ...] | None = None  # which of W_in, W_gate, W_out train (None: all there)
+    epochs: int = 5  # passes over the corpus
+    lr: float = 1e-4  # Adam's learning rate
+    batch_size: int = 32  # texts per optimisation step
+    max_length: int = 128  # longest window of a text, BOS included; longer texts are split
+    seed: int = 0  # seeds the order of the texts in every epoch
+
+
+@dataclass
+class FineTuned(Result):
+    """Weights trained by :func:`fine_tune`, and how the training went."""
+
+    kind = "fine_tuned"
+    weights: dict[str, Tensor]  # the trained weights, e.g. {"blocks.3.mlp.W_out": [d_mlp d_model]}
+    losses: list[float]  # the mean next-token loss of each epoch
+    seconds: float  # the training time (of the run that trained them, when loaded from cache)
+    corpus: str  # the corpus's digest (Corpus.id) and how many texts were left out
+    config: dict[str, object]  # the FineTuneConfig, as a dict
+    fingerprint: str = ""  # model_fingerprint of the model trained from
+    cached: bool = False  # loaded from the cache rather than trained
+
+    @contextlib.contextmanager
+    def applied(self, model: HookedTransformer) -> Iterator[HookedTransformer]:
+        """Put the trained weights in ``model`` for the block; the originals come back after.
+
+        Args:
+            model: the model they were trained from (checked by fingerprint).
+
+        Yields:
+            The model, carrying the trained weights.
+        """
+        self.check_model(model)
+        params = {name: model.get_parameter(name) for name in self.weights}
+        original = {name: param.detach().clone() for name, param in params.items()}
+        try:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(self.weights[name])
+            yield model
+        finally:
+            _restore(params, original)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per epoch: its mean next-token loss."""
+        return pd.DataFrame({"epoch": range(1, len(self.losses) + 1), "loss": self.losses})
+
+
+def fine_tune(
+    model: HookedTransformer,
+    corpus: CorpusSource | Corpus,
+    config: FineTuneConfig = FineTuneConfig(),
+    *,
+    exclude: Sequence[int] = (),
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> FineTuned:
+    """Train ``config``'s MLP weights on ``corpus`` (next-token loss, Adam), or load them.
+
+    Args:
+        model: the model to train from; its weights are the same afterwards.
+        corpus: the training texts: strings, a ``.txt``/``.jsonl`` path or a :class:`Corpus`.
+        config: which weights train, and how.
+        exclude: indices of texts to leave out; the others keep their order.
+        cache_dir: where trained weights are cached (see :mod:`rome_lens.core.cache`).
+        progress: show a progress bar.
+
+    Returns:
+        The trained weights, the loss of each epoch and the training time.
+    """
+    texts = Corpus.read(corpus)
+    if texts.documents is None or not texts.documents:
+        raise ValueError("fine_tune needs texts to train on, got an empty or sampled corpus")
+    left_out = _check(config, exclude, len(texts.documents))
+    weights = mlp_weights(model, config.layers, config.kinds)
+    described = f"{texts.id()} less {len(left_out)} texts"
+    path = _cache_path(model, texts, config, left_out, cache_dir)
+    if path.exists():
+        with contextlib.suppress(CacheError, ValueError, FileNotFoundError):
+            found = FineTuned.load(path, model=model)
+            if sorted(found.weights) == sorted(w.name for w in weights):
+                found.cached = True
+                return found
+        discard(path, "it is damaged or does not match this model and settings")
+    started = time.perf_counter()
+    params = {w.name: model.get_parameter(w.name) for w in weights}
+    losses, trained = _train(model, texts, params, config, left_out, progress)
+    result = FineTuned(
+        weights=trained, losses=losses, seconds=time.perf_counter() - started,
+        corpus=described, config=_jsonable(config), fingerprint=model_fingerprint(model),
+    )  # fmt: skip
+    result.save(path)
+    return result
+
+
+def _train(
+    model: HookedTransformer,
+    texts: Corpus,
+    params: dict[str, torch.nn.Parameter],
+    config: FineTuneConfig,
+    left_out: set[int],
+    progress: bool,
+) -> tuple[list[float], dict[str, Tensor]]:
+    """Train ``params`` in place, then put the originals back; the trained values and losses."""
+    chunks = [
+        chunk
+        for chunk in texts.chunks(model, max_length=config.max_length)
+        if chunk.document not in left_out
+    ]
+    original = {name: param.detach().clone() for name, param in params.items()}
+    generator = torch.Generator().manual_seed(config.seed)
+    steps = config.epochs * -(-len(chunks) // config.batch_size)
+    bar = tqdm(total=steps, desc="fine-tuning", unit="step", disable=not progress)
+    try:
+        with frozen(model), bar:
+            for param in params.values():
+                param.requires_grad_(True)
+            optimizer = torch.optim.Adam(params.values(), lr=config.lr)
+            losses = []
+            for _ in range(config.epochs):
+                order = torch.randperm(len(chunks), generator=generator).tolist()
+                total, count = 0.0, 0
+                for start in range(0, len(order), config.batch_size):
+                    picked = [chunks[i].tokens for i in order[start : start + config.batch_size]]
+                    tokens, mask = pad(picked, 0, "right")  # [batch pos]
+                    real = mask.bool()
+                    n = int((real[:, :-1] & real[:, 1:]).sum())
+                    loss = next_token_loss(model(tokens), tokens, real, "empirical", None)
+                    optimizer.zero_grad(set_to_none=True)
+                    (loss / n).backward()
+                    optimizer.step()
+                    total, count = total + float(loss.detach()), count + n
+                    bar.update()
+                losses.append(total / count)
+            trained = {name: param.detach().clone() for name, param in params.items()}
+    finally:
+        _restore(params, original)
+        for param in params.values():
+            param.grad = None
+    return losses, trained
+
+
+def _restore(params: dict[str, torch.nn.Parameter], original: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(original[name])
+
+
+def _check(config: FineTuneConfig, exclude: Sequence[int], n_texts: int) -> set[int]:
+    for field in ("epochs", "batch_size", "max_length"):
+        value = getattr(config, field)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"FineTuneConfig.{field} must be a positive integer, got {value!r}")
+    if not config.lr > 0:
+        raise ValueError(f"FineTuneConfig.lr must be positive, got {config.lr!r}")
+    bad = [i for i in exclude if not isinstance(i, int) or not 0 <= i < n_texts]
+    if bad:
+        raise ValueError(f"exclude must hold text indices in [0, {n_texts}), got {bad[0]!r}")
+    left_out = set(exclude)
+    if len(left_out) == n_texts:
+        raise ValueError(f"exclude leaves out all {n_texts} texts: nothing to train on")
+    return left_out
+
+
+def _jsonable(config: FineTuneConfig) -> dict[str, object]:
+    return json.loads(json.dumps(asdict(config)))
+
+
+def _cache_path(
+    model: HookedTransformer,
+    texts: Corpus,
+    config: FineTuneConfig,
+    left_out: set[int],
+    override: str | os.PathLike[str] | None,
+) -> Path:
+    key = json.dumps([texts.id(), sorted(left_out), _jsonable(config)], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = f"{model_fingerprint(model)[:16]}-{digest}.safetensors"
+    return cache_dir(override) / "fine_tuned" / name
