@@ -16,6 +16,7 @@ from rome_lens.influence import (
     mlp_weights,
     preconditioned_gradients,
     query_gradients,
+    score_texts,
 )
 from rome_lens.influence import factors as factors_module
 from rome_lens.influence.factors import input_factor
@@ -252,6 +253,52 @@ class TestExactScores:
         for text_id, score in zip(result.text_ids, result.scores.tolist(), strict=True):
             expected = dot(cut, text_gradient(micro, TEXTS[text_id]))
             assert score == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+    def test_low_rank_queries_in_groups_match_one_group(self, micro, factors, monkeypatch):
+        """Cutting queries to low rank two at a time gives the scores of all at once."""
+        queries = [QUERY, ("Steve Jobs founded", " Apple"), ("Berlin is the capital of",
+                   " Germany"), ("The Louvre is a", " museum"), ("Cats", " sleep")]  # fmt: skip
+        kwargs = {"top_k": 2, "query_rank": 3, "progress": False}
+        whole = influence_many(micro, factors, queries, TEXTS, **kwargs)
+        monkeypatch.setattr(rome_lens.influence.scores, "_QUERY_GROUP", 2)
+        grouped = influence_many(micro, factors, queries, TEXTS, **kwargs)
+        for a, b in zip(whole, grouped, strict=True):  # float32 gradients of other batch shapes
+            scale = float(a.all_scores.abs().max())
+            torch.testing.assert_close(a.all_scores, b.all_scores, rtol=1e-4, atol=1e-4 * scale)
+            for x, y in zip(a.token_scores, b.token_scores, strict=True):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * scale)
+
+    @pytest.mark.parametrize("query_rank", [None, 3])
+    def test_one_pass_for_several_strategies_matches_one_each(self, micro, tmp_path, query_rank):
+        """score_texts gives each strategy's influence_many scores, and the cosine from norms."""
+        both = [
+            fit_influence_factors(
+                micro,
+                TEXTS * 3,
+                n_tokens=400,
+                strategy=strategy,
+                cache_dir=tmp_path,
+                progress=False,
+            )  # fmt: skip
+            for strategy in ("ekfac", "diagonal")
+        ]
+        queries = [QUERY, ("Steve Jobs founded", " Apple")]
+        strategies = ("ekfac", "kfac", "diagonal", "identity")
+        found = score_texts(micro, both, queries, TEXTS, strategies=strategies,
+                            query_rank=query_rank, progress=False)  # fmt: skip
+        for strategy in strategies:
+            fit = both[1] if strategy == "diagonal" else both[0]
+            results = influence_many(micro, fit, queries, TEXTS, top_k=1, strategy=strategy,
+                                     query_rank=query_rank, progress=False)  # fmt: skip
+            expected = torch.stack([r.all_scores for r in results], 1)
+            torch.testing.assert_close(found.scores[strategy], expected, rtol=1e-4, atol=1e-7)
+        cosine = influence_many(micro, both[0], queries, TEXTS, top_k=1, strategy="identity",
+                                query_rank=query_rank, normalize=True, progress=False)  # fmt: skip
+        from_norms = found.scores["identity"] / (
+            found.text_norms[:, None] * found.query_norms["identity"][None]
+        )
+        expected = torch.stack([r.all_scores for r in cosine], 1)
+        torch.testing.assert_close(from_norms, expected, rtol=1e-4, atol=1e-7)
 
     def test_low_rank_queries_agree(self, micro, factors):
         """Rank-4 preconditioned queries rank the texts almost as full rank does."""

@@ -40,10 +40,12 @@ from rome_lens.influence.factors import (
 from rome_lens.influence.prefilter import bm25_top
 from rome_lens.influence.scores import (
     InfluenceResult,
+    TextScores,
     influence,
     influence_many,
     preconditioned_gradients,
     query_gradients,
+    score_texts,
 )
 from rome_lens.influence.training import FineTuneConfig, FineTuned, fine_tune
 from rome_lens.influence.weights import MLPWeight, mlp_weights
@@ -66,6 +68,7 @@ __all__ = [
     "InfluenceResult",
     "MLPWeight",
     "Strategy",
+    "TextScores",
     "bm25_top",
     "fine_tune",
     "fit_influence_factors",
@@ -74,4 +77,5 @@ __all__ = [
     "mlp_weights",
     "preconditioned_gradients",
     "query_gradients",
+    "score_texts",
 ]

@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -66,15 +67,18 @@ from rome_lens.stats.moments import next_token_loss
 __all__ = [
     "SPURIOUS_RATIO",
     "InfluenceResult",
+    "TextScores",
     "influence",
     "influence_many",
     "low_rank",
     "preconditioned_gradients",
     "query_gradients",
+    "score_texts",
 ]
 
 Preconditioned = Tensor | tuple[Tensor, Tensor]  # [query d_in d_out], or low-rank factors (L, R)
 _TOKEN_FORM_LIMIT = 32  # positions × queries up to which the token form is the faster
+_QUERY_GROUP = 16  # queries whose dense gradients are held at once when cutting them to low rank
 SPURIOUS_RATIO = 2 / 3  # token scores with ‖c‖₂/‖c‖₁ above this are concentrated (Grosse et al.)
 
 
@@ -239,11 +243,9 @@ def influence_many(
     unfitted = [w.name for w in scored if w.name not in factors.names]
     if unfitted:
         raise ValueError(f"the factors hold {factors.names}, not {unfitted}: fit them too")
-    gradients = query_gradients(model, scored, queries)
-    preconditioned: dict[str, Preconditioned] = {}
-    for name in list(gradients):
-        p = _precondition(factors, name, gradients.pop(name), chosen, damping)
-        preconditioned[name] = p if query_rank is None else low_rank(p, query_rank)
+    preconditioned = _preconditioned_queries(
+        model, factors, scored, queries, chosen, damping, query_rank
+    )
     ids = list(range(len(documents)))
     if prefilter is not None:
         kept = bm25_top(documents, [f"{p} {c.strip()}" for p, c in queries], prefilter)
@@ -253,8 +255,11 @@ def influence_many(
     )
     split = Split.of(distributed)
     mine = shard(range(len(chunks)), split)
-    local = _scan(model, scored, [chunks[i] for i in mine], preconditioned, layers, batch_size,
-                  normalize, progress and is_main(split))  # fmt: skip
+    local, squared_norms = _scan(model, scored, [chunks[i] for i in mine], preconditioned, layers,
+                                 batch_size, progress and is_main(split))  # fmt: skip
+    if normalize:
+        local /= squared_norms.clamp_min(1e-30).sqrt()[:, None, None]
+        local /= _query_norms(preconditioned)[None, :, None]
     owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
     totals = torch.zeros(len(ids), len(queries), dtype=torch.float64)
     totals.index_add_(0, owners, local.sum(-1))
@@ -276,7 +281,7 @@ def influence_many(
             model,
             scored,
             [documents[i] for i in top_ids],
-            {n: _dense(p)[q : q + 1] for n, p in preconditioned.items()},
+            {n: _dense(_one(p, q)) for n, p in preconditioned.items()},
         )
         results.append(
             InfluenceResult(
@@ -298,6 +303,103 @@ def influence_many(
             )
         )
     return results
+
+
+class TextScores(NamedTuple):
+    """Every text's score for every query under several strategies, and the norms to
+    normalise them (:func:`score_texts`)."""
+
+    scores: dict[str, Float[Tensor, "text query"]]  # by strategy
+    text_norms: Float[Tensor, " text"]  # ‖∇ log p(text)‖ (chunks' squares summed)
+    query_norms: dict[str, Float[Tensor, " query"]]  # ‖P‖ of each query, by strategy
+
+
+def score_texts(
+    model: HookedTransformer,
+    factors: InfluenceFactors | Sequence[InfluenceFactors],
+    queries: Sequence[tuple[str, str]],
+    corpus: CorpusSource | Corpus,
+    *,
+    strategies: Sequence[Strategy] = ("ekfac",),
+    damping: float = 0.1,
+    query_rank: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> TextScores:
+    """Every text's score under several curvature approximations, from one pass over the texts.
+
+    Comparing strategies costs one forward and backward pass per text, not one
+    per strategy: the queries of every strategy are scored together. Dividing
+    a strategy's scores by ``text_norms[:, None] * query_norms[strategy][None]``
+    gives what ``normalize=True`` gives (for ``"identity"``, the gradients' cosine).
+
+    Args:
+        model: the model the factors were fitted on (not changed).
+        factors: from :func:`~rome_lens.influence.fit_influence_factors`, or several
+            fits of the same weights (an EK-FAC fit and a diagonal one): each strategy
+            uses the first that supports it.
+        queries: ``(prompt, completion)`` pairs.
+        corpus: the training texts.
+        strategies: the curvature approximations to score with.
+        damping: λ as a share of the mean eigenvalue.
+        query_rank: cut each preconditioned query gradient to this rank.
+        batch_size: texts per forward and backward pass.
+        progress: show a progress bar.
+        distributed: split the texts over the ranks of the process group (``None``:
+            when one is initialised).
+
+    Returns:
+        The scores ``[text query]`` by strategy, and the norms.
+    """
+    fits = [factors] if isinstance(factors, InfluenceFactors) else list(factors)
+    if not strategies or not fits:
+        raise ValueError("name at least one strategy and one set of factors")
+    if len({(tuple(f.layers), tuple(f.names)) for f in fits}) > 1:
+        raise ValueError(
+            "the factors must cover the same weights, got " + ", ".join(map(repr, fits))
+        )
+    chosen = {}
+    for strategy in strategies:
+        usable = [f for f in fits if strategy in STRATEGIES and f.supports(strategy)]
+        chosen[strategy] = usable[0] if usable else fits[0]
+        _check(model, chosen[strategy], queries, 1, None, strategy, query_rank)
+    texts = Corpus.read(corpus)
+    if texts.documents is None or not texts.documents:
+        raise ValueError("corpus must hold texts to score, got an empty or sampled corpus")
+    layers = list(fits[0].layers)
+    fitted = sorted({name.rsplit(".", 1)[-1] for name in fits[0].names})
+    scored = mlp_weights(model, layers, fitted)
+    each = {
+        strategy: _preconditioned_queries(
+            model, chosen[strategy], scored, queries, strategy, damping, query_rank
+        )
+        for strategy in strategies
+    }
+    joined = {w.name: _join([each[s][w.name] for s in strategies]) for w in scored}
+    chunks = texts.chunks(model, max_length=model.cfg.n_ctx)
+    split = Split.of(distributed)
+    mine = shard(range(len(chunks)), split)
+    local, squared = _scan(model, scored, [chunks[i] for i in mine], joined, layers, batch_size,
+                           progress and is_main(split))  # fmt: skip
+    owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
+    totals = torch.zeros(len(texts.documents), len(strategies) * len(queries), dtype=torch.float64)
+    totals.index_add_(0, owners, local.sum(-1))
+    norms = torch.zeros(len(texts.documents), dtype=torch.float64).index_add_(0, owners, squared)
+    totals, norms = all_reduce_sum(totals, split), all_reduce_sum(norms, split)
+    parts = totals.split(len(queries), dim=1)
+    return TextScores(
+        scores=dict(zip(strategies, parts, strict=True)),
+        text_norms=norms.sqrt(),
+        query_norms={s: _query_norms(each[s]) for s in strategies},
+    )
+
+
+def _join(pieces: list[Preconditioned]) -> Preconditioned:
+    """Several strategies' queries as one batch of queries."""
+    if isinstance(pieces[0], tuple):
+        return (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
+    return torch.cat(pieces)  # type: ignore[arg-type]
 
 
 def query_gradients(
@@ -401,6 +503,43 @@ def _precondition(
     return q_a @ (rotated / (values + damping * values.mean())) @ q_s.T
 
 
+def _preconditioned_queries(
+    model: HookedTransformer,
+    factors: InfluenceFactors,
+    weights: list[MLPWeight],
+    queries: Sequence[tuple[str, str]],
+    strategy: str,
+    damping: float,
+    query_rank: int | None,
+) -> dict[str, Preconditioned]:
+    """Every query's preconditioned gradient, dense or as rank-``query_rank`` factors.
+
+    With ``query_rank`` the queries go through in groups of ``_QUERY_GROUP``, each
+    cut to its factors before the next, so that memory holds
+    ``query × rank × (d_in + d_out)`` numbers per weight, never every query's
+    dense ``d_in × d_out`` gradient at once.
+    """
+    group = len(queries) if query_rank is None else _QUERY_GROUP
+    parts: dict[str, list[Preconditioned]] = {}
+    for start in range(0, len(queries), group):
+        gradients = query_gradients(model, weights, queries[start : start + group])
+        for name in list(gradients):
+            p = _precondition(factors, name, gradients.pop(name), strategy, damping)
+            parts.setdefault(name, []).append(p if query_rank is None else low_rank(p, query_rank))
+    out: dict[str, Preconditioned] = {}
+    for name, pieces in parts.items():
+        if query_rank is None:
+            out[name] = torch.cat(pieces)  # type: ignore[arg-type]
+        else:
+            out[name] = (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
+    return out
+
+
+def _one(p: Preconditioned, q: int) -> Preconditioned:
+    """Query ``q`` alone (a batch of one)."""
+    return (p[0][q : q + 1], p[1][q : q + 1]) if isinstance(p, tuple) else p[q : q + 1]
+
+
 def _scan(
     model: HookedTransformer,
     weights: list[MLPWeight],
@@ -408,10 +547,9 @@ def _scan(
     preconditioned: dict[str, Preconditioned],
     layers: list[int],
     batch_size: int,
-    normalize: bool,
     progress: bool,
-) -> Float[Tensor, "chunk query layer"]:
-    """Every chunk's score for every query, split by layer (divided by both norms if asked)."""
+) -> tuple[Float[Tensor, "chunk query layer"], Float[Tensor, " chunk"]]:
+    """Every chunk's score for every query, split by layer, and its ``‖∇ log p(chunk)‖²``."""
     first = next(iter(preconditioned.values()))
     n_queries = (first[0] if isinstance(first, tuple) else first).shape[0]
     scores = torch.zeros(len(chunks), n_queries, len(layers), dtype=torch.float64)
@@ -430,13 +568,14 @@ def _scan(
                 a, g = found[weight.name]
                 dots = _dots(a, g, preconditioned[weight.name])
                 scores[rows, :, column[weight.layer]] += dots.double()
-                if normalize:
-                    squared_norms[rows] += _squared_norms(a, g)
+                squared_norms[rows] += _squared_norms(a, g)
             bar.update(len(batch.indices))
-    if normalize:
-        query_norms = torch.stack([_squared_norm(p) for p in preconditioned.values()]).sum(0).sqrt()
-        scores /= squared_norms.clamp_min(1e-30).sqrt()[:, None, None] * query_norms[None, :, None]
-    return scores
+    return scores, squared_norms
+
+
+def _query_norms(preconditioned: dict[str, Preconditioned]) -> Float[Tensor, " query"]:
+    """``‖P‖`` of each query over all the scored weights."""
+    return torch.stack([_squared_norm(p) for p in preconditioned.values()]).sum(0).sqrt()
 
 
 def _squared_norms(
