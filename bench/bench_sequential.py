@@ -64,9 +64,14 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only the one-batch sweep")
     parser.add_argument("--energies", default="0.01,0.03,0.1,0.3")
     parser.add_argument("--l2s", default="1,10")
+    parser.add_argument(
+        "--layers", help="MEMIT/AlphaEdit layers, e.g. 3,4,5,6,7,8 (default: theirs)"
+    )
     data_argument(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.layer_list = [int(x) for x in args.layers.split(",")] if args.layers else None
+    args.suffix = f"_L{args.layers.replace(',', '-')}" if args.layers else ""
     if not args.figure:
         model = rome_lens.load_model()
         cases = without_conflicts(load_counterfact(data_file(args.data, "counterfact_val.json")))
@@ -96,15 +101,17 @@ def sweep(model, cases, ability: Ability, args) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EditMissWarning)
             if hparams is None:
-                edit = memit_edit(model, requests, progress=False)
+                edit = memit_edit(model, requests, layers=args.layer_list, progress=False)
             else:
-                edit = alphaedit_edit(model, requests, hparams=hparams, progress=False)
+                edit = alphaedit_edit(
+                    model, requests, layers=args.layer_list, hparams=hparams, progress=False
+                )
         seconds = time.perf_counter() - started
         with edited(model, edit):
             row = {"editor": name, "seconds": seconds} | scores(model, cases) | ability.measure()
         rows.append(row)
         print(json.dumps(row), flush=True)
-        pd.DataFrame(rows).to_csv(args.out / "sequential_sweep.csv", index=False)
+        pd.DataFrame(rows).to_csv(args.out / f"sequential_sweep{args.suffix}.csv", index=False)
 
 
 def scores(model, cases) -> dict[str, float]:
@@ -148,12 +155,13 @@ class Ability:
 
 
 def run(model, method: str, cases, ability: Ability, args) -> None:
-    path = args.out / f"sequential_{method}.csv"
+    path = args.out / f"sequential_{method}{'' if method == 'rome' else args.suffix}.csv"
     baseline = case_scores(model, cases)
     unedited = {"method": method, "edits": 0, "seconds": 0.0} | ability.measure()
     rows = [unedited]
     pd.DataFrame(rows).to_csv(path, index=False)
-    editor = SequentialEditor(model, method, progress=False)  # type: ignore[arg-type]
+    layers = None if method == "rome" else args.layer_list
+    editor = SequentialEditor(model, method, layers=layers, progress=False)  # type: ignore[arg-type]
     try:
         for start in range(0, len(cases), args.batch):
             batch = cases[start : start + args.batch]

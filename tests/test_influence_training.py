@@ -67,6 +67,21 @@ class TestTraining:
             f"blocks.{layer}.mlp.{kind}" for layer in (1, 2) for kind in ("W_in", "W_out")
         ]
 
+    def test_every_text_is_trained_on_once_per_epoch(self, tiny):
+        """An epoch's batches hold every text once, batches of like length, in seeded order."""
+        from rome_lens.core.corpus import Corpus
+        from rome_lens.influence.training import _batches
+
+        texts = [("word " * n).strip() for n in range(1, 60)]
+        chunks = Corpus.read(texts).chunks(tiny)
+        first = _batches(chunks, 4, torch.Generator().manual_seed(0))
+        again = _batches(chunks, 4, torch.Generator().manual_seed(0))
+        assert first == again and sorted(i for b in first for i in b) == list(range(len(chunks)))
+        assert all(len(b) <= 4 for b in first)
+        spread = [max(len(chunks[i].tokens) for i in b) - min(len(chunks[i].tokens) for i in b)
+                  for b in first]  # fmt: skip
+        assert sum(spread) / len(spread) < 15  # random batches of 4 of 59 lengths spread ~30
+
     def test_training_is_deterministic(self, tiny, tmp_path):
         """Two runs in two caches give the same weights, bit for bit."""
         first = fine_tune(tiny, TEXTS, CONFIG, cache_dir=tmp_path / "a", progress=False)
