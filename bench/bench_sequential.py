@@ -195,17 +195,24 @@ def figure(out: Path) -> None:
     tables = [pd.read_csv(path) for path in paths if path.exists()]
     if not tables:
         return
-    fig = Figure(figsize=(11, 3.4), layout="constrained")
-    axes = fig.subplots(1, 4)
-    panels = [("ES", "efficacy (ES, %)"), ("NS", "neighbourhood (NS, %)"),
-              ("known_accuracy", "known facts kept (%)"), ("perplexity", "perplexity")]  # fmt: skip
+    fig = Figure(figsize=(12, 3.2), layout="constrained")
+    axes = fig.subplots(1, 5)
+    panels = [("ES", "efficacy (ES, %)"), ("PS", "paraphrase (PS, %)"),
+              ("NS", "neighbourhood (NS, %)"), ("known_accuracy", "known facts right (%)"),
+              ("perplexity", "perplexity")]  # fmt: skip
     for table in tables:
         for ax, (column, title) in zip(axes, panels, strict=True):
-            if column in table:
-                ax.plot(table.edits, table[column], marker="o", ms=3, label=table.method[0])
+            shown = table.dropna(subset=[column])
+            line = ax.plot(shown.edits, shown[column], marker="o", ms=3, label=table.method[0])
+            if column == "NS":
+                ax.plot(shown.edits, shown.NS_unedited, ls="--", color=line[0].get_color(),
+                        label="same cases, unedited")  # fmt: skip
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("edits")
-    axes[0].legend(fontsize=8)
+            if column != "perplexity":
+                ax.set_ylim(0, 100)
+    for ax in axes[:3:2]:
+        ax.legend(fontsize=8, loc="lower left")
     fig.savefig(FIGURE, dpi=150, bbox_inches="tight")
 
 
