@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--layers", default="1,2,3,4,5,6")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--query-rank", type=int, default=32)
     parser.add_argument("--retrain-facts", type=int, default=20)
     parser.add_argument("--boot", type=int, default=2000)
@@ -103,7 +104,10 @@ def main() -> None:
     texts = [row["text"] for row in rows]
     teaching = {row["fact"]: i for i, row in enumerate(rows) if row["kind"] == "teaching"}
     config = FineTuneConfig(
-        layers=tuple(int(x) for x in args.layers.split(",")), epochs=args.epochs, lr=args.lr
+        layers=tuple(int(x) for x in args.layers.split(",")),
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
     )
     tuned = fine_tune(model, texts, config)
     learnt = train_report(model, tuned, cases, args.out)
