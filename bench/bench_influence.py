@@ -22,6 +22,8 @@ Phases (tables in ``--out``, numbers in docs/figures/influence_numbers.txt):
   ``Σ_t ā_t g_tᵀ`` dotted with ``P`` (used) or the issue's ``Σ_t g_tᵀ P ā_t``;
   peak memory of each;
 * ``rank``: rank-32 preconditioned queries (the paper's option) against full rank;
+* ``lowrank``: cutting 16 query gradients of ``W_out``'s shape to rank 32 by a
+  full SVD, against the Gram-matrix route ``low_rank`` takes;
 * ``fit100k``: EK-FAC factors of every MLP weight of all 30 layers over
   100,000 tokens the model samples itself, the default path (not in the
   default run).
@@ -55,7 +57,7 @@ from rome_lens.stats.moments import next_token_loss
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE.parent / "docs" / "figures"
-PHASES = ("compare", "speed", "rank", "fit100k")
+PHASES = ("compare", "speed", "rank", "lowrank", "fit100k")
 N_QUERIES = 10
 
 
@@ -80,8 +82,34 @@ def main() -> None:
         record_numbers(path, speed(model, fit_texts, scan_texts, queries, args))
     if "rank" in phases:
         record_numbers(path, rank(model, fit_texts, texts, queries, args))
+    if "lowrank" in phases:
+        record_numbers(path, low_rank_speed(args))
     if "fit100k" in phases:
         record_numbers(path, fit_100k(model, args))
+
+
+def low_rank_speed(args) -> list[str]:
+    """Rank-32 cuts of 16 query gradients of W_out's shape: full SVD against the Gram route."""
+    from rome_lens.influence.scores import low_rank
+
+    generator = torch.Generator().manual_seed(0)
+    # a decaying spectrum, as preconditioned gradients have
+    u = torch.linalg.qr(torch.randn(16, 1536, 576, generator=generator)).Q
+    v = torch.linalg.qr(torch.randn(16, 576, 576, generator=generator)).Q
+    m = (u * torch.logspace(0, -4, 576)[None, None]) @ v.mT
+    started = time.perf_counter()
+    uu, ss, vh = torch.linalg.svd(m, full_matrices=False)
+    svd_product = (uu[..., :32] * ss[..., None, :32]) @ vh[..., :32, :]
+    svd_s = time.perf_counter() - started
+    started = time.perf_counter()
+    left, right = low_rank(m, 32)
+    gram_s = time.perf_counter() - started
+    error = float((left @ right.mT - svd_product).norm() / svd_product.norm())
+    table = pd.DataFrame([{"svd_s": svd_s, "gram_s": gram_s, "ratio": svd_s / gram_s,
+                           "relative_difference": error}])  # fmt: skip
+    report(args.out, "influence_low_rank_speed", table)
+    return [f"lowrank: full SVD {svd_s:.2f} s, Gram route {gram_s:.2f} s "
+            f"({svd_s / gram_s:.1f}x), products differ by {error:.1e} (relative)"]  # fmt: skip
 
 
 def fact_texts(data: Path) -> list[str]:

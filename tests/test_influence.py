@@ -20,6 +20,7 @@ from rome_lens.influence import (
 )
 from rome_lens.influence import factors as factors_module
 from rome_lens.influence.factors import input_factor
+from rome_lens.influence.scores import low_rank
 from rome_lens.stats import accumulate_moments, key_second_moment
 
 from .conftest import hooks_left, micro_model, weights
@@ -299,6 +300,16 @@ class TestExactScores:
         )
         expected = torch.stack([r.all_scores for r in cosine], 1)
         torch.testing.assert_close(from_norms, expected, rtol=1e-4, atol=1e-7)
+
+    @pytest.mark.parametrize("shape", [(3, 40, 12), (3, 12, 40)])
+    def test_low_rank_is_the_truncated_svd(self, shape):
+        """low_rank's L Rᵀ equals the SVD truncated to the same rank, tall or wide."""
+        m = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        left, right = low_rank(m, 5)
+        u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+        expected = (u[..., :5] * s[..., None, :5]) @ vh[..., :5, :]
+        torch.testing.assert_close((left @ right.mT).double(), expected, atol=1e-5, rtol=1e-5)
+        assert left.shape == (*shape[:2], 5) and right.shape == (shape[0], shape[2], 5)
 
     def test_low_rank_queries_agree(self, micro, factors):
         """Rank-4 preconditioned queries rank the texts almost as full rank does."""
