@@ -37,6 +37,7 @@ test: setup browser lint docs
 	$(PYTHON) -m pytest -rs --doctest-modules rome_lens tests
 
 bench: setup
+	$(PIP) install --quiet -e ".[bench]"
 	$(PYTHON) bench/bench_trace.py
 	$(PYTHON) bench/bench_rome.py
 	$(PYTHON) bench/bench_memit.py

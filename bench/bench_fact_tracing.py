@@ -1,5 +1,6 @@
 """Benchmark: does influence find the text that taught a fact? Fact tracing on the default model.
 
+    pip install -e ".[bench]"                          # scipy, for the benchmarks
     python bench/bench_fact_tracing.py                 # every phase (about an hour on 2 cores)
     python bench/bench_fact_tracing.py --only scores   # one phase (the model trains once, cached)
 

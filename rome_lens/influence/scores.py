@@ -481,9 +481,9 @@ def low_rank(
 
     The top singular vectors of the narrow side come from the eigenvectors of the
     smaller Gram matrix, in float64: ``M ≈ (M V) Vᵀ`` with ``V`` the top
-    eigenvectors of ``MᵀM`` (or ``U (Mᵀ U)ᵀ`` from ``M Mᵀ``). For the tall
-    matrices of an MLP this is several times faster than a full SVD and agrees
-    with it (``bench/bench_influence.py --only rank``).
+    eigenvectors of ``MᵀM`` (or ``U (Mᵀ U)ᵀ`` from ``M Mᵀ``). On 16 matrices of
+    ``W_out``'s shape in the default model this is 1.5× faster than a full SVD,
+    and the products agree to 3e-6 (``bench/bench_influence.py --only lowrank``).
 
     Args:
         matrices: ``[query d_in d_out]``.
