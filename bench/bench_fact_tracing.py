@@ -58,7 +58,8 @@ from tables import data_argument, data_file, report
 import rome_lens
 from rome_lens.core.corpus import Corpus
 from rome_lens.core.generation import sample_text
-from rome_lens.core.tokens import prompt_tokens, target_token_ids
+from rome_lens.core.predict import target_nll
+from rome_lens.core.tokens import target_token_ids
 from rome_lens.evaluation import case_scores, load_counterfact, without_conflicts
 from rome_lens.influence import (
     FineTuneConfig,
@@ -316,15 +317,9 @@ def retrain(model, tuned, cases, learnt, texts, teaching, config, args) -> None:
 
 def query_log_probs(model, queries) -> np.ndarray:
     """log p(completion | prompt), summed over the completion's tokens."""
-    out = []
-    with torch.inference_mode():
-        for prompt, completion in queries:
-            head = prompt_tokens(model, prompt)[0]
-            answer = torch.tensor(target_token_ids(model, prompt, completion))
-            logits = model(torch.cat([head, answer])[None])[0]
-            log_probs = logits[len(head) - 1 : -1].log_softmax(-1)
-            out.append(float(log_probs.gather(-1, answer[:, None]).sum()))
-    return np.array(out)
+    prompts, completions = [p for p, _ in queries], [c for _, c in queries]
+    lengths = torch.tensor([len(target_token_ids(model, p, c)) for p, c in queries])
+    return (-target_nll(model, prompts, completions) * lengths).numpy()
 
 
 def figure(out: Path) -> None:

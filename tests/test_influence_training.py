@@ -74,8 +74,9 @@ class TestTraining:
 
         texts = [("word " * n).strip() for n in range(1, 60)]
         chunks = Corpus.read(texts).chunks(tiny)
-        first = _batches(chunks, 4, torch.Generator().manual_seed(0))
-        again = _batches(chunks, 4, torch.Generator().manual_seed(0))
+        every = list(range(len(chunks)))
+        first = _batches(chunks, every, 4, torch.Generator().manual_seed(0))
+        again = _batches(chunks, every, 4, torch.Generator().manual_seed(0))
         assert first == again and sorted(i for b in first for i in b) == list(range(len(chunks)))
         assert all(len(b) <= 4 for b in first)
         spread = [max(len(chunks[i].tokens) for i in b) - min(len(chunks[i].tokens) for i in b)

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -254,13 +254,12 @@ def influence_many(
         model, max_length=model.cfg.n_ctx
     )
     split = Split.of(distributed)
-    mine = shard(range(len(chunks)), split)
-    local, squared_norms = _scan(model, scored, [chunks[i] for i in mine], preconditioned, layers,
-                                 batch_size, progress and is_main(split))  # fmt: skip
+    local, squared_norms, owners = _scan_shard(
+        model, scored, chunks, preconditioned, layers, batch_size, progress, split
+    )
     if normalize:
         local /= squared_norms.clamp_min(1e-30).sqrt()[:, None, None]
         local /= _query_norms(preconditioned)[None, :, None]
-    owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
     totals = torch.zeros(len(ids), len(queries), dtype=torch.float64)
     totals.index_add_(0, owners, local.sum(-1))
     totals = all_reduce_sum(totals, split)  # [text query], every text's score on every rank
@@ -379,10 +378,9 @@ def score_texts(
     joined = {w.name: _join([each[s][w.name] for s in strategies]) for w in scored}
     chunks = texts.chunks(model, max_length=model.cfg.n_ctx)
     split = Split.of(distributed)
-    mine = shard(range(len(chunks)), split)
-    local, squared = _scan(model, scored, [chunks[i] for i in mine], joined, layers, batch_size,
-                           progress and is_main(split))  # fmt: skip
-    owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
+    local, squared, owners = _scan_shard(
+        model, scored, chunks, joined, layers, batch_size, progress, split
+    )
     totals = torch.zeros(len(texts.documents), len(strategies) * len(queries), dtype=torch.float64)
     totals.index_add_(0, owners, local.sum(-1))
     norms = torch.zeros(len(texts.documents), dtype=torch.float64).index_add_(0, owners, squared)
@@ -396,7 +394,7 @@ def score_texts(
 
 
 def _join(pieces: list[Preconditioned]) -> Preconditioned:
-    """Several strategies' queries as one batch of queries."""
+    """Several batches of queries (groups, or strategies) as one."""
     if isinstance(pieces[0], tuple):
         return (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
     return torch.cat(pieces)  # type: ignore[arg-type]
@@ -536,18 +534,30 @@ def _preconditioned_queries(
         for name in list(gradients):
             p = _precondition(factors, name, gradients.pop(name), strategy, damping)
             parts.setdefault(name, []).append(p if query_rank is None else low_rank(p, query_rank))
-    out: dict[str, Preconditioned] = {}
-    for name, pieces in parts.items():
-        if query_rank is None:
-            out[name] = torch.cat(pieces)  # type: ignore[arg-type]
-        else:
-            out[name] = (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
-    return out
+    return {name: _join(pieces) for name, pieces in parts.items()}
 
 
 def _one(p: Preconditioned, q: int) -> Preconditioned:
     """Query ``q`` alone (a batch of one)."""
     return (p[0][q : q + 1], p[1][q : q + 1]) if isinstance(p, tuple) else p[q : q + 1]
+
+
+def _scan_shard(
+    model: HookedTransformer,
+    weights: list[MLPWeight],
+    chunks: list[Chunk],
+    preconditioned: dict[str, Preconditioned],
+    layers: list[int],
+    batch_size: int,
+    progress: bool,
+    split: Split,
+) -> tuple[Float[Tensor, "mine query layer"], Float[Tensor, " mine"], Int[Tensor, " mine"]]:
+    """:func:`_scan` of this rank's share of the chunks, with the document each belongs to."""
+    mine = shard(range(len(chunks)), split)
+    local, squared = _scan(model, weights, [chunks[i] for i in mine], preconditioned, layers,
+                           batch_size, progress and is_main(split))  # fmt: skip
+    owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
+    return local, squared, owners
 
 
 def _scan(

@@ -14,8 +14,9 @@ original weights are copied back afterwards, also when training fails. The
 result carries the trained weights and puts them in the model for the length
 of a ``with`` block, restoring the originals bit for bit.
 
-``exclude`` leaves texts out while keeping the order of the rest, which is
-what a removal check needs: train again without the texts an influence
+``exclude`` leaves texts out while the rest keep their relative order (the
+seeded order is drawn over the whole corpus), which is what a removal check
+needs: train again without the texts an influence
 method ranks first, and see whether the fact goes.
 
 >>> import tempfile
@@ -62,6 +63,7 @@ from rome_lens.stats.moments import next_token_loss
 __all__ = ["FineTuneConfig", "FineTuned", "fine_tune"]
 
 _POOL = 8  # batches whose texts are sorted by length together (less padding)
+_FORMAT = 2  # how texts are ordered and batched; part of the cache key
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def fine_tune(
         model: the model to train from; its weights are the same afterwards.
         corpus: the training texts: strings, a ``.txt``/``.jsonl`` path or a :class:`Corpus`.
         config: which weights train, and how.
-        exclude: indices of texts to leave out; the others keep their order.
+        exclude: indices of texts to leave out; the others keep their relative order.
         cache_dir: where trained weights are cached (see :mod:`rome_lens.core.cache`).
         progress: show a progress bar.
 
@@ -172,14 +174,11 @@ def _train(
     progress: bool,
 ) -> tuple[list[float], dict[str, Tensor]]:
     """Train ``params`` in place, then put the originals back; the trained values and losses."""
-    chunks = [
-        chunk
-        for chunk in texts.chunks(model, max_length=config.max_length)
-        if chunk.document not in left_out
-    ]
+    chunks = texts.chunks(model, max_length=config.max_length)
+    kept = [i for i, chunk in enumerate(chunks) if chunk.document not in left_out]
     original = {name: param.detach().clone() for name, param in params.items()}
     generator = torch.Generator().manual_seed(config.seed)
-    steps = config.epochs * -(-len(chunks) // config.batch_size)
+    steps = config.epochs * -(-len(kept) // config.batch_size)
     bar = tqdm(total=steps, desc="fine-tuning", unit="step", disable=not progress)
     try:
         with frozen(model), bar:
@@ -189,7 +188,7 @@ def _train(
             losses = []
             for _ in range(config.epochs):
                 total, count = 0.0, 0
-                for batch in _batches(chunks, config.batch_size, generator):
+                for batch in _batches(chunks, kept, config.batch_size, generator):
                     tokens, mask = pad([chunks[i].tokens for i in batch], 0, "right")  # [batch pos]
                     real = mask.bool()
                     n = int((real[:, :-1] & real[:, 1:]).sum())
@@ -208,15 +207,22 @@ def _train(
     return losses, trained
 
 
-def _batches(chunks: list[Chunk], batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """One epoch's batches: a seeded random order, with texts of like length batched together.
+def _batches(
+    chunks: list[Chunk], kept: list[int], batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
+    """One epoch's batches of the ``kept`` chunks: a seeded random order, with texts of
+    like length batched together.
 
-    The order is cut into pools of ``_POOL`` batches, each pool is sorted by
-    length and cut into batches, and the batches are shuffled: padding falls
-    from about half the tokens (short texts of mixed length) to a few percent,
-    while every batch still draws its texts at random from its pool.
+    The order is drawn over every chunk, left-out ones included, and then they
+    are dropped, so the texts that remain come in the same relative order with
+    or without ``exclude``. It is cut into pools of ``_POOL`` batches, each pool
+    is sorted by length and cut into batches, and the batches are shuffled: on
+    the fact-tracing corpus (short texts, batch 32) the padded batches hold
+    12% more tokens than the texts, against 60% for batches in plain random
+    order, while every batch still draws its texts at random from its pool.
     """
-    order = torch.randperm(len(chunks), generator=generator).tolist()
+    keep = set(kept)
+    order = [i for i in torch.randperm(len(chunks), generator=generator).tolist() if i in keep]
     batches = []
     for start in range(0, len(order), batch_size * _POOL):
         pool = sorted(
@@ -259,7 +265,7 @@ def _cache_path(
     left_out: set[int],
     override: str | os.PathLike[str] | None,
 ) -> Path:
-    key = json.dumps([texts.id(), sorted(left_out), _jsonable(config)], sort_keys=True)
+    key = json.dumps([_FORMAT, texts.id(), sorted(left_out), _jsonable(config)], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = f"{model_fingerprint(model)[:16]}-{digest}.safetensors"
     return cache_dir(override) / "fine_tuned" / name
