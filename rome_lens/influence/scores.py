@@ -254,7 +254,7 @@ def influence_many(
         model, max_length=model.cfg.n_ctx
     )
     split = Split.of(distributed)
-    local, squared_norms, owners = _scan_shard(
+    local, squared_norms, owners = _scan(
         model, scored, chunks, preconditioned, layers, batch_size, progress, split
     )
     if normalize:
@@ -378,7 +378,7 @@ def score_texts(
     joined = {w.name: _join([each[s][w.name] for s in strategies]) for w in scored}
     chunks = texts.chunks(model, max_length=model.cfg.n_ctx)
     split = Split.of(distributed)
-    local, squared, owners = _scan_shard(
+    local, squared, owners = _scan(
         model, scored, chunks, joined, layers, batch_size, progress, split
     )
     totals = torch.zeros(len(texts.documents), len(strategies) * len(queries), dtype=torch.float64)
@@ -542,7 +542,7 @@ def _one(p: Preconditioned, q: int) -> Preconditioned:
     return (p[0][q : q + 1], p[1][q : q + 1]) if isinstance(p, tuple) else p[q : q + 1]
 
 
-def _scan_shard(
+def _scan(
     model: HookedTransformer,
     weights: list[MLPWeight],
     chunks: list[Chunk],
@@ -552,24 +552,12 @@ def _scan_shard(
     progress: bool,
     split: Split,
 ) -> tuple[Float[Tensor, "mine query layer"], Float[Tensor, " mine"], Int[Tensor, " mine"]]:
-    """:func:`_scan` of this rank's share of the chunks, with the document each belongs to."""
+    """For this rank's share of the chunks: every chunk's score for every query, split by
+    layer, its ``‖∇ log p(chunk)‖²``, and the document it belongs to."""
     mine = shard(range(len(chunks)), split)
-    local, squared = _scan(model, weights, [chunks[i] for i in mine], preconditioned, layers,
-                           batch_size, progress and is_main(split))  # fmt: skip
     owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
-    return local, squared, owners
-
-
-def _scan(
-    model: HookedTransformer,
-    weights: list[MLPWeight],
-    chunks: list[Chunk],
-    preconditioned: dict[str, Preconditioned],
-    layers: list[int],
-    batch_size: int,
-    progress: bool,
-) -> tuple[Float[Tensor, "chunk query layer"], Float[Tensor, " chunk"]]:
-    """Every chunk's score for every query, split by layer, and its ``‖∇ log p(chunk)‖²``."""
+    chunks = [chunks[i] for i in mine]
+    progress = progress and is_main(split)
     first = next(iter(preconditioned.values()))
     n_queries = (first[0] if isinstance(first, tuple) else first).shape[0]
     scores = torch.zeros(len(chunks), n_queries, len(layers), dtype=torch.float64)
@@ -590,7 +578,7 @@ def _scan(
                 scores[rows, :, column[weight.layer]] += dots.double()
                 squared_norms[rows] += _squared_norms(a, g)
             bar.update(len(batch.indices))
-    return scores, squared_norms
+    return scores, squared_norms, owners
 
 
 def _query_norms(preconditioned: dict[str, Preconditioned]) -> Float[Tensor, " query"]:
