@@ -177,6 +177,8 @@ def train_report(model, tuned, cases, out: Path) -> list[int]:
     learnt = [i for i in range(len(cases)) if after.efficacy_score[i]]
     table = pd.DataFrame(
         [{
+            "batch_size": tuned.config["batch_size"], "lr": tuned.config["lr"],
+            "layers": "-".join(map(str, tuned.config["layers"])),
             "facts": len(cases), "learnt_before": int(before.efficacy_score.sum()),
             "learnt": len(learnt), "learnt_pct": 100 * len(learnt) / len(cases),
             "paraphrase_pct": 100 * after.paraphrase_score.mean(),

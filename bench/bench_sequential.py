@@ -2,6 +2,7 @@
 
     python bench/bench_sequential.py                       # 1,000 cases, every method (hours)
     python bench/bench_sequential.py --cases 500 --only alphaedit --only memit
+    python bench/bench_sequential.py --only alphaedit --layers 1,2,3,4,5,6,7,8 --energy 0.3 --l2 10
 
 Each method writes the same CounterFact cases (file order, conflicts removed) in
 the same order into one model, batch after batch, each batch computed on the
@@ -17,6 +18,8 @@ measures:
   generations from 20 fixed prompts (ROME's fluency metric);
 * the time of the batch.
 
+``--layers``, ``--energy`` and ``--l2`` (AlphaEdit's ``null_space_energy`` and
+``l2``) override the defaults and name the file (``_L1-2-..._e0.3_l2-10``).
 Rows are written to ``--out/sequential_{method}.csv`` as they come, so a run cut
 short keeps what it measured. ``--figure`` draws docs/figures/sequential.png
 from those files.
@@ -64,6 +67,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only the one-batch sweep")
     parser.add_argument("--energies", default="0.01,0.03,0.1,0.3")
     parser.add_argument("--l2s", default="1,10")
+    parser.add_argument("--energy", type=float, help="AlphaEdit null_space_energy")
+    parser.add_argument("--l2", type=float, help="AlphaEdit l2")
     parser.add_argument(
         "--layers", help="MEMIT/AlphaEdit layers, e.g. 3,4,5,6,7,8 (default: theirs)"
     )
@@ -72,6 +77,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.layer_list = [int(x) for x in args.layers.split(",")] if args.layers else None
     args.suffix = f"_L{args.layers.replace(',', '-')}" if args.layers else ""
+    given = (("e", args.energy), ("l2-", args.l2))
+    args.alphaedit_suffix = "".join(f"_{name}{v:g}" for name, v in given if v is not None)
     if not args.figure:
         model = rome_lens.load_model()
         cases = without_conflicts(load_counterfact(data_file(args.data, "counterfact_val.json")))
@@ -155,13 +162,16 @@ class Ability:
 
 
 def run(model, method: str, cases, ability: Ability, args) -> None:
-    path = args.out / f"sequential_{method}{'' if method == 'rome' else args.suffix}.csv"
+    suffix = "" if method == "rome" else args.suffix
+    suffix += args.alphaedit_suffix if method == "alphaedit" else ""
+    path = args.out / f"sequential_{method}{suffix}.csv"
     baseline = case_scores(model, cases)
     unedited = {"method": method, "edits": 0, "seconds": 0.0} | ability.measure()
     rows = [unedited]
     pd.DataFrame(rows).to_csv(path, index=False)
     layers = None if method == "rome" else args.layer_list
-    editor = SequentialEditor(model, method, layers=layers, progress=False)  # type: ignore[arg-type]
+    settings = hparams(method, args)
+    editor = SequentialEditor(model, method, layers=layers, hparams=settings, progress=False)  # type: ignore[arg-type]
     try:
         for start in range(0, len(cases), args.batch):
             batch = cases[start : start + args.batch]
@@ -186,6 +196,16 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
             print(json.dumps(row), flush=True)
     finally:
         editor.revert_all()
+
+
+def hparams(method: str, args):
+    """AlphaEdit's settings from ``--energy``/``--l2`` (``None``: every method's defaults)."""
+    if method != "alphaedit" or (args.energy is None and args.l2 is None):
+        return None
+    from rome_lens.editing import AlphaEditHyperParams
+
+    given = {"null_space_energy": args.energy, "l2": args.l2}
+    return AlphaEditHyperParams(**{k: v for k, v in given.items() if v is not None})
 
 
 def figure(out: Path) -> None:
