@@ -47,7 +47,7 @@ import rome_lens
 from rome_lens.core.corpus import Corpus, token_batches
 from rome_lens.core.generation import sample_text
 from rome_lens.core.predict import predict_next
-from rome_lens.editing import EditMissWarning, SequentialEditor
+from rome_lens.editing import AlphaEditHyperParams, EditMissWarning, SequentialEditor
 from rome_lens.evaluation import case_scores, load_counterfact, without_conflicts
 from rome_lens.evaluation.metrics import n_gram_entropy
 from rome_lens.stats.moments import next_token_loss
@@ -77,8 +77,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.layer_list = [int(x) for x in args.layers.split(",")] if args.layers else None
     args.suffix = f"_L{args.layers.replace(',', '-')}" if args.layers else ""
-    given = (("e", args.energy), ("l2-", args.l2))
-    args.alphaedit_suffix = "".join(f"_{name}{v:g}" for name, v in given if v is not None)
+    given = {"null_space_energy": args.energy, "l2": args.l2}
+    args.alphaedit = {name: value for name, value in given.items() if value is not None}
+    short = {"null_space_energy": "e", "l2": "l2-"}
+    args.alphaedit_suffix = "".join(f"_{short[n]}{v:g}" for n, v in args.alphaedit.items())
     if not args.figure:
         model = rome_lens.load_model()
         cases = without_conflicts(load_counterfact(data_file(args.data, "counterfact_val.json")))
@@ -94,7 +96,7 @@ def main() -> None:
 
 def sweep(model, cases, ability: Ability, args) -> None:
     """One batch, AlphaEdit at each (energy, l2) and MEMIT; z computed once and cached."""
-    from rome_lens.editing import AlphaEditHyperParams, alphaedit_edit, edited, memit_edit
+    from rome_lens.editing import alphaedit_edit, edited, memit_edit
 
     requests = [case.request for case in cases]
     rows = [{"editor": "unedited"} | scores(model, cases) | ability.measure()]
@@ -170,7 +172,7 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
     rows = [unedited]
     pd.DataFrame(rows).to_csv(path, index=False)
     layers = None if method == "rome" else args.layer_list
-    settings = hparams(method, args)
+    settings = AlphaEditHyperParams(**args.alphaedit) if method == "alphaedit" else None
     editor = SequentialEditor(model, method, layers=layers, hparams=settings, progress=False)  # type: ignore[arg-type]
     try:
         for start in range(0, len(cases), args.batch):
@@ -196,16 +198,6 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
             print(json.dumps(row), flush=True)
     finally:
         editor.revert_all()
-
-
-def hparams(method: str, args):
-    """AlphaEdit's settings from ``--energy``/``--l2`` (``None``: every method's defaults)."""
-    if method != "alphaedit" or (args.energy is None and args.l2 is None):
-        return None
-    from rome_lens.editing import AlphaEditHyperParams
-
-    given = {"null_space_energy": args.energy, "l2": args.l2}
-    return AlphaEditHyperParams(**{k: v for k, v in given.items() if v is not None})
 
 
 def figure(out: Path) -> None:
