@@ -2,6 +2,8 @@
 
     python bench/bench_memit.py                        # sizes 1, 10, 100, 1000 (~80 min)
     python bench/bench_memit.py --only sweep           # layer sets and λ, on --sweep-cases
+    python bench/bench_memit.py --only sweep --sweep-cases 1000 --sweep-layers "1-8;3-8" \
+        --sweep-lambdas 1000,3000 --base-layers 1-8 --base-lambda 1000
 
 Phases (seeded, cases in file order from ../shared/data/counterfact_val.json,
 less those that rewrite an earlier case's subject and prompt to another target):
@@ -12,9 +14,10 @@ less those that rewrite an earlier case's subject and prompt to another target):
   are computed first and cached), and the peak resident memory. Each size runs
   in a fresh process, so its peak memory is its own. The ROME sequential-editing
   curve (``bench/bench_rome.py --only sequential``) is printed beside it;
-* ``sweep``: quality of candidate layer sets (at λ = 5,000) and of λ
-  (``mom2_update_weight``, at the default layers), which picked the defaults;
-  z is computed once per last layer and reused.
+* ``sweep``: quality of candidate layer sets (at ``--base-lambda``, 5,000) and of
+  λ (``mom2_update_weight``, at ``--base-layers``, the default layers), which
+  picked the defaults; z is computed once per last layer and reused. A sweep
+  over other than 100 cases writes ``memit_sweep_{cases}.csv``.
 
 Tables are printed and written as CSV to ``--out``.
 """
@@ -55,6 +58,10 @@ def main() -> None:
     parser.add_argument("--sweep-cases", type=int, default=100)
     parser.add_argument("--sweep-layers", default="0-2;1-4;2-4;0-4")
     parser.add_argument("--sweep-lambdas", default="500,1000,1500,5000,15000")
+    parser.add_argument("--base-layers", help="layers the λ sweep uses (default: the model's)")
+    parser.add_argument("--base-lambda", type=float, default=5_000.0, help="λ of the layer sweep")
+    parser.add_argument("--key-match", choices=("averaged", "both"), default="averaged")
+    parser.add_argument("--no-unedited", action="store_true", help="skip the unedited row")
     parser.add_argument("--only", choices=PHASES, action="append")
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, in a child
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -71,8 +78,13 @@ def main() -> None:
     model = rome_lens.load_model()
     phases = args.only or PHASES
     if "sweep" in phases:
-        cases = load_counterfact(data, limit=args.sweep_cases)
-        report(args.out, "memit_sweep", sweep(model, cases, args.sweep_layers, args.sweep_lambdas))
+        cases = without_conflicts(load_counterfact(data))[: args.sweep_cases]
+        base = parse_layers(args.base_layers) if args.base_layers else None
+        table = sweep(model, cases, args.sweep_layers, args.sweep_lambdas, base, args.base_lambda,
+                      args.key_match, not args.no_unedited)  # fmt: skip
+        name = "memit_sweep" if args.sweep_cases == 100 else f"memit_sweep_{args.sweep_cases}"
+        name += "" if args.key_match == "averaged" else f"_{args.key_match}"
+        report(args.out, name, table)
     if "sizes" in phases:
         for layer in default_memit_layers(model):  # cached, so no size pays for statistics
             key_second_moment(model, layer)
@@ -120,21 +132,40 @@ def run_size(n: int, data: Path) -> dict[str, object]:
     }
 
 
-def sweep(model, cases: list[CounterFactCase], layer_sets: str, lambdas: str) -> pd.DataFrame:
-    """ES / PS / NS / S for each layer set at the default λ, and each λ at the default layers."""
+def sweep(
+    model,
+    cases: list[CounterFactCase],
+    layer_sets: str,
+    lambdas: str,
+    base_layers: list[int] | None = None,
+    base_lambda: float = 5_000.0,
+    key_match: str = "averaged",
+    unedited: bool = True,
+) -> pd.DataFrame:
+    """ES / PS / NS / S for each layer set at ``base_lambda``, and each λ at ``base_layers``.
+
+    The first point with a given last layer pays for the targets z of the requests not
+    yet cached; later points reuse them, so their time is the keys and the solve.
+    """
     requests = [c.request for c in cases]
-    default = MEMITHyperParams()
-    rows = [{"layers": "unedited", "lambda": None, **scores(case_scores(model, cases))}]
-    candidates = [(parse_layers(s), 5_000.0) for s in layer_sets.split(";")]
-    candidates += [(default_memit_layers(model), float(x)) for x in lambdas.split(",")]
-    for layers, weight in candidates:
+    default = MEMITHyperParams(key_match=key_match)  # type: ignore[arg-type]
+    base_layers = base_layers or default_memit_layers(model)
+    rows = []
+    if unedited:
+        rows.append({"layers": "unedited", "lambda": None, **scores(case_scores(model, cases))})
+        print(rows[-1], flush=True)
+    candidates = [(parse_layers(s), base_lambda) for s in layer_sets.split(";")]
+    candidates += [(base_layers, float(x)) for x in lambdas.split(",") if x]
+    for layers, weight in dict.fromkeys((tuple(ls), w) for ls, w in candidates):
         hparams = dataclasses.replace(default, mom2_update_weight=weight)
         started = time.perf_counter()
-        edit = memit_edit(model, requests, layers=layers, hparams=hparams, progress=False)
+        edit = memit_edit(model, requests, layers=list(layers), hparams=hparams, progress=False)
         seconds = time.perf_counter() - started
         with edited(model, edit):
             row = scores(case_scores(model, cases))
-        rows.append({"layers": str(layers), "lambda": weight, **row, "seconds": seconds})
+        rows.append({"layers": str(list(layers)), "lambda": weight, "key_match": key_match,
+                     **row, "seconds": seconds})  # fmt: skip
+        print(rows[-1], flush=True)
     return pd.DataFrame(rows)
 
 

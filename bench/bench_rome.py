@@ -205,7 +205,20 @@ def key_match_variants(
                 frames[name].append(case_scores(model, [case]))
         if partial is not None and len(seconds) % 20 == 0:
             _variants_table(frames, seconds).to_csv(partial, index=False)
+    if partial is not None:
+        _variant_cases(frames, seconds).to_csv(
+            partial.with_name("rome_variants_cases.csv"), index=False
+        )
     return _variants_table(frames, seconds)
+
+
+def _variant_cases(frames: dict[str, list[pd.DataFrame]], seconds: list[float]) -> pd.DataFrame:
+    """One row per case and variant, with the seconds its ROME edit took."""
+    parts = []
+    for name, case_frames in frames.items():
+        df = pd.concat(case_frames, ignore_index=True)
+        parts.append(df.assign(key_match=name, edit_s=seconds[: len(df)]))
+    return pd.concat(parts, ignore_index=True)
 
 
 def _variants_table(frames: dict[str, list[pd.DataFrame]], seconds: list[float]) -> pd.DataFrame:

@@ -203,8 +203,8 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
 def figure(out: Path) -> None:
     from matplotlib.figure import Figure
 
-    paths = [out / f"sequential_{method}.csv" for method in METHODS]
-    tables = [pd.read_csv(path) for path in paths if path.exists()]
+    paths = sorted(p for m in METHODS for p in out.glob(f"sequential_{m}*.csv"))
+    tables = [pd.read_csv(path).assign(label=run_label(path)) for path in paths]
     if not tables:
         return
     fig = Figure(figsize=(12, 3.2), layout="constrained")
@@ -215,7 +215,7 @@ def figure(out: Path) -> None:
     for table in tables:
         for ax, (column, title) in zip(axes, panels, strict=True):
             shown = table.dropna(subset=[column])
-            line = ax.plot(shown.edits, shown[column], marker="o", ms=3, label=table.method[0])
+            line = ax.plot(shown.edits, shown[column], marker="o", ms=3, label=table.label[0])
             if column == "NS":
                 ax.plot(shown.edits, shown.NS_unedited, ls="--", color=line[0].get_color(),
                         label="same cases, unedited")  # fmt: skip
@@ -226,6 +226,18 @@ def figure(out: Path) -> None:
     for ax in axes[:3:2]:
         ax.legend(fontsize=8, loc="lower left")
     fig.savefig(FIGURE, dpi=150, bbox_inches="tight")
+
+
+def run_label(path: Path) -> str:
+    """``sequential_alphaedit_L1-2-3_e0.3_l2-10.csv`` -> ``alphaedit L1-3 e0.3 l2 10``."""
+    method, *settings = path.stem.removeprefix("sequential_").split("_")
+    words = [method]
+    for setting in settings:
+        if setting.startswith("L"):
+            layers = setting[1:].split("-")
+            setting = f"L{layers[0]}-{layers[-1]}"
+        words.append(setting.replace("l2-", "l2 "))
+    return " ".join(words) if settings else f"{method} (defaults)"
 
 
 if __name__ == "__main__":

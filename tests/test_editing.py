@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -55,6 +56,13 @@ def edit(tiny: HookedTransformer, stats: KeyStats) -> RankOneEdit:
     return rome_edit(tiny, REQUEST, layer=LAYER, hparams=FAST, stats=stats, progress=False)
 
 
+@pytest.fixture(scope="module")
+def averaged_edit(tiny: HookedTransformer, stats: KeyStats) -> RankOneEdit:
+    """The same edit with ``key_match="averaged"``: ROME's closed form with k* alone."""
+    hparams = dataclasses.replace(FAST, key_match="averaged")
+    return rome_edit(tiny, REQUEST, layer=LAYER, hparams=hparams, stats=stats, progress=False)
+
+
 class TestRankOneUpdate:
     def test_key_maps_to_value_after_apply(self, tiny, edit):
         """After the edit, W_outᵀ k* + b_out equals v*."""
@@ -63,18 +71,26 @@ class TestRankOneUpdate:
             value = mlp.W_out.T.double() @ edit.key + mlp.b_out.double()
         torch.testing.assert_close(value, edit.value, atol=1e-4, rtol=1e-4)
 
-    def test_update_is_rank_one_with_inverse_moment(self, edit, stats):
+    def test_update_is_rank_one_with_inverse_moment(self, averaged_edit, stats):
         """ΔW = C⁻¹k* ⊗ (v* − W_outᵀk* − b_out) / (k*ᵀC⁻¹k*)."""
+        edit = averaged_edit
         u = torch.linalg.solve(stats.moment, edit.key)
         torch.testing.assert_close(edit.left, u / (u @ edit.key))
         assert torch.linalg.matrix_rank(edit.deltas()[edit.parameter]) == 1
 
-    def test_other_keys_move_least(self, tiny, edit, stats):
+    def test_default_update_is_rank_one_and_matches_both_keys(self, edit):
+        """The default (``key_match="both"``) stays rank one and gives k* exactly δ."""
+        assert ROMEHyperParams().key_match == "both"
+        assert torch.linalg.matrix_rank(edit.deltas()[edit.parameter]) == 1
+        assert float(edit.key @ edit.left) == pytest.approx(1.0, rel=1e-9)
+
+    def test_other_keys_move_least(self, tiny, averaged_edit, stats):
         """Of all ΔW mapping k* to v*, ROME's minimises tr(ΔWᵀ C ΔW): any other costs more.
 
         Every other solution is ΔW + N with Nᵀk* = 0; the cost's gradient at ΔW,
         2 C ΔW, is k* times a row (the optimality condition), so no N lowers it.
         """
+        edit = averaged_edit
         delta = edit.deltas()[edit.parameter]
         c, k = stats.moment, edit.key
 

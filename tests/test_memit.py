@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer
@@ -67,10 +69,13 @@ def subject_residuals(model, layer: int) -> torch.Tensor:
 
 
 class TestLeastSquares:
-    def test_each_layer_solves_its_regularised_least_squares(self, tiny, edit, stats):
+    def test_each_layer_solves_its_regularised_least_squares(self, tiny, stats, tmp_path):
         """ΔW_l minimises ‖K ΔW − R‖² + λ tr(ΔWᵀ C ΔW), checked against an augmented lstsq."""
-        templates = memory.context_templates(tiny, FAST)
-        lam = FAST.mom2_update_weight
+        hparams = dataclasses.replace(FAST, key_match="averaged")
+        edit = memit_edit(tiny, REQUESTS, layers=LAYERS, hparams=hparams, stats=stats,
+                          cache_dir=tmp_path, progress=False)  # fmt: skip
+        templates = memory.context_templates(tiny, hparams)
+        lam = hparams.mom2_update_weight
         for i, layer in enumerate(LAYERS):
             earlier = [p for p in edit.deltas() if int(p.split(".")[1]) < layer]
             partial = rome_lens.WeightPatch.for_model(tiny, {p: edit.deltas()[p] for p in earlier})
@@ -84,6 +89,32 @@ class TestLeastSquares:
             b = torch.cat([target, torch.zeros(len(root), target.shape[1], dtype=torch.float64)])
             expected = torch.linalg.lstsq(a, b, driver="gelsd").solution
             torch.testing.assert_close(edit.delta[layer], expected, atol=1e-6, rtol=1e-4)
+
+    def test_both_keys_solve_the_least_squares_with_half_weight_rows(self, tiny, stats, tmp_path):
+        """``key_match="both"``: rows k_avg and k_bare, each with residual R, both at weight ½."""
+        hparams = dataclasses.replace(FAST, key_match="both")
+        edit = memit_edit(tiny, REQUESTS, layers=[1], hparams=hparams, stats=stats,
+                          cache_dir=tmp_path, progress=False)  # fmt: skip
+        templates = memory.context_templates(tiny, hparams)
+        averaged = compute_keys(tiny, REQUESTS, 1, templates)
+        bare = compute_keys(tiny, REQUESTS, 1, ["{}"])
+        assert not torch.allclose(averaged, bare)  # the two rows differ
+        residual = edit.targets - subject_residuals(tiny, 1)
+        lam = hparams.mom2_update_weight
+        eigenvalues, vectors = torch.linalg.eigh(stats[1].moment)
+        root = (vectors * eigenvalues.clamp(min=0).sqrt()) @ vectors.T  # C^½
+        a = torch.cat([averaged * 0.5**0.5, bare * 0.5**0.5, lam**0.5 * root])
+        zeros = torch.zeros(len(root), residual.shape[1], dtype=torch.float64)
+        b = torch.cat([residual * 0.5**0.5, residual * 0.5**0.5, zeros])
+        expected = torch.linalg.lstsq(a, b, driver="gelsd").solution
+        torch.testing.assert_close(edit.delta[1], expected, atol=1e-6, rtol=1e-4)
+        assert edit.keys[1].shape == (2 * len(REQUESTS), tiny.cfg.d_mlp)
+
+    def test_key_match_does_not_change_the_cached_targets(self, tiny, stats, z_cache, edit):
+        """z does not depend on key_match, so both settings share one cache file per request."""
+        hparams = dataclasses.replace(FAST, key_match="both")
+        paths = {memit_module._z_path("f", REQUESTS[0], 1, h, z_cache) for h in (FAST, hparams)}
+        assert len(paths) == 1
 
     def test_edit_moves_the_residual_towards_the_targets(self, tiny, edit):
         """After apply, h at the last layer is closer to every z than before."""
@@ -203,14 +234,17 @@ class TestBadInput:
 
     def test_repeated_request_is_allowed(self, tiny, stats, tmp_path):
         """The same fact twice is no conflict: both rows share one target and the first layer's
-        update is the least-squares solution with that key counted twice."""
+        update is the least-squares solution with that fact's keys counted twice."""
         edit = edit_tiny(tiny, stats, tmp_path, [REQUESTS[0], REQUESTS[0]])
         assert torch.equal(edit.targets[0], edit.targets[1])
         templates = memory.context_templates(tiny, FAST)
-        key = compute_keys(tiny, REQUESTS[:1], LAYERS[0], templates)
+        averaged = compute_keys(tiny, REQUESTS[:1], LAYERS[0], templates)
+        bare = compute_keys(tiny, REQUESTS[:1], LAYERS[0], ["{}"])
+        keys = torch.cat([averaged, bare]) / 2**0.5  # key_match="both"
         residual = (edit.targets[:1] - subject_residuals(tiny, LAYERS[-1])[:1]) / len(LAYERS)
+        residual = torch.cat([residual, residual]) / 2**0.5
         lam, c = FAST.mom2_update_weight, stats[LAYERS[0]].moment
-        expected = torch.linalg.solve(lam * c + 2 * key.T @ key, 2 * key.T @ residual)
+        expected = torch.linalg.solve(lam * c + 2 * keys.T @ keys, 2 * keys.T @ residual)
         torch.testing.assert_close(edit.delta[LAYERS[0]], expected, rtol=1e-4, atol=1e-7)
 
     def test_no_requests(self, tiny):

@@ -180,7 +180,7 @@ def alphaedit_edit(
             earlier = None if preserved is None else preserved.get(layer)
             return null_space_update(projectors[layer], keys, residual, earlier, hparams.l2)
 
-        edit.keys = write_layers(model, edit, templates, solve, progress)
+        edit.keys = write_layers(model, edit, templates, solve, progress, hparams.key_match)
     edit.seconds = time.perf_counter() - started
     edit.outcomes = measure_outcomes(model, edit)
     warn_misses(edit)

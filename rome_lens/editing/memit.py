@@ -21,6 +21,10 @@ layers ``L_1 < … < L_last``:
        ΔW = (λ C + Kᵀ K)⁻¹ Kᵀ R        (K: request × d_mlp, R: request × d_model)
 
    solved in float64 without forming an inverse; λ is ``mom2_update_weight``.
+   With ``key_match="both"`` (the default) each request adds a second row, its
+   bare prompt's key with the same residual, both rows scaled by 1/√2: prompts
+   that begin with the subject spell it without the leading space the contexts
+   give it, and this row makes the edit hold there too (``docs/mass_editing.md``).
 
 The result is a :class:`MultiLayerEdit`, applied, reverted, saved and loaded
 like a ROME edit (:mod:`rome_lens.editing.patches`), with every request read
@@ -52,11 +56,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -101,6 +107,14 @@ class MEMITHyperParams(EditHyperParams):
     """Λ (paper: 20k GPT-2 XL, 15k GPT-J); None: by model."""
     requests_per_batch: int = 32
     """Requests whose δ are optimised together."""
+    key_match: Literal["averaged", "both"] = "both"
+    """Keys each request writes through: its context-averaged key alone, or that and its
+    bare prompt's key, each at half weight (as ROME's ``key_match="both"``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.key_match not in ("averaged", "both"):
+            raise ValueError(f"key_match must be 'averaged' or 'both', got {self.key_match!r}")
 
 
 @dataclass(repr=False)
@@ -132,8 +146,9 @@ class MultiLayerEdit(WeightEdit):
     """Each request read back."""
     method: str = "memit"
     """``"memit"`` or ``"alphaedit"``: how each layer's update was solved."""
-    keys: dict[int, Float[Tensor, "request d_mlp"]] = field(default_factory=dict)
-    """Layer -> the requests' keys K (AlphaEdit adds KᵀK to what later batches preserve)."""
+    keys: dict[int, Float[Tensor, "row d_mlp"]] = field(default_factory=dict)
+    """Layer -> the keys K solved for, one row per request, or two scaled by 1/√2 with
+    ``key_match="both"`` (AlphaEdit adds KᵀK to what later batches preserve)."""
 
     def __post_init__(self) -> None:
         self.base_layer = self.layers[0]
@@ -231,7 +246,7 @@ def memit_edit(
             regularised = moment.regularised(moment.ridge(hparams.max_condition))
             return _solve_update(regularised, keys, residual, weight)
 
-        edit.keys = write_layers(model, edit, templates, solve, progress)
+        edit.keys = write_layers(model, edit, templates, solve, progress, hparams.key_match)
     edit.seconds = time.perf_counter() - started
     edit.outcomes = measure_outcomes(model, edit)
     warn_misses(edit)
@@ -244,7 +259,8 @@ def write_layers(
     templates: list[str],
     solve: Callable[[int, Tensor, Tensor], Tensor],
     progress: bool,
-) -> dict[int, Float[Tensor, "request d_mlp"]]:
+    key_match: str = "averaged",
+) -> dict[int, Float[Tensor, "row d_mlp"]]:
     """MEMIT's step 2: each layer in turn takes its share of the residual left (in place).
 
     Args:
@@ -253,6 +269,9 @@ def write_layers(
         templates: the context templates the keys average over.
         solve: ``(layer, keys K, residual share R) -> ΔW`` for one layer.
         progress: show a progress bar.
+        key_match: ``"both"`` adds each bare prompt's key as a second row with the
+            same residual, both rows scaled by 1/√2 so that a request weighs as
+            much against λC as with one key.
 
     Returns:
         Each layer's keys (which no update of the edit changes: an MLP's keys depend
@@ -263,10 +282,17 @@ def write_layers(
     for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", disable=not progress)):
         partial = WeightPatch(edit.deltas(), edit.fingerprint, layers[0])
         with edited(model, partial):
-            keys = all_keys[layer] = compute_keys(model, requests, layer, templates)
+            keys = compute_keys(model, requests, layer, templates)  # [request, d_mlp]
+            if key_match == "both":
+                bare = compute_keys(model, requests, layer, ["{}"])
+                keys = torch.cat([keys, bare]) / math.sqrt(2)  # [2 request, d_mlp]
             residual = edit.targets - _subject_residuals(model, requests, layers[-1])
         edit.residual_norms.append(residual.norm(dim=1).mean().item())
-        edit.delta[layer] = solve(layer, keys, residual / (len(layers) - i))
+        share = residual / (len(layers) - i)  # [request, d_model]
+        if key_match == "both":
+            share = torch.cat([share, share]) / math.sqrt(2)
+        all_keys[layer] = keys
+        edit.delta[layer] = solve(layer, keys, share)
     return all_keys
 
 
@@ -347,7 +373,7 @@ def _z_path(
     """Cache file of one z: keyed by the whole model, the layer, the δ settings and the request."""
     settings = asdict(hparams)
     for unused in ("mom2_update_weight", "mom2_n_tokens", "max_condition", "requests_per_batch",
-                   "null_space_energy", "l2"):  # fmt: skip
+                   "null_space_energy", "l2", "key_match"):  # fmt: skip
         settings.pop(unused, None)  # they do not change z (MEMIT and AlphaEdit share it)
     key = json.dumps([fingerprint, layer, settings, asdict(request)], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]

@@ -20,10 +20,10 @@ To make "The Eiffel Tower is located in the city of" end in "Rome":
    other keys (second moment C, from :mod:`rome_lens.stats.keys`) as little as
    possible. ``key_match`` says which keys gain exactly δ: ``"averaged"``
    (k\\* in the denominator too), ``"bare"`` (the bare prompt's key there, as
-   the original code does), or ``"both"`` (the least-C-norm ℓ with
-   ``k* · ℓ = k_bare · ℓ = 1``). Prompts that begin with the subject spell it
-   without the leading space the contexts give it, so their key differs from
-   k\\*; ``docs/editing.md`` compares the three.
+   the original code does), or ``"both"`` (the default: the least-C-norm ℓ
+   with ``k* · ℓ = k_bare · ℓ = 1``). Prompts that begin with the subject spell
+   it without the leading space the contexts give it, so their key differs
+   from k\\*; ``docs/editing.md`` compares the three on 200 CounterFact cases.
 
 :func:`rome_edit` computes the edit without touching the model, then reads
 the request back with the edit applied (``edit.took``, ``edit.outcomes``) and
@@ -81,7 +81,7 @@ class ROMEHyperParams(EditHyperParams):
 
     mom2_adjustment: bool = True
     """Use C = E[kkᵀ]; False edits with C = I (worse specificity)"""
-    key_match: KeyMatch = "averaged"
+    key_match: KeyMatch = "both"
     """Which keys ΔW maps exactly to v*: "averaged" k*, "bare" (the bare prompt's), "both"."""
 
     def __post_init__(self) -> None:
