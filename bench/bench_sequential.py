@@ -18,8 +18,9 @@ measures:
   generations from 20 fixed prompts (ROME's fluency metric);
 * the time of the batch.
 
-``--layers``, ``--energy`` and ``--l2`` (AlphaEdit's ``null_space_energy`` and
-``l2``) override the defaults and name the file (``_L1-2-..._e0.3_l2-10``).
+``--layers``, ``--energy``, ``--l2`` (AlphaEdit's ``null_space_energy`` and
+``l2``) and ``--key-match`` override the defaults and name the file
+(``_L1-2-..._e0.3_l2-10_averaged``).
 Rows are written to ``--out/sequential_{method}.csv`` as they come, so a run cut
 short keeps what it measured. ``--figure`` draws docs/figures/sequential.png
 from those files.
@@ -47,7 +48,13 @@ import rome_lens
 from rome_lens.core.corpus import Corpus, token_batches
 from rome_lens.core.generation import sample_text
 from rome_lens.core.predict import predict_next
-from rome_lens.editing import AlphaEditHyperParams, EditMissWarning, SequentialEditor
+from rome_lens.editing import (
+    AlphaEditHyperParams,
+    EditMissWarning,
+    MEMITHyperParams,
+    ROMEHyperParams,
+    SequentialEditor,
+)
 from rome_lens.evaluation import case_scores, load_counterfact, without_conflicts
 from rome_lens.evaluation.metrics import n_gram_entropy
 from rome_lens.stats.moments import next_token_loss
@@ -55,6 +62,7 @@ from rome_lens.stats.moments import next_token_loss
 HERE = Path(__file__).resolve().parent
 FIGURE = HERE.parent / "docs" / "figures" / "sequential.png"
 METHODS = ("alphaedit", "memit", "rome")
+HPARAMS = {"alphaedit": AlphaEditHyperParams, "memit": MEMITHyperParams, "rome": ROMEHyperParams}
 
 
 def main() -> None:
@@ -72,6 +80,9 @@ def main() -> None:
     parser.add_argument(
         "--layers", help="MEMIT/AlphaEdit layers, e.g. 3,4,5,6,7,8 (default: theirs)"
     )
+    parser.add_argument(
+        "--key-match", choices=("averaged", "both"), help="keys per request (default: both)"
+    )
     data_argument(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +92,7 @@ def main() -> None:
     args.alphaedit = {name: value for name, value in given.items() if value is not None}
     short = {"null_space_energy": "e", "l2": "l2-"}
     args.alphaedit_suffix = "".join(f"_{short[n]}{v:g}" for n, v in args.alphaedit.items())
+    args.key_suffix = f"_{args.key_match}" if args.key_match else ""
     if not args.figure:
         model = rome_lens.load_model()
         cases = without_conflicts(load_counterfact(data_file(args.data, "counterfact_val.json")))
@@ -166,14 +178,16 @@ class Ability:
 def run(model, method: str, cases, ability: Ability, args) -> None:
     suffix = "" if method == "rome" else args.suffix
     suffix += args.alphaedit_suffix if method == "alphaedit" else ""
-    path = args.out / f"sequential_{method}{suffix}.csv"
+    path = args.out / f"sequential_{method}{suffix}{args.key_suffix}.csv"
     baseline = case_scores(model, cases)
     unedited = {"method": method, "edits": 0, "seconds": 0.0} | ability.measure()
     rows = [unedited]
     pd.DataFrame(rows).to_csv(path, index=False)
     layers = None if method == "rome" else args.layer_list
-    settings = AlphaEditHyperParams(**args.alphaedit) if method == "alphaedit" else None
-    editor = SequentialEditor(model, method, layers=layers, hparams=settings, progress=False)  # type: ignore[arg-type]
+    given = dict(args.alphaedit) if method == "alphaedit" else {}
+    given |= {"key_match": args.key_match} if args.key_match else {}
+    hparams = HPARAMS[method](**given)
+    editor = SequentialEditor(model, method, layers=layers, hparams=hparams, progress=False)  # type: ignore[arg-type]
     try:
         for start in range(0, len(cases), args.batch):
             batch = cases[start : start + args.batch]
@@ -236,7 +250,7 @@ def run_label(path: Path) -> str:
         if setting.startswith("L"):
             layers = setting[1:].split("-")
             setting = f"L{layers[0]}-{layers[-1]}"
-        words.append(setting.replace("l2-", "l2 "))
+        words.append(setting.replace("l2-", "l2 ").replace("averaged", "averaged key"))
     return " ".join(words) if settings else f"{method} (defaults)"
 
 

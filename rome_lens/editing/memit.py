@@ -278,21 +278,19 @@ def write_layers(
         only on the layers below it).
     """
     layers, requests = edit.layers, edit.requests
+    key_sets = [templates, ["{}"]] if key_match == "both" else [templates]
+    scale = math.sqrt(len(key_sets))
     all_keys = {}
     for i, layer in enumerate(tqdm(layers, desc="MEMIT layers", disable=not progress)):
         partial = WeightPatch(edit.deltas(), edit.fingerprint, layers[0])
         with edited(model, partial):
-            keys = compute_keys(model, requests, layer, templates)  # [request, d_mlp]
-            if key_match == "both":
-                bare = compute_keys(model, requests, layer, ["{}"])
-                keys = torch.cat([keys, bare]) / math.sqrt(2)  # [2 request, d_mlp]
+            per_set = [compute_keys(model, requests, layer, t) for t in key_sets]
+            keys = torch.cat(per_set) / scale  # [set·request, d_mlp]
             residual = edit.targets - _subject_residuals(model, requests, layers[-1])
         edit.residual_norms.append(residual.norm(dim=1).mean().item())
         share = residual / (len(layers) - i)  # [request, d_model]
-        if key_match == "both":
-            share = torch.cat([share, share]) / math.sqrt(2)
         all_keys[layer] = keys
-        edit.delta[layer] = solve(layer, keys, share)
+        edit.delta[layer] = solve(layer, keys, share.repeat(len(key_sets), 1) / scale)
     return all_keys
 
 
