@@ -4,6 +4,7 @@
     python bench/bench_memit.py --only sweep           # layer sets and λ, on --sweep-cases
     python bench/bench_memit.py --only sweep --sweep-cases 1000 --sweep-layers "1-8;3-8" \
         --sweep-lambdas 1000,3000 --base-layers 1-8 --base-lambda 1000
+    python bench/bench_memit.py --only batching --batching-cases 96 --batching-layer 8
 
 Phases (seeded, cases in file order from ../shared/data/counterfact_val.json,
 less those that rewrite an earlier case's subject and prompt to another target):
@@ -17,7 +18,11 @@ less those that rewrite an earlier case's subject and prompt to another target):
 * ``sweep``: quality of candidate layer sets (at ``--base-lambda``, 5,000) and of
   λ (``mom2_update_weight``, at ``--base-layers``, the default layers), which
   picked the defaults; z is computed once per last layer and reused. A sweep
-  over other than 100 cases writes ``memit_sweep_{cases}.csv``.
+  over other than 100 cases writes ``memit_sweep_{cases}.csv``;
+* ``batching``: the δ optimisation behind z for the same requests, batched in
+  file order (as before) and by suffix length (``optimise_deltas`` now): time,
+  the share of recomputed positions that are padding, and the largest change
+  of δ between the two.
 
 Tables are printed and written as CSV to ``--out``.
 """
@@ -37,9 +42,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 from tables import data_argument, data_file, report
+from torch import Tensor
+from tqdm.auto import tqdm
 
 import rome_lens
+from rome_lens.core.runtime import frozen, linear_layout
 from rome_lens.editing import MEMITHyperParams, default_memit_layers, edited, memit_edit
+from rome_lens.editing.memit import _subject_residuals
+from rome_lens.editing.memory import (
+    _optimise_batch,
+    _ValueProblem,
+    context_templates,
+    optimise_deltas,
+)
 from rome_lens.evaluation import (
     CounterFactCase,
     case_scores,
@@ -49,7 +64,7 @@ from rome_lens.evaluation import (
 )
 from rome_lens.stats import key_second_moment
 
-PHASES = ("sizes", "sweep")
+PHASES = ("sizes", "sweep", "batching")
 
 
 def main() -> None:
@@ -62,6 +77,8 @@ def main() -> None:
     parser.add_argument("--base-lambda", type=float, default=5_000.0, help="λ of the layer sweep")
     parser.add_argument("--key-match", choices=("averaged", "both"), default="averaged")
     parser.add_argument("--no-unedited", action="store_true", help="skip the unedited row")
+    parser.add_argument("--batching-cases", type=int, default=96)
+    parser.add_argument("--batching-layer", type=int, default=8)
     parser.add_argument("--only", choices=PHASES, action="append")
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, in a child
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -76,7 +93,10 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     model = rome_lens.load_model()
-    phases = args.only or PHASES
+    phases = args.only or PHASES[:2]
+    if "batching" in phases:
+        cases = without_conflicts(load_counterfact(data))[: args.batching_cases]
+        report(args.out, "memit_batching", batching(model, cases, args.batching_layer))
     if "sweep" in phases:
         cases = without_conflicts(load_counterfact(data))[: args.sweep_cases]
         base = parse_layers(args.base_layers) if args.base_layers else None
@@ -167,6 +187,63 @@ def sweep(
                      **row, "seconds": seconds})  # fmt: skip
         print(rows[-1], flush=True)
     return pd.DataFrame(rows)
+
+
+def batching(model, cases: list[CounterFactCase], layer: int) -> pd.DataFrame:
+    """δ for the same requests batched in file order and by suffix length, side by side."""
+    requests = [c.request for c in cases]
+    hparams = MEMITHyperParams()
+    templates = context_templates(model, hparams)
+    norms = _subject_residuals(model, requests, layer).norm(dim=1)
+    problems = [_ValueProblem.build(model, r, templates, hparams) for r in requests]
+    size = hparams.requests_per_batch
+
+    def in_file_order() -> Tensor:
+        with frozen(model), torch.enable_grad(), linear_layout(model):
+            chunks = [
+                _optimise_batch(
+                    model,
+                    layer,
+                    problems[i : i + size],
+                    norms[i : i + size].float(),
+                    hparams,
+                    tqdm(disable=True),
+                )[0]  # fmt: skip
+                for i in range(0, len(problems), size)
+            ]
+        return torch.cat(chunks)
+
+    def by_suffix_length() -> Tensor:
+        return optimise_deltas(model, requests, layer, templates, norms, hparams,
+                               batch_size=size, progress=False)[0]  # fmt: skip
+
+    optimise_deltas(model, requests[:1], layer, templates, norms[:1], hparams, progress=False)
+    rows, deltas = [], []  # after one untimed warm-up request
+    file_order = list(range(len(problems)))
+    by_length = sorted(file_order, key=lambda i: problems[i].suffix_length)
+    for name, run, order in [("file order", in_file_order, file_order),
+                             ("by suffix length", by_suffix_length, by_length)]:  # fmt: skip
+        started = time.perf_counter()
+        deltas.append(run())
+        seconds = time.perf_counter() - started
+        rows.append({"batches": name, "requests": len(requests), "layer": layer,
+                     "seconds": seconds, "s_per_request": seconds / len(requests),
+                     "padding": padding([problems[i] for i in order], size)})  # fmt: skip
+        print(rows[-1], flush=True)
+    change = (deltas[1] - deltas[0]).norm(dim=1) / deltas[0].norm(dim=1)
+    rows[-1]["max_relative_change"] = float(change.max())
+    return pd.DataFrame(rows)
+
+
+def padding(problems: list, size: int) -> float:
+    """The share of suffix positions that are right padding, batching ``size`` problems in order."""
+    real = padded = 0
+    for start in range(0, len(problems), size):
+        lengths = [len(s) - last for p in problems[start : start + size]
+                   for s, last in zip(p.sequences, p.subject_last, strict=True)]  # fmt: skip
+        real += sum(lengths)
+        padded += len(lengths) * max(lengths)
+    return 1 - real / padded
 
 
 def scores(df: pd.DataFrame) -> dict[str, float]:

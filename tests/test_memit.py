@@ -132,15 +132,17 @@ class TestLeastSquares:
 
 
 class TestBatchedValues:
-    def test_a_batch_gives_each_request_its_own_delta(self, tiny):
-        """Optimising requests together gives the δ each gets alone (Adam is element-wise)."""
+    @pytest.mark.parametrize("batch_size", [3, 2])
+    def test_a_batch_gives_each_request_its_own_delta(self, tiny, batch_size):
+        """Batched δ (batched by suffix length) equal each request's own, in request order."""
         hparams = EditHyperParams(context_lengths=((3, 2),), v_steps=6, early_stop_nll=1.0)
         templates = memory.context_templates(tiny, hparams)
+        requests = REQUESTS[::-1]  # longest suffix first, so batching reorders them
         norms = torch.tensor([3.0, 5.0, 4.0])
         together, losses = optimise_deltas(
-            tiny, REQUESTS, 1, templates, norms, hparams, batch_size=3, progress=False
+            tiny, requests, 1, templates, norms, hparams, batch_size=batch_size, progress=False
         )
-        for i, request in enumerate(REQUESTS):
+        for i, request in enumerate(requests):
             alone, alone_losses = optimise_deltas(
                 tiny, [request], 1, templates, norms[i : i + 1], hparams, progress=False
             )

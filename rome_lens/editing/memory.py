@@ -300,6 +300,11 @@ class _ValueProblem:
     subject_last: list[int]
     target_ids: list[int]
 
+    @property
+    def suffix_length(self) -> int:
+        """The longest run of tokens from the subject's last one: what the objective recomputes."""
+        return max(len(s) - last for s, last in zip(self.sequences, self.subject_last, strict=True))
+
     @classmethod
     def build(
         cls,
@@ -399,18 +404,22 @@ def optimise_deltas(
         ``[request d_model]`` δ, and each request's loss at every step.
     """
     problems = [_ValueProblem.build(model, r, templates, hparams) for r in requests]
-    deltas, losses = [], []
+    # Batches of requests with suffixes of like length waste little on right padding.
+    order = sorted(range(len(problems)), key=lambda i: problems[i].suffix_length)
+    deltas = torch.empty(len(problems), model.cfg.d_model)
+    losses: list[list[float]] = [[] for _ in problems]
     bar = tqdm(total=len(requests), desc=f"optimising δ at layer {layer}", disable=not progress)
     with frozen(model), torch.enable_grad(), linear_layout(model):
         for start in range(0, len(problems), batch_size):
-            chunk = slice(start, start + batch_size)
+            chunk = order[start : start + batch_size]
             delta, chunk_losses = _optimise_batch(
-                model, layer, problems[chunk], init_norms[chunk].float(), hparams, bar
+                model, layer, [problems[i] for i in chunk], init_norms[chunk].float(), hparams, bar
             )
-            deltas.append(delta)
-            losses += chunk_losses
+            deltas[chunk] = delta
+            for i, loss in zip(chunk, chunk_losses, strict=True):
+                losses[i] = loss
     bar.close()
-    return torch.cat(deltas), losses
+    return deltas, losses
 
 
 def _optimise_batch(
