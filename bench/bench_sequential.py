@@ -27,7 +27,8 @@ from those files.
 
 ``--sweep`` instead writes the first batch with AlphaEdit at several
 ``null_space_energy`` and ``l2`` values, and with MEMIT, and measures the same
-things (the targets z are computed once and shared): it chose the defaults.
+things (the targets z are computed once and shared); with the sequential runs
+it chose the defaults.
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ def main() -> None:
 
 def sweep(model, cases, ability: Ability, args) -> None:
     """One batch, AlphaEdit at each (energy, l2) and MEMIT; z computed once and cached."""
-    from rome_lens.editing import alphaedit_edit, edited, memit_edit
+    from rome_lens.editing import alphaedit_edit, default_memit_layers, edited, memit_edit
 
+    layers = args.layer_list or default_memit_layers(model)  # the same layers for all
     requests = [case.request for case in cases]
     rows = [{"editor": "unedited"} | scores(model, cases) | ability.measure()]
     grid = [(float(e), float(l2)) for e in args.energies.split(",") for l2 in args.l2s.split(",")]
@@ -122,10 +124,10 @@ def sweep(model, cases, ability: Ability, args) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EditMissWarning)
             if hparams is None:
-                edit = memit_edit(model, requests, layers=args.layer_list, progress=False)
+                edit = memit_edit(model, requests, layers=layers, progress=False)
             else:
                 edit = alphaedit_edit(
-                    model, requests, layers=args.layer_list, hparams=hparams, progress=False
+                    model, requests, layers=layers, hparams=hparams, progress=False
                 )
         seconds = time.perf_counter() - started
         with edited(model, edit):

@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from rome_lens.editing import (
+    DEFAULT_ALPHAEDIT_LAYERS,
     AlphaEditHyperParams,
     EditRequest,
     MEMITHyperParams,
     ROMEHyperParams,
     SequentialEditor,
     alphaedit_edit,
+    default_alphaedit_layers,
+    default_memit_layers,
     null_space_projector,
     null_space_update,
 )
@@ -227,3 +230,22 @@ class TestSequentialEditor:
             editor.edit([])
         with pytest.raises(ValueError, match="no batch to revert"):
             editor.revert_last()
+
+
+class TestDefaultLayers:
+    def test_a_listed_model_gets_its_layers(self, tiny, stats, tmp_path, monkeypatch):
+        """A model in DEFAULT_ALPHAEDIT_LAYERS gets those layers, in SequentialEditor too."""
+        monkeypatch.setitem(DEFAULT_ALPHAEDIT_LAYERS, tiny.cfg.model_name, [1])
+        assert default_alphaedit_layers(tiny) == [1]
+        editor = SequentialEditor(tiny, hparams=QUICK, stats=stats, cache_dir=tmp_path,
+                                  progress=False)  # fmt: skip
+        assert editor.layers == [1]
+
+    def test_an_unlisted_model_gets_memit_layers(self, tiny):
+        """A model missing from the table edits MEMIT's layers."""
+        assert default_alphaedit_layers(tiny) == default_memit_layers(tiny) == [0, 1]
+
+    def test_listed_layers_beyond_the_model_are_ignored(self, tiny, monkeypatch):
+        """A listed layer the model does not have falls back to MEMIT's layers."""
+        monkeypatch.setitem(DEFAULT_ALPHAEDIT_LAYERS, tiny.cfg.model_name, [1, 2, 3])
+        assert default_alphaedit_layers(tiny) == default_memit_layers(tiny)

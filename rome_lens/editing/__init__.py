@@ -28,9 +28,11 @@ from rome_lens.editing.alphaedit import (
     null_space_update,
 )
 from rome_lens.editing.defaults import (
+    DEFAULT_ALPHAEDIT_LAYERS,
     DEFAULT_LAYERS,
     DEFAULT_MEMIT_LAYERS,
     DEFAULT_MOM2_UPDATE_WEIGHTS,
+    default_alphaedit_layers,
     default_layer,
     default_memit_layers,
     default_mom2_update_weight,
@@ -45,6 +47,7 @@ from rome_lens.editing.rome import RankOneEdit, ROMEHyperParams, rome_edit
 from rome_lens.editing.sequential import SequentialEditor
 
 __all__ = [
+    "DEFAULT_ALPHAEDIT_LAYERS",
     "DEFAULT_LAYERS",
     "DEFAULT_MEMIT_LAYERS",
     "DEFAULT_MOM2_UPDATE_WEIGHTS",
@@ -65,6 +68,7 @@ __all__ = [
     "alphaedit_edit",
     "clear_context_templates",
     "context_templates",
+    "default_alphaedit_layers",
     "default_layer",
     "default_memit_layers",
     "default_mom2_update_weight",

@@ -55,7 +55,7 @@ from transformer_lens import HookedTransformer
 
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.runtime import frozen
-from rome_lens.editing.defaults import default_memit_layers
+from rome_lens.editing.defaults import default_alphaedit_layers
 from rome_lens.editing.memit import (
     MEMITHyperParams,
     MultiLayerEdit,
@@ -79,9 +79,10 @@ class AlphaEditHyperParams(MEMITHyperParams):
 
     null_space_energy: float = 0.3
     """The null space: C's smallest eigenvectors holding at most this share of its trace
-    (chosen by ``bench/bench_sequential.py --sweep``; see docs/mass_editing.md)."""
-    l2: float = 1.0
-    """Weight of ‖ΔW‖² in the solve (AlphaEdit's L2; its keys are on another scale)."""
+    (chosen by ``bench/bench_sequential.py``; see docs/mass_editing.md)."""
+    l2: float = 10.0
+    """Weight of ‖ΔW‖² in the solve (AlphaEdit's L2, whose value it is; chosen with the
+    default model's layers 1–8 by the sequential runs in docs/mass_editing.md)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,7 +131,7 @@ def alphaedit_edit(
     Args:
         model: any ``HookedTransformer`` with MLPs (as earlier edits left it).
         requests: the facts to write.
-        layers: ascending MLP layers; ``None`` uses :func:`default_memit_layers`.
+        layers: ascending MLP layers; ``None`` uses :func:`default_alphaedit_layers`.
         hparams: the settings (``None``: :class:`AlphaEditHyperParams` defaults).
         stats: key statistics per layer (computed and cached where missing).
         preserved: per layer, Σ kᵀk over earlier edits' keys (``None``: none yet).
@@ -145,7 +146,7 @@ def alphaedit_edit(
     hparams = AlphaEditHyperParams() if hparams is None else hparams
     check_hparams(hparams, AlphaEditHyperParams)
     requests = check_requests(model, requests)
-    layers = check_layers(model, default_memit_layers(model) if layers is None else layers)
+    layers = check_layers(model, default_alphaedit_layers(model) if layers is None else layers)
     stats_started = time.perf_counter()
     if projectors is None:
         given = stats or {}

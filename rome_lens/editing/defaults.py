@@ -7,10 +7,11 @@ missing from a table gets a rule of thumb: ROME edits the layer a third of the
 way in, and MEMIT that layer and up to four before it.
 
 >>> from rome_lens.core.models import tiny_model
->>> from rome_lens.editing.defaults import default_layer, default_memit_layers
+>>> from rome_lens.editing.defaults import (
+...     default_alphaedit_layers, default_layer, default_memit_layers)
 >>> model = tiny_model()  # 3 layers, not in the tables
->>> default_layer(model), default_memit_layers(model)
-(1, [0, 1])
+>>> default_layer(model), default_memit_layers(model), default_alphaedit_layers(model)
+(1, [0, 1], [0, 1])
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from transformer_lens import HookedTransformer
 from rome_lens.core.models import DEFAULT_MODEL_NAME
 
 __all__ = [
+    "DEFAULT_ALPHAEDIT_LAYERS",
     "DEFAULT_LAYERS",
     "DEFAULT_MEMIT_LAYERS",
     "DEFAULT_MOM2_UPDATE_WEIGHTS",
     "FALLBACK_MOM2_UPDATE_WEIGHT",
+    "default_alphaedit_layers",
     "default_layer",
     "default_memit_layers",
     "default_mom2_update_weight",
@@ -43,6 +46,10 @@ DEFAULT_MEMIT_LAYERS: dict[str, list[int]] = {
     "gpt2-xl": [13, 14, 15, 16, 17],
     "gpt-j-6B": [3, 4, 5, 6, 7, 8],
     DEFAULT_MODEL_NAME: [1, 2, 3, 4],
+}
+# Layers AlphaEdit edits by default, by model_name (a model missing here: MEMIT's).
+DEFAULT_ALPHAEDIT_LAYERS: dict[str, list[int]] = {
+    DEFAULT_MODEL_NAME: [1, 2, 3, 4, 5, 6, 7, 8],
 }
 # MEMIT's λ (mom2_update_weight), by model_name.
 DEFAULT_MOM2_UPDATE_WEIGHTS: dict[str, float] = {
@@ -77,11 +84,27 @@ def default_memit_layers(model: HookedTransformer) -> list[int]:
     Returns:
         The layers, ascending.
     """
-    layers = DEFAULT_MEMIT_LAYERS.get(model.cfg.model_name)
-    if layers is not None and layers[-1] < model.cfg.n_layers:
-        return list(layers)
     last = default_layer(model)
-    return list(range(max(0, last - 4), last + 1))
+    fallback = list(range(max(0, last - 4), last + 1))
+    return _listed(DEFAULT_MEMIT_LAYERS, model) or fallback
+
+
+def default_alphaedit_layers(model: HookedTransformer) -> list[int]:
+    """AlphaEdit's layers: :data:`DEFAULT_ALPHAEDIT_LAYERS`, else MEMIT's.
+
+    Args:
+        model: any ``HookedTransformer``.
+
+    Returns:
+        The layers, ascending (see :func:`default_memit_layers` for a model not listed).
+    """
+    return _listed(DEFAULT_ALPHAEDIT_LAYERS, model) or default_memit_layers(model)
+
+
+def _listed(table: dict[str, list[int]], model: HookedTransformer) -> list[int] | None:
+    """``model``'s layers in ``table``, if listed and all within the model."""
+    layers = table.get(model.cfg.model_name)
+    return list(layers) if layers is not None and layers[-1] < model.cfg.n_layers else None
 
 
 def default_mom2_update_weight(model: HookedTransformer) -> float:

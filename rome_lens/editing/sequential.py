@@ -45,7 +45,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from rome_lens.editing.alphaedit import AlphaEditHyperParams, alphaedit_edit, null_space_projector
-from rome_lens.editing.defaults import default_layer, default_memit_layers
+from rome_lens.editing.defaults import (
+    default_alphaedit_layers,
+    default_layer,
+    default_memit_layers,
+)
 from rome_lens.editing.memit import MEMITHyperParams, MultiLayerEdit, check_layers, memit_edit
 from rome_lens.editing.patches import AppliedEdit, WeightEdit
 from rome_lens.editing.requests import EditHyperParams, EditRequest, check_hparams
@@ -97,7 +101,8 @@ class SequentialEditor:
         if mom2_n_tokens is not None:
             hparams = dataclasses.replace(hparams, mom2_n_tokens=mom2_n_tokens)
         if layers is None:
-            layers = [default_layer(model)] if method == "rome" else default_memit_layers(model)
+            defaults = {"memit": default_memit_layers, "alphaedit": default_alphaedit_layers}
+            layers = [default_layer(model)] if method == "rome" else defaults[method](model)
         self.model = model
         self.method: Method = method
         self.hparams = hparams
