@@ -218,6 +218,7 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
 
 def figure(out: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     paths = sorted(p for m in METHODS for p in out.glob(f"sequential_{m}*.csv"))
     tables = [pd.read_csv(path).assign(label=run_label(path)) for path in paths]
@@ -233,14 +234,15 @@ def figure(out: Path) -> None:
             shown = table.dropna(subset=[column])
             line = ax.plot(shown.edits, shown[column], marker="o", ms=3, label=table.label[0])
             if column == "NS":
-                ax.plot(shown.edits, shown.NS_unedited, ls="--", color=line[0].get_color(),
-                        label="same cases, unedited")  # fmt: skip
+                ax.plot(shown.edits, shown.NS_unedited, ls="--", color=line[0].get_color())
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("edits")
             if column != "perplexity":
                 ax.set_ylim(0, 100)
-    for ax in axes[:3:2]:
-        ax.legend(fontsize=8, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(Line2D([], [], ls="--", color="grey"))
+    labels.append("NS of the same cases, unedited")
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
     fig.savefig(FIGURE, dpi=150, bbox_inches="tight")
 
 
