@@ -220,7 +220,7 @@ def batching(model, cases: list[CounterFactCase], layer: int) -> pd.DataFrame:
     optimise_deltas(model, requests[:1], layer, templates, norms[:1], hparams, progress=False)
     rows, deltas = [], []  # after one untimed warm-up request
     file_order = list(range(len(problems)))
-    by_length = sorted(file_order, key=lambda i: problems[i].suffix_length)
+    by_length = sorted(file_order, key=lambda i: max(problems[i].suffix_lengths))
     for name, run, order in [("file order", in_file_order, file_order),
                              ("by suffix length", by_suffix_length, by_length)]:  # fmt: skip
         started = time.perf_counter()
@@ -239,8 +239,7 @@ def padding(problems: list, size: int) -> float:
     """The share of suffix positions that are right padding, batching ``size`` problems in order."""
     real = padded = 0
     for start in range(0, len(problems), size):
-        lengths = [len(s) - last for p in problems[start : start + size]
-                   for s, last in zip(p.sequences, p.subject_last, strict=True)]  # fmt: skip
+        lengths = [n for problem in problems[start : start + size] for n in problem.suffix_lengths]
         real += sum(lengths)
         padded += len(lengths) * max(lengths)
     return 1 - real / padded

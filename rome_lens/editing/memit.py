@@ -259,7 +259,7 @@ def write_layers(
     templates: list[str],
     solve: Callable[[int, Tensor, Tensor], Tensor],
     progress: bool,
-    key_match: str = "averaged",
+    key_match: str,
 ) -> dict[int, Float[Tensor, "row d_mlp"]]:
     """MEMIT's step 2: each layer in turn takes its share of the residual left (in place).
 

@@ -301,9 +301,9 @@ class _ValueProblem:
     target_ids: list[int]
 
     @property
-    def suffix_length(self) -> int:
-        """The longest run of tokens from the subject's last one: what the objective recomputes."""
-        return max(len(s) - last for s, last in zip(self.sequences, self.subject_last, strict=True))
+    def suffix_lengths(self) -> list[int]:
+        """Each sequence's tokens from the subject's last one: what the objective recomputes."""
+        return [len(s) - last for s, last in zip(self.sequences, self.subject_last, strict=True)]
 
     @classmethod
     def build(
@@ -405,7 +405,7 @@ def optimise_deltas(
     """
     problems = [_ValueProblem.build(model, r, templates, hparams) for r in requests]
     # Batches of requests with suffixes of like length waste little on right padding.
-    order = sorted(range(len(problems)), key=lambda i: problems[i].suffix_length)
+    order = sorted(range(len(problems)), key=lambda i: max(problems[i].suffix_lengths))
     deltas = torch.empty(len(problems), model.cfg.d_model)
     losses: list[list[float]] = [[] for _ in problems]
     bar = tqdm(total=len(requests), desc=f"optimising δ at layer {layer}", disable=not progress)
