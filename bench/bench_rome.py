@@ -33,9 +33,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 from tables import data_argument, data_file, report
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens.core.backend import Model
 from rome_lens.editing import default_layer, edited, rome_edit
 from rome_lens.evaluation import (
     CounterFactCase,
@@ -132,7 +132,7 @@ def main() -> None:
         report(args.out, "rome_latency", latency(model, cases[: args.latency_cases], layer))
 
 
-def stats_times(model: HookedTransformer, layers: list[int]) -> pd.DataFrame:
+def stats_times(model: Model, layers: list[int]) -> pd.DataFrame:
     rows = []
     for layer in layers:
         start = time.perf_counter()
@@ -149,7 +149,7 @@ def stats_times(model: HookedTransformer, layers: list[int]) -> pd.DataFrame:
 
 
 def n_tokens_sweep(
-    model: HookedTransformer, cases: list[CounterFactCase], layer: int, sizes: list[int]
+    model: Model, cases: list[CounterFactCase], layer: int, sizes: list[int]
 ) -> pd.DataFrame:
     """ROME scores with C from ``sizes`` tokens and with C = I, reusing each case's v*."""
     variants = {
@@ -177,7 +177,7 @@ def n_tokens_sweep(
 
 
 def key_match_variants(
-    model: HookedTransformer, cases: list[CounterFactCase], layer: int, partial: Path | None = None
+    model: Model, cases: list[CounterFactCase], layer: int, partial: Path | None = None
 ) -> pd.DataFrame:
     """ES / PS / NS of each ``key_match``, the unedited model beside them, reusing each v*.
 
@@ -235,7 +235,7 @@ def _variants_table(frames: dict[str, list[pd.DataFrame]], seconds: list[float])
     return table
 
 
-def latency(model: HookedTransformer, cases: list[CounterFactCase], layer: int) -> pd.DataFrame:
+def latency(model: Model, cases: list[CounterFactCase], layer: int) -> pd.DataFrame:
     """Each edit's time beside the reference v* loop's for the same number of steps."""
     stats = key_second_moment(model, layer, progress=False)
     rows = []
@@ -254,9 +254,7 @@ def latency(model: HookedTransformer, cases: list[CounterFactCase], layer: int) 
     return table
 
 
-def reference_v_loop(
-    model: HookedTransformer, request: rome_lens.EditRequest, layer: int, steps: int
-) -> float:
+def reference_v_loop(model: Model, request: rome_lens.EditRequest, layer: int, steps: int) -> float:
     """Seconds for ``steps`` steps of ROME's own v* loop on the same prompts.
 
     Every step runs every context prompt (with the target but its last token) and the

@@ -7,13 +7,14 @@ runs. Both use the default model, the demo prompt and the same noise.
 
 Each method runs in its own subprocess so that peak memory (max RSS) is its own.
 
-    python bench/bench_trace.py            # both, then the ratios
+    python bench/bench_trace.py            # both, on TL 3 and (if .tl4 exists) TL 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -101,30 +102,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=["original", "fast"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--tl4",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / ".tl4",
+        help="a folder holding TransformerLens 4 (make setup fills .tl4); skipped if absent",
+    )
     args = parser.parse_args()
     if args.method:
         run_one(args.method, args.out)
         return
+    backends = {"TL 3 HookedTransformer": None}
+    if (args.tl4 / "transformer_lens").exists():
+        backends["TL 4 TransformerBridge"] = args.tl4
+    print(
+        f"model: SmolLM2-135M-Instruct, prompt {PROMPT!r}, kinds {KINDS}, "
+        f"samples {SAMPLES}, window {WINDOW}, threads {torch.get_num_threads()}"
+    )
+    print(f"{'backend':<24}{'method':<12}{'seconds':>10}{'peak MiB':>10}")
+    summary = []
+    for backend, path in backends.items():
+        fast, orig = _run_backend(path)
+        for name, r in (("original", orig), ("trace_fact", fast)):
+            print(f"{backend:<24}{name:<12}{r['seconds']:>10.1f}{r['peak_mib']:>10.0f}")
+        diff = float((fast["scores"] - orig["scores"]).abs().max())
+        summary.append(
+            f"{backend}: speed ratio (original / trace_fact) "
+            f"{orig['seconds'] / fast['seconds']:.1f}x, largest |score difference| {diff:.2e}, "
+            f"peak memory ratio {fast['peak_mib'] / orig['peak_mib']:.2f}"
+        )
+    print("\n".join(summary))
+
+
+def _run_backend(tl4: Path | None) -> tuple[dict, dict]:
+    """Both methods in subprocesses, on TL 3 or (with ``tl4``) on TL 4."""
+    env = dict(os.environ)
+    if tl4 is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tl4), env.get("PYTHONPATH")]))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("fast", "original"):
             out = Path(tmp) / f"{method}.pt"
             cmd = [sys.executable, __file__, "--method", method, "--out", str(out)]
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[method] = json.loads(line.strip().splitlines()[-1])
+            run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+            results[method] = json.loads(run.stdout.strip().splitlines()[-1])
             results[method]["scores"] = torch.load(out)
-    fast, orig = results["fast"], results["original"]
-    diff = float((fast["scores"] - orig["scores"]).abs().max())
-    print(
-        f"model: SmolLM2-135M-Instruct, prompt {PROMPT!r}, kinds {KINDS}, "
-        f"samples {SAMPLES}, window {WINDOW}, threads {torch.get_num_threads()}"
-    )
-    print(f"{'method':<10}{'seconds':>10}{'peak MiB':>10}")
-    for name, r in (("original", orig), ("trace_fact", fast)):
-        print(f"{name:<10}{r['seconds']:>10.1f}{r['peak_mib']:>10.0f}")
-    print(f"speed ratio (original / trace_fact): {orig['seconds'] / fast['seconds']:.1f}x")
-    print(f"largest |score difference|: {diff:.2e}")
-    print(f"peak memory ratio (trace_fact / original): {fast['peak_mib'] / orig['peak_mib']:.2f}")
+    return results["fast"], results["original"]
 
 
 if __name__ == "__main__":

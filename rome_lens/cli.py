@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-    from transformer_lens import HookedTransformer
 
     from rome_lens.analysis import LogitLens
+    from rome_lens.core.backend import Model
     from rome_lens.tracing import CausalTrace
     from rome_lens.viz import Widget
 
@@ -223,13 +223,13 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be a positive integer, got {value}")
 
 
-def _model(path: Path | None) -> HookedTransformer:
+def _model(path: Path | None) -> Model:
     from rome_lens.core.models import load_model, load_model_path
 
     return load_model() if path is None else load_model_path(path)
 
 
-def _trace(model: HookedTransformer, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
+def _trace(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     from rome_lens.tracing import UnreliableTraceWarning, trace_fact
 
     with _silenced(UnreliableTraceWarning):  # printed below, in the CLI's words
@@ -272,7 +272,7 @@ def _save_trace(trace: CausalTrace, out: Path) -> Widget:
     return trace_widget(trace)
 
 
-def _edit(model: HookedTransformer, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
+def _edit(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     template = args.prompt_template
     if "{}" not in template:
         if args.subject not in template:
@@ -288,7 +288,7 @@ def _edit(model: HookedTransformer, args: argparse.Namespace, failures: list[str
 
 
 def _edit_and_lens(
-    model: HookedTransformer,
+    model: Model,
     template: str,
     subject: str,
     new: str,
@@ -340,7 +340,7 @@ def _edit_and_lens(
     return [shown, logit_lens_widget(after, before=before)]
 
 
-def _lens(model: HookedTransformer, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
+def _lens(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     from rome_lens.analysis import logit_lens
     from rome_lens.viz import logit_lens_widget
 
@@ -357,9 +357,7 @@ def _lens(model: HookedTransformer, args: argparse.Namespace, failures: list[str
     return [logit_lens_widget(lens)]
 
 
-def _microscope(
-    model: HookedTransformer, args: argparse.Namespace, failures: list[str]
-) -> list[Widget]:
+def _microscope(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     """Token nonlinearity, intermediate predictions, contextualisation, linearity, geometry."""
     from rome_lens.analysis import (
         ContextAdapter,
@@ -403,9 +401,7 @@ def _microscope(
     return widgets
 
 
-def _influence(
-    model: HookedTransformer, args: argparse.Namespace, failures: list[str]
-) -> list[Widget]:
+def _influence(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     """Fit EK-FAC factors on the corpus, then rank its texts for the query."""
     from rome_lens.influence import fit_influence_factors, influence
 
@@ -453,7 +449,7 @@ def _save_png_and_svg(fig: Figure, stem: Path) -> None:
         save_figure(fig, stem.with_suffix(suffix))
 
 
-def _demo(model: HookedTransformer, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
+def _demo(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     from rome_lens.tracing import UnreliableTraceWarning, trace_fact
 
     with _silenced(UnreliableTraceWarning):

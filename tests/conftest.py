@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens.core.backend import Model
 
 DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def tiny() -> HookedTransformer:
+def tiny() -> Model:
     """A 3-layer random GPT-2-style model with a byte-level BPE tokenizer."""
     return rome_lens.tiny_model(seed=0)
 
 
 @pytest.fixture(scope="session")
-def smol() -> HookedTransformer:
+def smol() -> Model:
     """The default model, SmolLM2-135M-Instruct (converted once, then cached)."""
     torch.set_grad_enabled(True)
     return rome_lens.load_model()
@@ -42,7 +42,7 @@ def all_known_facts() -> list[dict[str, str]]:
     return json.loads((DATA / "known_facts.json").read_text())
 
 
-def hooks_left(model: HookedTransformer) -> int:
+def hooks_left(model: Model) -> int:
     """How many forward/backward hooks are attached anywhere in the model."""
     return sum(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
@@ -50,12 +50,12 @@ def hooks_left(model: HookedTransformer) -> int:
     )
 
 
-def weights(model: HookedTransformer) -> dict[str, torch.Tensor]:
+def weights(model: Model) -> dict[str, torch.Tensor]:
     """A copy of every parameter."""
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def assert_same_weights(model: HookedTransformer, before: dict[str, torch.Tensor]) -> None:
+def assert_same_weights(model: Model, before: dict[str, torch.Tensor]) -> None:
     """Every parameter equals its copy in ``before``, bit for bit."""
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
@@ -70,7 +70,7 @@ def quiet(*categories: type[Warning]) -> Iterator[None]:
         yield
 
 
-def micro_model() -> HookedTransformer:
+def micro_model() -> Model:
     """A 2-layer model small enough for dense (d_in d_out)² matrices: d_model 16, d_mlp 24.
 
     Its MLP biases and ln2 parameters are random, so that every term of the influence
@@ -87,7 +87,7 @@ def micro_model() -> HookedTransformer:
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+        model = Model(cfg, tokenizer=tokenizer).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("b_in", "b_out")):
@@ -100,7 +100,7 @@ def micro_model() -> HookedTransformer:
 
 
 @pytest.fixture(scope="session")
-def word_level() -> HookedTransformer:
+def word_level() -> Model:
     """A tiny model whose word-level tokenizer maps unseen words to [UNK]."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformer_lens import HookedTransformerConfig
@@ -122,4 +122,4 @@ def word_level() -> HookedTransformer:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+        return Model(cfg, tokenizer=tokenizer).eval()

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import rome_lens
+from rome_lens.core.backend import Model
 from rome_lens.core.fingerprint import check_layer
 from rome_lens.core.hooks import add_at_rows, attached
 from rome_lens.core.models import _hooked_transformer
@@ -44,20 +44,20 @@ LAYER = 1
 
 
 @pytest.fixture(scope="module")
-def stats(tiny: HookedTransformer, tmp_path_factory: pytest.TempPathFactory) -> KeyStats:
+def stats(tiny: Model, tmp_path_factory: pytest.TempPathFactory) -> KeyStats:
     """Key statistics of the tiny model's layer 1 over a few hundred sampled tokens."""
     folder = tmp_path_factory.mktemp("cache")
     return key_second_moment(tiny, LAYER, n_tokens=1000, cache_dir=folder, progress=False)
 
 
 @pytest.fixture(scope="module")
-def edit(tiny: HookedTransformer, stats: KeyStats) -> RankOneEdit:
+def edit(tiny: Model, stats: KeyStats) -> RankOneEdit:
     """The Eiffel Tower moved to Rome, at layer 1 of the tiny model."""
     return rome_edit(tiny, REQUEST, layer=LAYER, hparams=FAST, stats=stats, progress=False)
 
 
 @pytest.fixture(scope="module")
-def averaged_edit(tiny: HookedTransformer, stats: KeyStats) -> RankOneEdit:
+def averaged_edit(tiny: Model, stats: KeyStats) -> RankOneEdit:
     """The same edit with ``key_match="averaged"``: ROME's closed form with k* alone."""
     hparams = dataclasses.replace(FAST, key_match="averaged")
     return rome_edit(tiny, REQUEST, layer=LAYER, hparams=hparams, stats=stats, progress=False)
@@ -364,6 +364,8 @@ class TestBadInput:
             rome_edit(tiny, REQUEST, layer=layer, progress=False)
 
     def test_model_without_mlp(self):
+        from transformer_lens import HookedTransformerConfig
+
         cfg = HookedTransformerConfig(
             n_layers=2, d_model=16, d_head=4, n_ctx=16, d_vocab=50, attn_only=True, act_fn="relu"
         )

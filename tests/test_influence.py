@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.func import functional_call, grad
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens.core.backend import Model
 from rome_lens.influence import (
     InfluenceFactors,
     fit_influence_factors,
@@ -37,7 +37,7 @@ QUERY = ("The Eiffel Tower is located in the city of", " Paris")
 
 
 @pytest.fixture(scope="module")
-def micro() -> HookedTransformer:
+def micro() -> Model:
     """A 2-layer model small enough for dense (d_in d_out)² matrices: d_model 16, d_mlp 24."""
     return micro_model()
 
@@ -50,7 +50,7 @@ def factors(micro, tmp_path_factory) -> InfluenceFactors:
     )
 
 
-def reference_gradient(model: HookedTransformer, tokens: torch.Tensor, positions, targets):
+def reference_gradient(model: Model, tokens: torch.Tensor, positions, targets):
     """∇ of Σ log p(target at position) w.r.t. every MLP weight (and bias), by torch.func.
 
     The MLP's output at BOS is detached, so the weights' use at BOS does not count, as in

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.influence import InfluenceFactors, fit_influence_factors, influence_many
 
 from .conftest import micro_model
@@ -54,7 +54,7 @@ class LastMLP:
     stream before that output is added, and the MLP's hidden activations.
     """
 
-    def __init__(self, model: HookedTransformer, texts: list[str]) -> None:
+    def __init__(self, model: Model, texts: list[str]) -> None:
         self.model = model
         self.layer = model.cfg.n_layers - 1
         self.mlp = model.blocks[self.layer].mlp
@@ -233,7 +233,7 @@ def factors(retrained, tmp_path_factory) -> InfluenceFactors:
                                  progress=False)  # fmt: skip
 
 
-def scores(model: HookedTransformer, factors: InfluenceFactors, strategy: str) -> Tensor:
+def scores(model: Model, factors: InfluenceFactors, strategy: str) -> Tensor:
     """``[text query]`` influence scores of the trained ``W_out``."""
     results = influence_many(model, factors, QUERIES, TEXTS, top_k=len(TEXTS), strategy=strategy,
                              progress=False)  # fmt: skip

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 import rome_lens
+from rome_lens.core.backend import Model
 from rome_lens.editing import (
     EditHyperParams,
     EditRequest,
@@ -36,7 +36,7 @@ FAST = MEMITHyperParams(context_lengths=((3, 2),), v_steps=4, mom2_update_weight
 
 
 @pytest.fixture(scope="module")
-def stats(tiny: HookedTransformer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def stats(tiny: Model, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Key statistics of the tiny model's layers 0 and 1."""
     folder = tmp_path_factory.mktemp("cache")
     return {

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
 from rome_lens import trace_fact, trace_severed
+from rome_lens.core.backend import Model
 from rome_lens.core.tokens import subject_range
 from rome_lens.tracing import UnreliableTraceWarning, embedding_noise_scale, window_layers
 from rome_lens.tracing.results import trace_problems
@@ -18,7 +18,7 @@ SUBJECT = "The Eiffel Tower"
 
 
 def reference_trace(
-    model: HookedTransformer,
+    model: Model,
     kind: str,
     window: int,
     samples: int,

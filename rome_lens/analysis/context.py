@@ -56,15 +56,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from rome_lens.analysis.states import check_text, state_hooks
+from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.hooks import Hook, attached
 from rome_lens.core.results import Result
-from rome_lens.core.runtime import capture, frozen, linear_layout, unembed
+from rome_lens.core.runtime import capture, frozen, linear_layout, run_to_layer, unembed
 
 __all__ = [
     "ContextAdapter",
@@ -169,7 +169,7 @@ class ContextAdapter(Result):
         """One row per training step: the loss."""
         return pd.DataFrame({"step": range(len(self.losses)), "loss": self.losses})
 
-    def modules(self, model: HookedTransformer) -> tuple[_Adapter, HookedTransformer]:
+    def modules(self, model: Model) -> tuple[_Adapter, Model]:
         """f and g as a module, and the decoder (the model itself when it is frozen)."""
         self.check_model(model)
         hidden = int(self.adapter["up.weight"].shape[0])
@@ -207,7 +207,7 @@ class Contextualisation(Result):
 
 
 def train_context_adapter(
-    model: HookedTransformer,
+    model: Model,
     corpus: CorpusSource | Corpus = None,
     *,
     hparams: ContextHyperParams | None = None,
@@ -290,7 +290,7 @@ def train_context_adapter(
 
 @torch.no_grad()
 def contextualisation(
-    model: HookedTransformer,
+    model: Model,
     text: str,
     adapter: ContextAdapter | None = None,
     *,
@@ -354,7 +354,7 @@ def contextualisation(
 
 
 def _examples(
-    model: HookedTransformer, chunks: list[Chunk], k: int, progress: bool
+    model: Model, chunks: list[Chunk], k: int, progress: bool
 ) -> tuple[Float[Tensor, "example depth d"], Int[Tensor, "example k"]]:
     """Every token with ``k`` real tokens before it: its states at every depth, and the k tokens.
 
@@ -382,7 +382,7 @@ def _examples(
 
 
 def _prefix_loss(
-    decoder: HookedTransformer, vectors: Tensor, prefixes: Tensor, skip: int
+    decoder: Model, vectors: Tensor, prefixes: Tensor, skip: int
 ) -> Float[Tensor, " batch"]:
     """Mean cross-entropy of each prefix, read by the decoder after its vector (and BOS)."""
     batch, k = prefixes.shape
@@ -397,7 +397,7 @@ def _prefix_loss(
 
     hooks: list[tuple[str, Hook]] = [("hook_embed", put)]
     with attached(decoder, hooks):
-        resid = decoder(tokens.to(decoder.cfg.device), stop_at_layer=decoder.cfg.n_layers)
+        resid = run_to_layer(decoder, tokens, decoder.cfg.n_layers)
     reads = resid[:, position : position + k].reshape(batch * k, -1)
     log_probs = unembed(decoder, reads).float().log_softmax(-1)
     nll = -log_probs.gather(-1, prefixes.reshape(-1, 1).to(log_probs.device))[:, 0]
@@ -405,8 +405,8 @@ def _prefix_loss(
 
 
 def _train(
-    model: HookedTransformer,
-    decoder: HookedTransformer,
+    model: Model,
+    decoder: Model,
     adapter: _Adapter,
     states: Tensor,
     prefixes: Tensor,

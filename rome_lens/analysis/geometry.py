@@ -33,9 +33,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from rome_lens.analysis.states import residual_states
+from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Corpus, CorpusSource
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.results import Result
@@ -147,7 +147,7 @@ def _two_nearest(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
 
 
 def representation_geometry(
-    model: HookedTransformer,
+    model: Model,
     corpus: CorpusSource | Corpus = None,
     *,
     n_tokens: int = 2_048,
@@ -193,7 +193,7 @@ def representation_geometry(
 
 
 def anisotropy(
-    model: HookedTransformer, corpus: CorpusSource | Corpus = None, **kwargs: object
+    model: Model, corpus: CorpusSource | Corpus = None, **kwargs: object
 ) -> Float[Tensor, " depth"]:
     """The anisotropy of the residual stream at every depth.
 
@@ -209,7 +209,7 @@ def anisotropy(
 
 
 def intrinsic_dimension(
-    model: HookedTransformer, corpus: CorpusSource | Corpus = None, **kwargs: object
+    model: Model, corpus: CorpusSource | Corpus = None, **kwargs: object
 ) -> Float[Tensor, " depth"]:
     """TwoNN's intrinsic dimension of the residual stream at every depth.
 

@@ -36,8 +36,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import capture, unembed
@@ -115,7 +115,7 @@ class LogitLens(Result):
 
 @torch.no_grad()
 def lens_log_probs(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
+    model: Model, tokens: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, "layer batch pos d_vocab"]:
     """Log-probabilities of the next token read off ``blocks.{l}.hook_resid_post`` for every l.
 
@@ -138,7 +138,7 @@ def lens_log_probs(
 
 @torch.no_grad()
 def logit_lens(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     *,
     targets: Sequence[str] | None = None,
@@ -185,11 +185,11 @@ def logit_lens(
         bar.update()
     return LogitLens(
         prompt=prompt,
-        str_tokens=list(model.to_str_tokens(tokens[0])),  # type: ignore[arg-type]
+        str_tokens=list(model.to_str_tokens(tokens[0])),
         tokens=tokens[0],
         top_ids=top_ids,
         top_log_probs=top_log_probs,
-        top_strs=[[list(model.to_str_tokens(ids)) for ids in layer] for layer in top_ids],  # type: ignore[arg-type]
+        top_strs=[[list(model.to_str_tokens(ids)) for ids in layer] for layer in top_ids],
         next_ranks=(log_probs[:, :-1] > next_log_probs).sum(-1),
         next_log_probs=next_log_probs[..., 0],
         targets=list(targets),

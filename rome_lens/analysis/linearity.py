@@ -37,9 +37,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from rome_lens.analysis.states import States, residual_states, text_states
+from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Corpus, CorpusSource
 from rome_lens.core.fingerprint import model_fingerprint
@@ -60,7 +60,7 @@ __all__ = [
 DEFAULT_REFERENCE_TOKENS = 5_000  # tokens the maps are fitted on by default
 
 
-def min_reference_tokens(model: HookedTransformer) -> int:
+def min_reference_tokens(model: Model) -> int:
     """The fewest tokens a fit of ``d_model × d_model`` maps accepts: twice ``d_model``.
 
     Args:
@@ -180,7 +180,7 @@ def linearity_score(x: Float[Tensor, "n d"], y: Float[Tensor, "n d"]) -> float:
 
 
 def layer_linearity(
-    model: HookedTransformer,
+    model: Model,
     corpus: CorpusSource | Corpus = None,
     *,
     n_tokens: int | None = DEFAULT_REFERENCE_TOKENS,
@@ -212,7 +212,7 @@ def layer_linearity(
 
 
 def fit_linear_maps(
-    model: HookedTransformer,
+    model: Model,
     corpus: CorpusSource | Corpus = None,
     *,
     n_tokens: int | None = DEFAULT_REFERENCE_TOKENS,
@@ -268,7 +268,7 @@ def fit_linear_maps(
 
 
 def token_nonlinearity(
-    model: HookedTransformer,
+    model: Model,
     text: str,
     *,
     maps: LinearMaps | None = None,
@@ -358,7 +358,7 @@ def _fit(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
     return a, residual, float(1 - residual.square().sum())
 
 
-def _too_few(found: int, needed: int, model: HookedTransformer) -> str:
+def _too_few(found: int, needed: int, model: Model) -> str:
     return (
         f"the reference corpus has {found:,} tokens, but fitting {model.cfg.d_model}×"
         f"{model.cfg.d_model} linear maps stably needs at least {needed:,} "

@@ -27,10 +27,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from rome_lens.analysis.lens import lens_log_probs
 from rome_lens.analysis.states import check_text
+from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Corpus
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.results import Result
@@ -69,7 +69,7 @@ class IntermediatePredictions(Result):
 
 @torch.no_grad()
 def intermediate_predictions(
-    model: HookedTransformer, text: str, *, progress: bool = True
+    model: Model, text: str, *, progress: bool = True
 ) -> IntermediatePredictions:
     """The logit lens's loss and top-1 guess for every token of ``text``, at every layer.
 

@@ -30,8 +30,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.runtime import capture, linear_layout
 
@@ -52,7 +52,7 @@ class States:
         return int(self.tokens.shape[0])
 
 
-def state_hooks(model: HookedTransformer) -> list[str]:
+def state_hooks(model: Model) -> list[str]:
     """The hook points of the residual stream at every depth.
 
     Args:
@@ -68,7 +68,7 @@ def state_hooks(model: HookedTransformer) -> list[str]:
 
 @torch.no_grad()
 def residual_states(
-    model: HookedTransformer,
+    model: Model,
     corpus: CorpusSource | Corpus,
     *,
     n_tokens: int | None = None,
@@ -120,7 +120,7 @@ def residual_states(
     return States(states, tokens, source.name)
 
 
-def text_states(model: HookedTransformer, text: str, *, progress: bool = False) -> States:
+def text_states(model: Model, text: str, *, progress: bool = False) -> States:
     """The residual stream at every depth for each token of ``text`` (BOS excluded), in order.
 
     A text longer than the model's context is read in windows of ``n_ctx``

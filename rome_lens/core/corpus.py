@@ -43,8 +43,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
 from rome_lens.core.distributed import Split, is_main
 from rome_lens.core.fingerprint import model_fingerprint
@@ -138,7 +138,7 @@ class Corpus:
 
     def chunks(
         self,
-        model: HookedTransformer,
+        model: Model,
         *,
         n_tokens: int | None = None,
         max_length: int = DEFAULT_MAX_LENGTH,
@@ -175,9 +175,7 @@ class Corpus:
             raise ValueError(f"the corpus {self.name} holds no text")
         return chunks
 
-    def _windows(
-        self, model: HookedTransformer, n_tokens: int | None, max_length: int
-    ) -> Iterator[Chunk]:
+    def _windows(self, model: Model, n_tokens: int | None, max_length: int) -> Iterator[Chunk]:
         assert self.documents is not None
         bos = bos_tokens(model)
         step = min(max_length, model.cfg.n_ctx) - len(bos)
@@ -194,9 +192,7 @@ class Corpus:
                     return
 
 
-def token_batches(
-    model: HookedTransformer, chunks: Sequence[Chunk], batch_size: int
-) -> Iterator[Batch]:
+def token_batches(model: Model, chunks: Sequence[Chunk], batch_size: int) -> Iterator[Batch]:
     """Right-padded batches of chunks, shortest first.
 
     Right padding needs no attention mask: under causal attention real tokens
@@ -225,7 +221,7 @@ def token_batches(
         yield Batch(tokens, real, counted, indices)
 
 
-def bos_tokens(model: HookedTransformer) -> Int[Tensor, " n"]:
+def bos_tokens(model: Model) -> Int[Tensor, " n"]:
     """``[BOS]`` as the model prepends it, or an empty tensor for models that prepend nothing.
 
     Args:
@@ -262,7 +258,7 @@ def _jsonl_text(line: str, path: Path, number: int) -> str:
 
 
 def _model_samples(
-    model: HookedTransformer,
+    model: Model,
     n_tokens: int,
     seed: int,
     batch_size: int,

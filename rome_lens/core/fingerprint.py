@@ -33,7 +33,8 @@ import re
 import weakref
 
 import torch
-from transformer_lens import HookedTransformer
+
+from rome_lens.core.backend import Model, named_weights
 
 __all__ = ["check_layer", "hook_fingerprint", "hook_scope", "model_fingerprint"]
 
@@ -64,16 +65,16 @@ _BEFORE_MLP_OUT = re.compile(
     r"|mlp\.hook_pre|mlp\.hook_pre_linear|mlp\.hook_post)"
 )
 # model -> {weight name: (state of the weight read, its summary line)}
-_SUMMARIES: weakref.WeakKeyDictionary[HookedTransformer, dict[str, tuple[bytes, bytes]]] = (
+_SUMMARIES: weakref.WeakKeyDictionary[Model, dict[str, tuple[bytes, bytes]]] = (
     weakref.WeakKeyDictionary()
 )
 # model -> {upto_layer: (state of the weights read, fingerprint)}
-_MEMO: weakref.WeakKeyDictionary[HookedTransformer, dict[int | None, tuple[bytes, str]]] = (
+_MEMO: weakref.WeakKeyDictionary[Model, dict[int | None, tuple[bytes, str]]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def check_layer(model: HookedTransformer, layer: int) -> int:
+def check_layer(model: Model, layer: int) -> int:
     """``layer`` itself, after checking that ``blocks.{layer}.mlp.W_out`` exists.
 
     Args:
@@ -108,7 +109,7 @@ def _feeds_key(name: str, layer: int) -> bool:
     return block < layer or (block == layer and not name.endswith(("mlp.W_out", "mlp.b_out")))
 
 
-def model_fingerprint(model: HookedTransformer, *, upto_layer: int | None = None) -> str:
+def model_fingerprint(model: Model, *, upto_layer: int | None = None) -> str:
     """A 16-hex-digit summary of the config and weights (or those feeding ``upto_layer``'s key).
 
     Args:
@@ -123,7 +124,7 @@ def model_fingerprint(model: HookedTransformer, *, upto_layer: int | None = None
         check_layer(model, upto_layer)
     params = [
         (name, param)
-        for name, param in sorted(model.named_parameters())
+        for name, param in named_weights(model)
         if upto_layer is None or _feeds_key(name, upto_layer)
     ]
     with torch.no_grad():
@@ -146,7 +147,7 @@ def model_fingerprint(model: HookedTransformer, *, upto_layer: int | None = None
     return fingerprint
 
 
-def _summary(model: HookedTransformer, name: str, param: torch.Tensor, sample: bytes) -> bytes:
+def _summary(model: Model, name: str, param: torch.Tensor, sample: bytes) -> bytes:
     """A weight's name, shape, dtype, sum and norm, remembered while the weight is unchanged
     (fingerprints of many layer prefixes then read each weight once)."""
     state = sample + f"|{param.data_ptr()}|{param._version}".encode()
@@ -173,7 +174,7 @@ def _sample(flat: torch.Tensor) -> bytes:
     return flat[::step].float().cpu().numpy().tobytes()
 
 
-def hook_fingerprint(model: HookedTransformer, hook: str, direction: str = "forward") -> str:
+def hook_fingerprint(model: Model, hook: str, direction: str = "forward") -> str:
     """The fingerprint of the weights that a hook point's activations (or gradients) depend on.
 
     A forward activation in block ``L`` before the MLP's output depends only on
@@ -191,7 +192,7 @@ def hook_fingerprint(model: HookedTransformer, hook: str, direction: str = "forw
     return model_fingerprint(model, upto_layer=hook_scope(model, hook, direction))
 
 
-def hook_scope(model: HookedTransformer, hook: str, direction: str = "forward") -> int | None:
+def hook_scope(model: Model, hook: str, direction: str = "forward") -> int | None:
     """The ``upto_layer`` of :func:`model_fingerprint` that covers a hook point's inputs.
 
     Args:

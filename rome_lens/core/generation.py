@@ -30,9 +30,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+from rome_lens.core.backend import Model, forward, new_kv_cache
 from rome_lens.core.runtime import linear_layout
 from rome_lens.core.tokens import prompt_tokens
 
@@ -40,7 +39,7 @@ __all__ = ["sample_text", "sample_tokens"]
 
 
 def sample_tokens(
-    model: HookedTransformer,
+    model: Model,
     prompts: Int[Tensor, "batch pos"],
     max_new_tokens: int,
     *,
@@ -60,12 +59,12 @@ def sample_tokens(
         The prompts with the sampled tokens appended.
     """
     batch = prompts.shape[0]
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+    cache = new_kv_cache(model, batch)
     tokens = prompts.to(model.cfg.device)
     new = tokens
     with torch.inference_mode(), linear_layout(model):
         for _ in range(max_new_tokens):
-            logits = model(new, past_kv_cache=cache)[:, -1].float().cpu()
+            logits = forward(model, new, past_kv_cache=cache)[:, -1].float().cpu()
             new = _sample(logits, generator, top_k).to(tokens.device)
             tokens = torch.cat([tokens, new], dim=1)
     return tokens
@@ -85,7 +84,7 @@ def _sample(
 
 
 def sample_text(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[str],
     max_new_tokens: int,
     *,

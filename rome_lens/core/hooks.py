@@ -39,8 +39,9 @@ from contextlib import contextmanager
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
+
+from rome_lens.core.backend import Model
 
 __all__ = [
     "Hook",
@@ -58,7 +59,7 @@ _levels = itertools.count(1_000_000)  # context levels of our own, apart from mo
 
 @contextmanager
 def attached(
-    model: HookedTransformer,
+    model: Model,
     fwd_hooks: Sequence[tuple[str, Hook]],
     *,
     bwd_hooks: Sequence[tuple[str, Hook]] = (),
@@ -89,11 +90,11 @@ def attached(
     points = [(model.hook_dict[name], direction) for name, _, direction in attachments]
     try:
         for (point, direction), (_, fn, _) in zip(points, attachments, strict=True):
-            point.add_hook(fn, dir=direction, level=level)  # type: ignore[arg-type]
+            point.add_hook(fn, dir=direction, level=level)
         yield
     finally:
         for point, direction in points:
-            point.remove_hooks(direction, level=level)  # type: ignore[arg-type]
+            point.remove_hooks(direction, level=level)
 
 
 def add_at_positions(values: Float[Tensor, "batch n_pos d"], positions: slice) -> Hook:

@@ -48,14 +48,17 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
+from rome_lens.core.backend import Model, transformer_lens_major
 from rome_lens.core.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -74,8 +77,11 @@ _CACHE_FORMAT = 1  # bump when the conversion or processing below changes
 _PROCESSING = {"fold_ln": True, "center_writing_weights": False, "center_unembed": True}
 
 
-def tiny_model(seed: int = 0, *, n_layers: int = 3) -> HookedTransformer:
-    """A small random ``HookedTransformer`` (GPT-2 style, 3 layers) with a tiny BPE tokenizer.
+def tiny_model(seed: int = 0, *, n_layers: int = 3) -> Model:
+    """A small random GPT-2-style model (3 layers) with a tiny BPE tokenizer.
+
+    On TransformerLens 3 it is a ``HookedTransformer``; on TransformerLens 4, a
+    ``TransformerBridge`` around a Hugging Face ``GPT2LMHeadModel`` of the same shape.
 
     The tokenizer is byte-level BPE, like GPT-2's, trained in memory on a few
     sentences of facts, so string prompts, subjects and targets work as they do
@@ -89,6 +95,10 @@ def tiny_model(seed: int = 0, *, n_layers: int = 3) -> HookedTransformer:
         The model, in eval mode, on the CPU.
     """
     tokenizer = _tiny_tokenizer()
+    if transformer_lens_major() >= 4:
+        return _tiny_bridge(seed, n_layers, tokenizer)
+    from transformer_lens import HookedTransformerConfig
+
     with _caller_rng_kept():  # TransformerLens seeds torch, numpy and random with cfg.seed
         cfg = HookedTransformerConfig(
             n_layers=n_layers,
@@ -110,6 +120,61 @@ def tiny_model(seed: int = 0, *, n_layers: int = 3) -> HookedTransformer:
                 if name.endswith(("b_in", "b_out", "b_O", "b_U")):
                     param.normal_(0.0, 0.02)
     return model.eval()
+
+
+def _tiny_bridge(seed: int, n_layers: int, tokenizer: PreTrainedTokenizerFast) -> Model:
+    """``tiny_model`` on TransformerLens 4: the same shapes, as a bridge over GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=n_layers,
+        n_embd=64,
+        n_head=4,
+        n_inner=256,
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        activation_function="gelu_new",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _caller_rng_kept():
+        torch.manual_seed(seed)
+        hf_model = GPT2LMHeadModel(config)
+        with torch.no_grad():  # give the biases values so tests see them
+            for name, param in hf_model.named_parameters():
+                if name.endswith(("mlp.c_fc.bias", "mlp.c_proj.bias", "attn.c_proj.bias")):
+                    param.normal_(0.0, 0.02)
+    return bridge_from_hf(hf_model, tokenizer)
+
+
+def bridge_from_hf(hf_model: Any, tokenizer: Any) -> Model:
+    """Wrap a Hugging Face causal LM already in memory in a TL 4 ``TransformerBridge``.
+
+    Nothing is fetched: the configuration is the model's own. The tokenizer
+    must say whether it adds BOS (``add_bos_token``) and carry a
+    ``name_or_path``, or TransformerLens tries to reload it from the hub.
+
+    Args:
+        hf_model: e.g. a ``LlamaForCausalLM`` (it becomes part of the bridge).
+        tokenizer: its tokenizer.
+
+    Returns:
+        The bridge, in eval mode, on the model's device.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model.config.architectures = [type(hf_model).__name__]
+    device = str(next(hf_model.parameters()).device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            hf_model.config.name_or_path or type(hf_model).__name__,
+            hf_model=hf_model.eval(),
+            tokenizer=tokenizer,
+            device=device,
+        )
+    return bridge.eval()
 
 
 _TINY_CORPUS = [
@@ -183,6 +248,10 @@ def load_model(
             f"unknown model name {name!r}: rome_lens ships only {DEFAULT_MODEL!r}; "
             "load other models with HookedTransformer.from_pretrained and pass them in"
         )
+    if transformer_lens_major() >= 4:
+        return _named(
+            _load_gguf_bridge(_gguf_path(), _model_cache(cache_dir, DEFAULT_MODEL + "-hf"))
+        )
     return _named(_load_gguf(_gguf_path(), _model_cache(cache_dir, DEFAULT_MODEL)))
 
 
@@ -235,6 +304,8 @@ def save_model(model: HookedTransformer, folder: str | os.PathLike[str]) -> Path
     Returns:
         The folder.
     """
+    from transformer_lens import HookedTransformerConfig
+
     folder = Path(folder)
     if model.tokenizer is None:
         raise ValueError("save_model needs a model with a tokenizer")
@@ -268,6 +339,56 @@ def _load_gguf(gguf: Path, folder: Path) -> HookedTransformer:
     return _convert_and_cache(gguf, folder)
 
 
+def _load_gguf_bridge(gguf: Path, folder: Path) -> Model:
+    """TL 4: the GGUF file as a Hugging Face Llama, cached dequantised, wrapped in a bridge.
+
+    The weights stay as the checkpoint has them (no folding or centring), so an
+    edit of ``blocks.{L}.mlp.W_out`` is an edit of the released ``down_proj``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    weights = folder / "model.safetensors"
+    try:
+        state_dict, meta = load_tensors(weights)
+        if meta.get("format") != _CACHE_FORMAT or meta.get("gguf_size") != gguf.stat().st_size:
+            raise CacheError("it was made by another rome_lens version or from another GGUF file")
+        hf_model = LlamaForCausalLM(LlamaConfig(**meta["config"]))  # type: ignore[arg-type]
+        try:
+            hf_model.load_state_dict(state_dict, strict=not hf_model.config.tie_word_embeddings)
+        except RuntimeError as err:
+            raise CacheError(f"cached weights do not fit the model: {err}") from err
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        return bridge_from_hf(hf_model.float(), _bos_declared(tokenizer))
+    except FileNotFoundError:
+        pass
+    except CacheError as err:
+        discard(weights, str(err))
+    converted: Any = AutoModelForCausalLM.from_pretrained(  # kernels would come from the hub
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    converted.config.__dict__.pop("quantization_config", None)  # the weights are dequantised now
+    config = {k: v for k, v in converted.config.to_dict().items() if _is_json(v)}
+    tokenizer.save_pretrained(folder / "tokenizer")
+    save_tensors(
+        weights,
+        {  # a tied unembedding is the embedding: saved once, tied again on load
+            k: v.detach().contiguous()
+            for k, v in converted.state_dict().items()
+            if not (k == "lm_head.weight" and converted.config.tie_word_embeddings)
+        },
+        {"format": _CACHE_FORMAT, "gguf_size": gguf.stat().st_size, "config": config},
+    )
+    return bridge_from_hf(converted, _bos_declared(tokenizer))
+
+
+def _bos_declared(tokenizer: Any) -> Any:
+    """TransformerLens reloads a tokenizer from the hub unless it states ``add_bos_token``."""
+    tokenizer.init_kwargs.setdefault("add_bos_token", False)
+    tokenizer.init_kwargs.setdefault("name_or_path", DEFAULT_MODEL_NAME)
+    return tokenizer
+
+
 def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # does not import it (it needs `llm`)
     if spec is None or not spec.submodule_search_locations:
@@ -299,6 +420,7 @@ def _assemble(
     config: dict[str, object], state_dict: dict[str, torch.Tensor], tokenizer_dir: Path
 ) -> HookedTransformer:
     """Build the processed model straight from cached weights, skipping random init."""
+    from transformer_lens import HookedTransformerConfig
     from transformers import AutoTokenizer
 
     cfg = HookedTransformerConfig(**config, init_weights=False, device="cpu")  # type: ignore[arg-type]
@@ -311,6 +433,7 @@ def _assemble(
 
 
 def _convert_and_cache(gguf: Path, folder: Path) -> HookedTransformer:
+    from transformer_lens import HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -354,6 +477,8 @@ def _convert_and_cache(gguf: Path, folder: Path) -> HookedTransformer:
 
 def _hooked_transformer(cfg: HookedTransformerConfig, **kwargs: Any) -> HookedTransformer:
     """``HookedTransformer(cfg)`` without TransformerLens 3.x's notice that 4.x drops the class."""
+    from transformer_lens import HookedTransformer
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
         return HookedTransformer(cfg, **kwargs)

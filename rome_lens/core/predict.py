@@ -27,8 +27,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.runtime import PaddingSide, linear_layout, pad, run_to_layer, unembed
 from rome_lens.core.tokens import prompt_tokens, target_token_ids
 
@@ -72,7 +72,7 @@ class NextTokenPredictions:
 
 
 def predict_next(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[str],
     *,
     targets: Sequence[str] | None = None,
@@ -137,7 +137,7 @@ def predict_next(
 
 
 def known_facts(
-    model: HookedTransformer,
+    model: Model,
     facts: Sequence[Mapping[str, str]],
     *,
     answer_key: str = "attribute",
@@ -167,7 +167,7 @@ def known_facts(
 
 
 def target_nll(
-    model: HookedTransformer,
+    model: Model,
     prompts: Sequence[str],
     targets: Sequence[str],
     *,

@@ -42,8 +42,8 @@ from typing import Any, ClassVar, TypeVar
 import pandas as pd
 import safetensors.torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.cache import load_tensors, save_tensors
 from rome_lens.core.fingerprint import model_fingerprint
 
@@ -95,7 +95,7 @@ class Result:
         """A :class:`rome_lens.viz.Widget` showing the result (displays itself in Jupyter)."""
         return view(self, "widget")(self)
 
-    def check_model(self, model: HookedTransformer) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` unless the result was computed on ``model``.
 
         Results that carry a ``fingerprint`` compare it with the model's;
@@ -152,9 +152,7 @@ class Result:
         return _decode(json.loads(meta["value"]), tensors)
 
     @classmethod
-    def load(
-        cls: type[R], path: str | os.PathLike[str], model: HookedTransformer | None = None
-    ) -> R:
+    def load(cls: type[R], path: str | os.PathLike[str], model: Model | None = None) -> R:
         """Read a result written by :meth:`save`.
 
         Args:

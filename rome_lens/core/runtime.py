@@ -16,14 +16,14 @@ this module writes each of them once:
 
 >>> import torch
 >>> from rome_lens.core.models import tiny_model
->>> from rome_lens.core.runtime import capture, pad, unembed
+>>> from rome_lens.core.runtime import capture, pad, run_to_layer, unembed
 >>> model = tiny_model()
 >>> tokens, mask = pad([torch.tensor([0, 5, 9]), torch.tensor([0, 7])], 0, "right")
 >>> keys = capture(model, tokens, ["blocks.1.mlp.hook_post"], at=(torch.tensor([0, 1]),
 ...                torch.tensor([2, 1])))
 >>> keys["blocks.1.mlp.hook_post"].shape  # one key per (row, position) pair
 torch.Size([2, 256])
->>> resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+>>> resid = run_to_layer(model, tokens, model.cfg.n_layers)
 >>> torch.allclose(unembed(model, resid[:, -1]), model(tokens)[:, -1], atol=1e-5)
 True
 """
@@ -38,8 +38,9 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core import backend
+from rome_lens.core.backend import Model
 from rome_lens.core.hooks import Hook, attached
 
 __all__ = [
@@ -59,7 +60,7 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 @contextmanager
-def linear_layout(model: HookedTransformer) -> Iterator[None]:
+def linear_layout(model: Model) -> Iterator[None]:
     """Store the MLP and unembedding weights transposed while the block runs.
 
     TransformerLens calls ``F.linear(x, W.T.contiguous())``, which copies
@@ -74,6 +75,9 @@ def linear_layout(model: HookedTransformer) -> Iterator[None]:
     Yields:
         Nothing; the layout holds inside the block.
     """
+    if backend.is_bridge(model):  # the bridge runs nn.Linear, which copies nothing
+        yield
+        return
     names = ("W_in", "W_gate", "W_out", "W_U")
     params = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in names]
     originals = [p.data for p in params]
@@ -88,7 +92,7 @@ def linear_layout(model: HookedTransformer) -> Iterator[None]:
 
 
 @contextmanager
-def frozen(model: HookedTransformer) -> Iterator[None]:
+def frozen(model: Model) -> Iterator[None]:
     """No parameter of ``model`` gathers gradients inside the block; flags restored after.
 
     Editing optimises a vector or a weight change outside the model, so the
@@ -152,7 +156,7 @@ def hook_layer(name: str) -> int | None:
 
 
 def capture(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     hook_names: Sequence[str],
     *,
@@ -190,12 +194,14 @@ def capture(
     device = model.cfg.device
     mask = None if attention_mask is None else attention_mask.to(device)
     with attached(model, [(name, keep(name)) for name in hook_names]):
-        model(tokens.to(device), attention_mask=mask, stop_at_layer=stop, return_type=None)
+        backend.forward(
+            model, tokens.to(device), attention_mask=mask, stop_at_layer=stop, return_type=None
+        )
     return {name: store[name] for name in hook_names}
 
 
 def capture_with_gradients(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     hook_names: Sequence[str],
     gradient_names: Sequence[str],
@@ -238,14 +244,14 @@ def capture_with_gradients(
         torch.enable_grad(),
         attached(model, [("hook_embed", leaf)] + [(n, keep(n)) for n in names]),
     ):
-        logits = model(tokens.to(device), attention_mask=mask)
+        logits = backend.forward(model, tokens.to(device), attention_mask=mask)
         grads = torch.autograd.grad(loss(logits), [store[name] for name in gradient_names])
     gradients = {name: g.detach() for name, g in zip(gradient_names, grads, strict=True)}
     return {name: store[name].detach() for name in hook_names}, gradients
 
 
 def run_to_layer(
-    model: HookedTransformer,
+    model: Model,
     tokens: Int[Tensor, "batch pos"],
     layer: int,
     *,
@@ -264,12 +270,10 @@ def run_to_layer(
     """
     device = model.cfg.device
     mask = None if attention_mask is None else attention_mask.to(device)
-    return model(tokens.to(device), attention_mask=mask, stop_at_layer=layer)
+    return backend.forward(model, tokens.to(device), attention_mask=mask, stop_at_layer=layer)
 
 
-def unembed(
-    model: HookedTransformer, resid: Float[Tensor, "n d_model"]
-) -> Float[Tensor, "n d_vocab"]:
+def unembed(model: Model, resid: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
     """Logits of final residual rows: ``ln_final`` then the unembedding, for these rows only.
 
     Args:
@@ -279,4 +283,4 @@ def unembed(
     Returns:
         ``[n d_vocab]`` logits.
     """
-    return model(resid[:, None], start_at_layer=model.cfg.n_layers)[:, 0]
+    return backend.unembed(model, resid)

@@ -23,13 +23,14 @@ from __future__ import annotations
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
+
+from rome_lens.core.backend import Model
 
 __all__ = ["prompt_tokens", "subject_range", "target_token_ids"]
 
 
 def prompt_tokens(
-    model: HookedTransformer, prompt: str, prepend_bos: bool | None = None
+    model: Model, prompt: str, prepend_bos: bool | None = None
 ) -> Int[Tensor, "1 pos"]:
     """The prompt's tokens as the model reads them, checked against the context length.
 
@@ -53,7 +54,7 @@ def prompt_tokens(
 
 
 def subject_range(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     prepend_bos: bool | None = None,
@@ -97,9 +98,7 @@ def subject_range(
     return inside[0], inside[-1] + 1
 
 
-def _token_char_spans(
-    model: HookedTransformer, prompt: str, tokens: list[int]
-) -> list[tuple[int, int]]:
+def _token_char_spans(model: Model, prompt: str, tokens: list[int]) -> list[tuple[int, int]]:
     """Character span of each prompt token; special tokens added by the model get (0, 0)."""
     assert model.tokenizer is not None, "the model needs a tokenizer to read strings"
     tokenizer = model.tokenizer
@@ -120,7 +119,7 @@ def _token_char_spans(
     return [(a - prefix, b - prefix) if b > prefix else (0, 0) for a, b in spans]
 
 
-def target_token_ids(model: HookedTransformer, prompt: str, target: str) -> list[int]:
+def target_token_ids(model: Model, prompt: str, target: str) -> list[int]:
     """The tokens of ``target`` as they follow ``prompt``, leading space included.
 
     ``"Paris"`` after ``"... the city of"`` becomes the tokens of ``" Paris"`` in

@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_alphaedit_layers
@@ -110,7 +110,7 @@ def null_space_projector(stats: KeyStats, energy: float) -> Float[Tensor, "d_mlp
 
 
 def alphaedit_edit(
-    model: HookedTransformer,
+    model: Model,
     requests: Sequence[EditRequest],
     *,
     layers: Sequence[int] | None = None,

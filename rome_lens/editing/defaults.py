@@ -16,8 +16,7 @@ way in, and MEMIT that layer and up to four before it.
 
 from __future__ import annotations
 
-from transformer_lens import HookedTransformer
-
+from rome_lens.core.backend import Model
 from rome_lens.core.models import DEFAULT_MODEL_NAME
 
 __all__ = [
@@ -60,7 +59,7 @@ DEFAULT_MOM2_UPDATE_WEIGHTS: dict[str, float] = {
 FALLBACK_MOM2_UPDATE_WEIGHT = 15_000.0  # λ for models missing from the table
 
 
-def default_layer(model: HookedTransformer) -> int:
+def default_layer(model: Model) -> int:
     """The layer ROME edits in ``model``: :data:`DEFAULT_LAYERS`, else a third of the way in.
 
     Args:
@@ -75,7 +74,7 @@ def default_layer(model: HookedTransformer) -> int:
     return round(model.cfg.n_layers / 3)
 
 
-def default_memit_layers(model: HookedTransformer) -> list[int]:
+def default_memit_layers(model: Model) -> list[int]:
     """:data:`DEFAULT_MEMIT_LAYERS`, else ROME's default layer and the (up to) four before it.
 
     Args:
@@ -89,7 +88,7 @@ def default_memit_layers(model: HookedTransformer) -> list[int]:
     return _listed(DEFAULT_MEMIT_LAYERS, model) or fallback
 
 
-def default_alphaedit_layers(model: HookedTransformer) -> list[int]:
+def default_alphaedit_layers(model: Model) -> list[int]:
     """AlphaEdit's layers: :data:`DEFAULT_ALPHAEDIT_LAYERS`, else MEMIT's.
 
     Args:
@@ -101,13 +100,13 @@ def default_alphaedit_layers(model: HookedTransformer) -> list[int]:
     return _listed(DEFAULT_ALPHAEDIT_LAYERS, model) or default_memit_layers(model)
 
 
-def _listed(table: dict[str, list[int]], model: HookedTransformer) -> list[int] | None:
+def _listed(table: dict[str, list[int]], model: Model) -> list[int] | None:
     """``model``'s layers in ``table``, if listed and all within the model."""
     layers = table.get(model.cfg.model_name)
     return list(layers) if layers is not None and layers[-1] < model.cfg.n_layers else None
 
 
-def default_mom2_update_weight(model: HookedTransformer) -> float:
+def default_mom2_update_weight(model: Model) -> float:
     """MEMIT's λ for ``model``: :data:`DEFAULT_MOM2_UPDATE_WEIGHTS`, else 15,000.
 
     Args:

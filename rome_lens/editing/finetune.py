@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model, forward, weight
 from rome_lens.core.fingerprint import check_layer
 from rome_lens.core.hooks import add_product, attached, record
 from rome_lens.core.runtime import frozen, linear_layout, run_to_layer, unembed
@@ -60,7 +60,7 @@ class FTHyperParams:
 
 
 def ft_edit(
-    model: HookedTransformer,
+    model: Model,
     request: EditRequest,
     *,
     layer: int | None = None,
@@ -90,7 +90,7 @@ def ft_edit(
     tokens = torch.tensor([head + answer[:-1]], device=model.cfg.device)
     positions = torch.arange(len(head) - 1, len(head) - 1 + len(answer))
     n_layers = model.cfg.n_layers
-    w_out = model.blocks[layer].mlp.W_out
+    w_out = weight(model, f"blocks.{layer}.mlp.W_out")
     delta = torch.zeros(w_out.shape, device=w_out.device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.lr)
     keys: list[torch.Tensor] = []
@@ -106,7 +106,7 @@ def ft_edit(
         with torch.enable_grad(), attached(model, hooks):
             for _ in steps:
                 keys.clear()
-                final = model(resid, start_at_layer=layer, stop_at_layer=n_layers)
+                final = forward(model, resid, start_at_layer=layer, stop_at_layer=n_layers)
                 logits = unembed(model, final[0, positions])
                 nll = -logits.float().log_softmax(-1)[torch.arange(len(answer)), answer].mean()
                 losses.append(nll.item())

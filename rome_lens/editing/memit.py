@@ -69,8 +69,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, discard, load_tensors, save_tensors
 from rome_lens.core.cache import cache_dir as cache_folder
 from rome_lens.core.fingerprint import check_layer, model_fingerprint
@@ -170,7 +170,7 @@ class MultiLayerEdit(WeightEdit):
 
 
 def memit_edit(
-    model: HookedTransformer,
+    model: Model,
     requests: Sequence[EditRequest],
     *,
     layers: Sequence[int] | None = None,
@@ -254,7 +254,7 @@ def memit_edit(
 
 
 def write_layers(
-    model: HookedTransformer,
+    model: Model,
     edit: MultiLayerEdit,
     templates: list[str],
     solve: Callable[[int, Tensor, Tensor], Tensor],
@@ -306,7 +306,7 @@ def _solve_update(
 
 
 def _subject_residuals(
-    model: HookedTransformer, requests: Sequence[EditRequest], layer: int
+    model: Model, requests: Sequence[EditRequest], layer: int
 ) -> Float[Tensor, "request d_model"]:
     """h_i: ``blocks.{layer}.hook_resid_post`` at each bare prompt's last subject token."""
     texts = [in_contexts(request, ["{}"])[0] for request in requests]
@@ -314,7 +314,7 @@ def _subject_residuals(
 
 
 def subject_targets(
-    model: HookedTransformer,
+    model: Model,
     requests: list[EditRequest],
     layer: int,
     templates: list[str],
@@ -388,7 +388,7 @@ def _load_z(path: Path) -> Tensor | None:
         return None
 
 
-def check_requests(model: HookedTransformer, requests: Sequence[EditRequest]) -> list[EditRequest]:
+def check_requests(model: Model, requests: Sequence[EditRequest]) -> list[EditRequest]:
     """The requests as a list, after every check ROME makes and a check for conflicts.
 
     Args:
@@ -418,7 +418,7 @@ def check_requests(model: HookedTransformer, requests: Sequence[EditRequest]) ->
     return requests
 
 
-def check_layers(model: HookedTransformer, layers: Sequence[int]) -> list[int]:
+def check_layers(model: Model, layers: Sequence[int]) -> list[int]:
     """The layers, checked: in range, at least one, strictly ascending.
 
     Args:

@@ -51,9 +51,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+from rome_lens.core.backend import Model, forward, freeze, new_kv_cache
 from rome_lens.core.generation import sample_text
 from rome_lens.core.hooks import add_at_rows, attached
 from rome_lens.core.runtime import capture, frozen, linear_layout, pad, unembed
@@ -73,16 +72,14 @@ __all__ = [
 
 _CONTEXT_STARTS = ("The", "Therefore", "Because", "I", "You")
 # model -> {(context_lengths, context_seed): templates}; see context_templates.
-_TEMPLATES: weakref.WeakKeyDictionary[HookedTransformer, dict[object, list[str]]] = (
-    weakref.WeakKeyDictionary()
-)
+_TEMPLATES: weakref.WeakKeyDictionary[Model, dict[object, list[str]]] = weakref.WeakKeyDictionary()
 _MAX_ROWS = 256  # sequences per forward pass when reading keys
 
 
 # --------------------------------------------------------------------------- contexts
 
 
-def context_templates(model: HookedTransformer, hparams: EditHyperParams) -> list[str]:
+def context_templates(model: Model, hparams: EditHyperParams) -> list[str]:
     """``"{}"`` and the sampled prefixes, each ending in ``". {}"`` (ROME's contexts).
 
     Sampled once per model object and settings, as ROME does, so that a series
@@ -104,7 +101,7 @@ def context_templates(model: HookedTransformer, hparams: EditHyperParams) -> lis
     return list(memo[settings])
 
 
-def clear_context_templates(model: HookedTransformer | None = None) -> None:
+def clear_context_templates(model: Model | None = None) -> None:
     """Forget the context templates of ``model`` (of every model if ``None``).
 
     Args:
@@ -116,7 +113,7 @@ def clear_context_templates(model: HookedTransformer | None = None) -> None:
         _TEMPLATES.pop(model, None)
 
 
-def _sample_templates(model: HookedTransformer, hparams: EditHyperParams) -> list[str]:
+def _sample_templates(model: Model, hparams: EditHyperParams) -> list[str]:
     templates = ["{}"]
     for length, count in hparams.context_lengths:
         starts = [_CONTEXT_STARTS[i % len(_CONTEXT_STARTS)] for i in range(count)]
@@ -143,9 +140,7 @@ def in_contexts(request: EditRequest, templates: list[str]) -> list[tuple[str, s
     return out
 
 
-def encode(
-    model: HookedTransformer, texts: list[tuple[str, str, int]]
-) -> tuple[list[list[int]], list[int]]:
+def encode(model: Model, texts: list[tuple[str, str, int]]) -> tuple[list[list[int]], list[int]]:
     """Tokens of each ``(text, subject, subject_start)``, and the subject's last token in each.
 
     Args:
@@ -166,7 +161,7 @@ def encode(
 
 
 def subject_activations(
-    model: HookedTransformer, texts: list[tuple[str, str, int]], hook_name: str
+    model: Model, texts: list[tuple[str, str, int]], hook_name: str
 ) -> Float[Tensor, "text d"]:
     """The activation at ``hook_name`` at each ``(text, subject, start)``'s last subject token.
 
@@ -191,7 +186,7 @@ def subject_activations(
 
 
 def compute_keys(
-    model: HookedTransformer, requests: Sequence[EditRequest], layer: int, templates: list[str]
+    model: Model, requests: Sequence[EditRequest], layer: int, templates: list[str]
 ) -> Float[Tensor, "request d_mlp"]:
     """``blocks.{layer}.mlp.hook_post`` at each request's last subject token, context-averaged.
 
@@ -227,7 +222,7 @@ class ValueObjective:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: Model,
         layer: int,
         sequences: list[list[int]],
         subject_last: list[int],
@@ -247,22 +242,23 @@ class ValueObjective:
             for seq, last in zip(sequences, subject_last, strict=True)
         ]
         suffix, _ = pad(suffixes, 0, "right")  # causal attention never reads right pads
-        self.cache: TransformerLensKeyValueCache | None = None
+        self.cache: object | None = None
         self.mask: Tensor | None = None
         with torch.no_grad():
             if max(subject_last) > 0:
                 prefix, prefix_mask = pad(prefixes, 0, "left")
-                self.cache = TransformerLensKeyValueCache.init_cache(
-                    model.cfg, device, len(sequences)
-                )
-                model(
+                self.cache = new_kv_cache(model, len(sequences))
+                forward(
+                    model,
                     prefix.to(device),
                     attention_mask=prefix_mask.to(device),
                     past_kv_cache=self.cache,
+                    return_type=None,
                 )
-                self.cache.freeze()
+                freeze(self.cache)
                 self.mask = torch.cat([prefix_mask, torch.ones_like(suffix)], dim=1).to(device)
-            self.resid = model(
+            self.resid = forward(
+                model,
                 suffix.to(device),
                 attention_mask=None if self.cache is None else torch.ones_like(suffix).to(device),
                 past_kv_cache=self.cache,
@@ -281,7 +277,8 @@ class ValueObjective:
         model, n_layers = self.model, self.model.cfg.n_layers
         hook = add_at_rows(self.hook_rows, self.hook_positions, delta[self.owners])
         with attached(model, [(f"blocks.{self.layer}.hook_mlp_out", hook)]):
-            final = model(
+            final = forward(
+                model,
                 self.resid,
                 start_at_layer=self.layer,
                 stop_at_layer=n_layers,
@@ -308,7 +305,7 @@ class _ValueProblem:
     @classmethod
     def build(
         cls,
-        model: HookedTransformer,
+        model: Model,
         request: EditRequest,
         templates: list[str],
         hparams: EditHyperParams,
@@ -331,7 +328,7 @@ class _ValueBatch:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: Model,
         layer: int,
         problems: list[_ValueProblem],
         members: list[int],
@@ -375,7 +372,7 @@ class _ValueBatch:
 
 
 def optimise_deltas(
-    model: HookedTransformer,
+    model: Model,
     requests: Sequence[EditRequest],
     layer: int,
     templates: list[str],
@@ -423,7 +420,7 @@ def optimise_deltas(
 
 
 def _optimise_batch(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     problems: list[_ValueProblem],
     init_norms: Tensor,

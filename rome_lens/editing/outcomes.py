@@ -29,8 +29,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.predict import predict_next, target_nll
 from rome_lens.editing.patches import EditOutcome, WeightEdit, edited
 
@@ -42,9 +42,7 @@ class EditMissWarning(UserWarning):
 
 
 @torch.no_grad()
-def measure_outcomes(
-    model: HookedTransformer, edit: WeightEdit, *, batch_size: int = 64
-) -> list[EditOutcome]:
+def measure_outcomes(model: Model, edit: WeightEdit, *, batch_size: int = 64) -> list[EditOutcome]:
     """Each request of ``edit`` read on ``model`` before and with the edit applied.
 
     Args:

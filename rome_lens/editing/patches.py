@@ -43,8 +43,8 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model, weight
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.results import Result, register_type
 from rome_lens.editing.requests import EditRequest
@@ -128,7 +128,7 @@ class WeightEdit(Result):
         ]
         return pd.DataFrame(rows)
 
-    def check_model(self, model: HookedTransformer) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` unless ``model`` is the one this edit was computed on."""
         found = model_fingerprint(model, upto_layer=self.base_layer)
         if found != self.fingerprint:
@@ -137,7 +137,7 @@ class WeightEdit(Result):
                 f"up to layer {self.base_layer}; this model's is {found})"
             )
 
-    def apply(self, model: HookedTransformer) -> AppliedEdit:
+    def apply(self, model: Model) -> AppliedEdit:
         """Add every ΔW to the model's weights; the handle's ``revert()`` undoes it exactly.
 
         Args:
@@ -151,12 +151,13 @@ class WeightEdit(Result):
                 non-finite result; the model is then left as it was.
         """
         self.check_model(model)
-        params = dict(model.named_parameters())
+        params: dict[str, Tensor] = {}
         updates: dict[str, Tensor] = {}
         for name, delta in self.deltas().items():
-            if name not in params:
-                raise ValueError(f"the model has no parameter {name!r} to edit")
-            param = params[name]
+            try:
+                param = params[name] = weight(model, name)
+            except ValueError as err:
+                raise ValueError(f"the model has no parameter {name!r} to edit") from err
             if tuple(delta.shape) != tuple(param.shape):
                 raise ValueError(
                     f"ΔW for {name} has shape {tuple(delta.shape)}, the weight {tuple(param.shape)}"
@@ -212,7 +213,7 @@ class WeightPatch(WeightEdit):
     @classmethod
     def for_model(
         cls,
-        model: HookedTransformer,
+        model: Model,
         delta: dict[str, Tensor],
         *,
         requests: Sequence[EditRequest] = (),
@@ -242,7 +243,7 @@ class WeightPatch(WeightEdit):
 class AppliedEdit:
     """An edit applied to a model; :meth:`revert` restores the original weights exactly."""
 
-    model: HookedTransformer
+    model: Model
     """The edited model."""
     edit: WeightEdit
     """What was applied."""
@@ -257,7 +258,7 @@ class AppliedEdit:
         """Put the original weights back, bit for bit."""
         if self.reverted:
             raise RuntimeError("this edit has already been reverted")
-        params = dict(self.model.named_parameters())
+        params = {name: weight(self.model, name) for name in self.digests}
         for name, digest in self.digests.items():
             if _digest(params[name]) != digest:
                 raise RuntimeError(
@@ -278,9 +279,7 @@ class AppliedEdit:
 
 
 @contextmanager
-def edited(
-    model: HookedTransformer, edits: WeightEdit | Sequence[WeightEdit]
-) -> Iterator[list[AppliedEdit]]:
+def edited(model: Model, edits: WeightEdit | Sequence[WeightEdit]) -> Iterator[list[AppliedEdit]]:
     """Apply ``edits`` in order for the ``with`` block, then revert them in reverse order.
 
     Args:

@@ -22,8 +22,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from transformer_lens import HookedTransformer
-
+from rome_lens.core.backend import Model
 from rome_lens.core.results import register_type
 from rome_lens.core.tokens import prompt_tokens, subject_range, target_token_ids
 from rome_lens.stats.keys import DEFAULT_N_TOKENS
@@ -105,7 +104,7 @@ class EditHyperParams:
             )
 
 
-def check_request(model: HookedTransformer, request: EditRequest) -> list[int]:
+def check_request(model: Model, request: EditRequest) -> list[int]:
     """The tokens of ``target_new``, after checking the prompt fits and spells the subject.
 
     Args:

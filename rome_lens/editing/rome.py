@@ -57,8 +57,8 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model, weight
 from rome_lens.core.fingerprint import check_layer, model_fingerprint
 from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_layer
@@ -157,7 +157,7 @@ class RankOneEdit(WeightEdit):
 
 
 def rome_edit(
-    model: HookedTransformer,
+    model: Model,
     request: EditRequest,
     *,
     layer: int | None = None,
@@ -255,7 +255,7 @@ def _left_vector(
 
 
 def _key_moment(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     hparams: ROMEHyperParams,
     stats: KeyStats | None,
@@ -271,8 +271,6 @@ def _key_moment(
     )
 
 
-def _mlp_out_params(model: HookedTransformer, layer: int) -> tuple[Tensor, Tensor]:
-    mlp = model.blocks[layer].mlp
-    w_out, b_out = mlp.W_out, mlp.b_out
-    assert isinstance(w_out, Tensor) and isinstance(b_out, Tensor)
-    return w_out, b_out
+def _mlp_out_params(model: Model, layer: int) -> tuple[Tensor, Tensor]:
+    """``W_out`` and ``b_out`` of ``layer`` (zeros where the MLP has no bias)."""
+    return weight(model, f"blocks.{layer}.mlp.W_out"), weight(model, f"blocks.{layer}.mlp.b_out")

@@ -42,8 +42,8 @@ from typing import Literal
 
 import pandas as pd
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.editing.alphaedit import AlphaEditHyperParams, alphaedit_edit, null_space_projector
 from rome_lens.editing.defaults import (
     default_alphaedit_layers,
@@ -84,7 +84,7 @@ class SequentialEditor:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: Model,
         method: Method = "alphaedit",
         *,
         layers: Sequence[int] | None = None,

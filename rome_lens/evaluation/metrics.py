@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.generation import sample_text
 from rome_lens.core.predict import target_nll
 from rome_lens.evaluation.counterfact import CounterFactCase
@@ -51,7 +51,7 @@ METRICS = ("efficacy", "paraphrase", "neighborhood")
 
 
 def case_scores(
-    model: HookedTransformer, cases: Sequence[CounterFactCase], *, batch_size: int = 64
+    model: Model, cases: Sequence[CounterFactCase], *, batch_size: int = 64
 ) -> pd.DataFrame:
     """Efficacy, paraphrase and neighbourhood scores and magnitudes of each case, as is.
 
@@ -119,7 +119,7 @@ def n_gram_entropy(text: str) -> float:
 
 
 def generation_entropy(
-    model: HookedTransformer,
+    model: Model,
     cases: Sequence[CounterFactCase],
     *,
     max_new_tokens: int = 100,

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.distributed import Split, gather_bytes, is_main, shard
 from rome_lens.editing import (
     EditMissWarning,
@@ -55,7 +55,7 @@ _HPARAMS = {"rome": ROMEHyperParams, "ft": FTHyperParams, "memit": MEMITHyperPar
 
 
 def evaluate_edits(
-    model: HookedTransformer,
+    model: Model,
     cases: Sequence[CounterFactCase],
     method: Method = "rome",
     *,
@@ -138,7 +138,7 @@ def evaluate_edits(
 
 
 def sequential_edits(
-    model: HookedTransformer,
+    model: Model,
     cases: Sequence[CounterFactCase],
     *,
     checkpoints: Sequence[int] = (1, 10, 25, 50, 100),
@@ -207,12 +207,12 @@ def _editor(
     layer: int | None,
     hparams: Any,
     stats: KeyStats | None,
-) -> Callable[[HookedTransformer, EditRequest], WeightEdit] | None:
+) -> Callable[[Model, EditRequest], WeightEdit] | None:
     """Edit one request quietly: misses are counted in the scores, not warned one by one."""
     if method == "none":
         return None
 
-    def edit(model: HookedTransformer, request: EditRequest) -> WeightEdit:
+    def edit(model: Model, request: EditRequest) -> WeightEdit:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EditMissWarning)
             if method == "rome":
@@ -225,7 +225,7 @@ def _editor(
 
 
 def _evaluate_batch(
-    model: HookedTransformer,
+    model: Model,
     cases: Sequence[CounterFactCase],
     layers: Sequence[int] | None,
     hparams: Any,
@@ -262,7 +262,7 @@ def _evaluate_batch(
 
 
 def _scores(
-    model: HookedTransformer,
+    model: Model,
     cases: Sequence[CounterFactCase],
     n_fluent: int,
     generation_tokens: int,

@@ -44,8 +44,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Batch, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
@@ -156,7 +156,7 @@ class InfluenceFactors(Result):
 
 
 def fit_influence_factors(
-    model: HookedTransformer,
+    model: Model,
     corpus: CorpusSource | Corpus = None,
     *,
     layers: Sequence[int] | None = None,
@@ -273,9 +273,7 @@ def _load(path: Path) -> InfluenceFactors | None:
         return None
 
 
-def input_factor(
-    model: HookedTransformer, weight: MLPWeight, moments: Moments
-) -> Float[Tensor, "d_in d_in"]:
+def input_factor(model: Model, weight: MLPWeight, moments: Moments) -> Float[Tensor, "d_in d_in"]:
     """``A = E[ā āᵀ]`` of a weight from the moments of its input hook (float64).
 
     For W_in and W_gate the hook is ln2's normalised input, so ln2's weight and
@@ -308,7 +306,7 @@ def input_factor(
 
 
 def sequence_gradients(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tensor,
     counted: Tensor,
     weights: Sequence[MLPWeight],
@@ -344,7 +342,7 @@ def sequence_gradients(
 
 
 def _refit_eigenvalues(
-    model: HookedTransformer,
+    model: Model,
     factors: InfluenceFactors,
     weights: list[MLPWeight],
     source: Corpus,

@@ -52,8 +52,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
 from rome_lens.core.results import Result
@@ -132,7 +132,7 @@ class InfluenceResult(Result):
 
 
 def influence(
-    model: HookedTransformer,
+    model: Model,
     factors: InfluenceFactors,
     prompt: str,
     completion: str,
@@ -186,7 +186,7 @@ def influence(
 
 
 def influence_many(
-    model: HookedTransformer,
+    model: Model,
     factors: InfluenceFactors,
     queries: Sequence[tuple[str, str]],
     corpus: CorpusSource | Corpus,
@@ -314,7 +314,7 @@ class TextScores(NamedTuple):
 
 
 def score_texts(
-    model: HookedTransformer,
+    model: Model,
     factors: InfluenceFactors | Sequence[InfluenceFactors],
     queries: Sequence[tuple[str, str]],
     corpus: CorpusSource | Corpus,
@@ -401,7 +401,7 @@ def _join(pieces: list[Preconditioned]) -> Preconditioned:
 
 
 def query_gradients(
-    model: HookedTransformer, weights: Sequence[MLPWeight], queries: Sequence[tuple[str, str]]
+    model: Model, weights: Sequence[MLPWeight], queries: Sequence[tuple[str, str]]
 ) -> dict[str, Float[Tensor, "query d_in d_out"]]:
     """Each query's ``∇ log p(completion | prompt)`` for every weight (non-BOS tokens).
 
@@ -512,7 +512,7 @@ def _precondition(
 
 
 def _preconditioned_queries(
-    model: HookedTransformer,
+    model: Model,
     factors: InfluenceFactors,
     weights: list[MLPWeight],
     queries: Sequence[tuple[str, str]],
@@ -543,7 +543,7 @@ def _one(p: Preconditioned, q: int) -> Preconditioned:
 
 
 def _scan(
-    model: HookedTransformer,
+    model: Model,
     weights: list[MLPWeight],
     chunks: list[Chunk],
     preconditioned: dict[str, Preconditioned],
@@ -629,7 +629,7 @@ def _dense(p: Preconditioned) -> Float[Tensor, "query d_in d_out"]:
 
 
 def _token_scores(
-    model: HookedTransformer,
+    model: Model,
     weights: list[MLPWeight],
     texts: list[str],
     preconditioned: dict[str, Tensor],
@@ -665,7 +665,7 @@ def _token_scores(
 
 
 def _check(
-    model: HookedTransformer,
+    model: Model,
     factors: InfluenceFactors,
     queries: Sequence[tuple[str, str]],
     top_k: int,

@@ -50,8 +50,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model, parameter
 from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Chunk, Corpus, CorpusSource
 from rome_lens.core.fingerprint import model_fingerprint
@@ -93,7 +93,7 @@ class FineTuned(Result):
     cached: bool = False  # loaded from the cache rather than trained
 
     @contextlib.contextmanager
-    def applied(self, model: HookedTransformer) -> Iterator[HookedTransformer]:
+    def applied(self, model: Model) -> Iterator[Model]:
         """Put the trained weights in ``model`` for the block; the originals come back after.
 
         Args:
@@ -103,7 +103,7 @@ class FineTuned(Result):
             The model, carrying the trained weights.
         """
         self.check_model(model)
-        params = {name: model.get_parameter(name) for name in self.weights}
+        params = {name: parameter(model, name) for name in self.weights}
         original = {name: param.detach().clone() for name, param in params.items()}
         try:
             with torch.no_grad():
@@ -119,7 +119,7 @@ class FineTuned(Result):
 
 
 def fine_tune(
-    model: HookedTransformer,
+    model: Model,
     corpus: CorpusSource | Corpus,
     config: FineTuneConfig = FineTuneConfig(),
     *,
@@ -155,7 +155,7 @@ def fine_tune(
                 return found
         discard(path, "it is damaged or does not match this model and settings")
     started = time.perf_counter()
-    params = {w.name: model.get_parameter(w.name) for w in weights}
+    params = {w.name: parameter(model, w.name) for w in weights}
     losses, trained = _train(model, texts, params, config, left_out, progress)
     result = FineTuned(
         weights=trained, losses=losses, seconds=time.perf_counter() - started,
@@ -166,7 +166,7 @@ def fine_tune(
 
 
 def _train(
-    model: HookedTransformer,
+    model: Model,
     texts: Corpus,
     params: dict[str, torch.nn.Parameter],
     config: FineTuneConfig,
@@ -259,7 +259,7 @@ def _jsonable(config: FineTuneConfig) -> dict[str, object]:
 
 
 def _cache_path(
-    model: HookedTransformer,
+    model: Model,
     texts: Corpus,
     config: FineTuneConfig,
     left_out: set[int],

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model, is_bridge
 from rome_lens.core.fingerprint import check_layer
 
 __all__ = ["WEIGHT_KINDS", "MLPWeight", "check_layers", "mlp_weights"]
@@ -69,7 +69,7 @@ class MLPWeight:
         return self.name.rsplit(".", 1)[-1]
 
     def inputs(
-        self, model: HookedTransformer, activation: Float[Tensor, "... d"]
+        self, model: Model, activation: Float[Tensor, "... d"]
     ) -> Float[Tensor, "... d_in_plus"]:
         """The weight's input ``ā`` from its input hook's activation (with ln2's affine map
         applied for W_in and W_gate, and a ones column when it has a bias).
@@ -94,7 +94,7 @@ class MLPWeight:
         return x
 
 
-def check_layers(model: HookedTransformer, layers: Sequence[int] | None) -> list[int]:
+def check_layers(model: Model, layers: Sequence[int] | None) -> list[int]:
     """``layers`` as an ascending list of MLP layers (``None``: every layer).
 
     Args:
@@ -116,7 +116,7 @@ def check_layers(model: HookedTransformer, layers: Sequence[int] | None) -> list
 
 
 def mlp_weights(
-    model: HookedTransformer,
+    model: Model,
     layers: Sequence[int] | None = None,
     kinds: Sequence[str] | None = None,
 ) -> list[MLPWeight]:
@@ -137,6 +137,7 @@ def mlp_weights(
         unknown = [kind for kind in kinds if kind not in WEIGHT_KINDS]
         if unknown or not kinds:
             raise ValueError(f"weights must name some of {WEIGHT_KINDS}, got {list(kinds)}")
+    _check_supported(model)
     weights = []
     d_model, d_mlp = model.cfg.d_model, model.cfg.d_mlp
     assert d_mlp is not None
@@ -190,3 +191,22 @@ def mlp_weights(
 
 def _nonzero(param: object) -> bool:
     return isinstance(param, Tensor) and bool((param.detach() != 0).any())
+
+
+# Bridged families whose MLP input is not ``ln2``'s output times ln2's weight: GPT-J's
+# MLP reads ln_1 (shared with attention), Gemma scales by (1 + weight) and Gemma 2
+# normalises again after the MLP. Their factors would be silently wrong.
+_UNSUPPORTED_BRIDGED = ("GPTJ", "Gemma")
+
+
+def _check_supported(model: Model) -> None:
+    """Refuse bridged families whose MLP inputs the influence maths does not describe."""
+    if not is_bridge(model):
+        return
+    architecture = str(getattr(model.cfg, "architecture", "") or "")
+    if architecture.startswith(_UNSUPPORTED_BRIDGED):
+        raise ValueError(
+            f"influence functions do not support {architecture} on TransformerLens 4 yet: "
+            "its MLP input is not ln2's normalised output times ln2's weight "
+            "(supported: GPT-2, GPT-NeoX, Llama, Mistral, Qwen2)"
+        )

@@ -50,8 +50,8 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Corpus, CorpusSource
 from rome_lens.core.fingerprint import check_layer, model_fingerprint
 from rome_lens.core.results import Result
@@ -117,13 +117,13 @@ class KeyStats(Result):
         low, high = self.eigenvalues[0].item(), self.eigenvalues[-1].item()
         return high / low if low > 0 else math.inf
 
-    def check(self, model: HookedTransformer, layer: int) -> None:
+    def check(self, model: Model, layer: int) -> None:
         """Raise ``ValueError`` unless these statistics belong to ``model`` at ``layer``."""
         if layer != self.layer:
             raise ValueError(f"statistics are for layer {self.layer}, not layer {layer}")
         self.check_model(model)
 
-    def check_model(self, model: HookedTransformer) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` unless these statistics were computed on ``model``."""
         found = model_fingerprint(model, upto_layer=self.layer)
         if found != self.fingerprint:
@@ -132,7 +132,7 @@ class KeyStats(Result):
                 f"this model's is {found} at layer {self.layer})"
             )
 
-    def carried_to(self, model: HookedTransformer) -> KeyStats:
+    def carried_to(self, model: Model) -> KeyStats:
         """These statistics, vouched for as ``model``'s: for a model edited since they were
         computed, when editing in a row keeps the unedited model's C (as ROME, MEMIT and
         AlphaEdit do).
@@ -184,7 +184,7 @@ class KeyStats(Result):
 
 
 def key_second_moment(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     *,
     corpus: CorpusSource | Corpus = None,
@@ -236,7 +236,7 @@ def key_second_moment(
 
 
 def checked_stats(
-    model: HookedTransformer,
+    model: Model,
     layer: int,
     stats: KeyStats | None,
     *,

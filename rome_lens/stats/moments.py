@@ -43,8 +43,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_max, all_reduce_sum, is_main, shard
@@ -106,7 +106,7 @@ class Moments(Result):
         mean = self.mean
         return self.second_moment - torch.outer(mean, mean)
 
-    def check_model(self, model: HookedTransformer) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` unless these moments belong to ``model``."""
         found = hook_fingerprint(model, self.hook, self.direction)
         if found != self.fingerprint:
@@ -129,7 +129,7 @@ class Moments(Result):
 
 
 def accumulate_moments(
-    model: HookedTransformer,
+    model: Model,
     *,
     forward: list[str] | tuple[str, ...] = (),
     backward: list[str] | tuple[str, ...] = (),
@@ -298,7 +298,7 @@ def token_budgets(chunks: Sequence[Chunk], n_tokens: int, skip: int) -> list[int
 
 
 def _accumulate(
-    model: HookedTransformer,
+    model: Model,
     corpus: Corpus,
     keys: list[MomentKey],
     n_tokens: int,
@@ -398,16 +398,14 @@ class _Sums:
         self.outer += rows.T @ rows
 
 
-def _activations(
-    model: HookedTransformer, tokens: Tensor, keys: list[MomentKey]
-) -> dict[MomentKey, Tensor]:
+def _activations(model: Model, tokens: Tensor, keys: list[MomentKey]) -> dict[MomentKey, Tensor]:
     """Each hook's activation as ``[batch pos d]``, running only as far as the hooks."""
     found = capture(model, tokens, sorted({hook for hook, _ in keys}))
     return {key: found[key[0]].reshape(*tokens.shape, -1) for key in keys}
 
 
 def _with_gradients(
-    model: HookedTransformer,
+    model: Model,
     batch: Batch,
     keys: list[MomentKey],
     labels: Labels,
@@ -428,7 +426,7 @@ def _with_gradients(
 
 
 def _cache_path(
-    model: HookedTransformer,
+    model: Model,
     key: MomentKey,
     corpus_id: str,
     n_tokens: int,

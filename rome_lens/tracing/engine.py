@@ -55,11 +55,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import ActivationCache, HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-from rome_lens.core import hooks
+from rome_lens.core import backend, hooks
+from rome_lens.core.backend import Model
 from rome_lens.core.distributed import Split, gather_bytes, is_main, shard
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.runtime import linear_layout, unembed
@@ -106,7 +104,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
 
 
 def embedding_noise_scale(
-    model: HookedTransformer, subjects: Iterable[str], factor: float = NOISE_FACTOR
+    model: Model, subjects: Iterable[str], factor: float = NOISE_FACTOR
 ) -> float:
     """``factor`` × the std of the subjects' token embeddings, pooled as ROME does.
 
@@ -126,7 +124,7 @@ def embedding_noise_scale(
 
 
 def trace_fact(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     *,
@@ -191,7 +189,7 @@ def trace_fact(
 
 
 def trace_severed(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     *,
@@ -261,7 +259,7 @@ def trace_severed(
 
 
 def average_causal_effects(
-    model: HookedTransformer,
+    model: Model,
     facts: Iterable[Mapping[str, str]],
     *,
     kinds: Sequence[str] = KINDS,
@@ -393,11 +391,10 @@ class _Run:
     corrupted_resid: Float[Tensor, "layer_plus_1 sample pos d_model"]
     """Before each layer, final."""
     corrupted_out: dict[str, Float[Tensor, "layer sample pos d_model"]]
-    keys: list[Tensor]
-    """Per layer [sample, pos, n_kv_heads, d_head], as the KV cache holds them."""
-    values: list[Tensor]
+    keys_values: list[tuple[Tensor, Tensor]]
+    """Per layer, keys and values [sample, pos, n_kv_heads, d_head] of the corrupted run."""
 
-    def summary(self, model: HookedTransformer) -> dict[str, Any]:
+    def summary(self, model: Model) -> dict[str, Any]:
         return {
             "clean_prob": self.clean_prob,
             "corrupted_prob": self.corrupted_prob,
@@ -413,7 +410,7 @@ class _Run:
 
 
 def _prepare(
-    model: HookedTransformer,
+    model: Model,
     prompt: str,
     subject: str,
     target: str | None,
@@ -432,16 +429,13 @@ def _prepare(
     noise = (noise * noise_scale).to(model.cfg.device)
     n_layers = model.cfg.n_layers
 
-    def wanted(name: str) -> bool:
-        return name.endswith(("hook_resid_pre", "hook_mlp_out", "hook_attn_out")) or (
-            name == f"blocks.{n_layers - 1}.hook_resid_post"
-        )
+    outputs = [f"blocks.{i}.{h}" for i in range(n_layers) for h in _OUTPUT_HOOK.values()]
+    wanted = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + outputs
+    wanted.append(f"blocks.{n_layers - 1}.hook_resid_post")
 
     with torch.inference_mode():
         clean_logits, clean = _run_with_cache(
-            model,
-            tokens,
-            names_filter=lambda n: n.endswith(("hook_resid_post", "hook_mlp_out", "hook_attn_out")),
+            model, tokens, [f"blocks.{i}.hook_resid_post" for i in range(n_layers)] + outputs
         )
         clean_probs = clean_logits[0, -1].float().softmax(-1)
         target_id = (
@@ -449,23 +443,17 @@ def _prepare(
             if target is None
             else target_token_ids(model, prompt, target)[0]
         )
-        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, samples)
+        kv = backend.new_kv_cache(model, samples)
         noisy = [("hook_embed", hooks.add_at_positions(noise, slice(first, last)))]
         with hooks.attached(model, noisy):
             batch = tokens.expand(samples, -1)
-            corrupted_logits, corrupted = _run_with_cache(
-                model,
-                batch,
-                past_kv_cache=kv,
-                attention_mask=torch.ones_like(batch),
-                names_filter=wanted,
-            )
+            corrupted_logits, corrupted = _run_with_cache(model, batch, wanted, past_kv_cache=kv)
     corrupted_probs = corrupted_logits[:, -1].float().softmax(-1)[:, target_id]
     resid_before = [corrupted[f"blocks.{i}.hook_resid_pre"] for i in range(n_layers)]
     resid_before.append(corrupted[f"blocks.{n_layers - 1}.hook_resid_post"])
     return _Run(
         tokens=tokens,
-        str_tokens=list(model.to_str_tokens(tokens[0])),  # type: ignore[arg-type]
+        str_tokens=list(model.to_str_tokens(tokens[0])),
         subject=(first, last),
         target=target_id,
         noise_scale=float(noise_scale),
@@ -477,24 +465,34 @@ def _prepare(
         clean_out={k: _stack(clean, h, n_layers)[:, 0] for k, h in _OUTPUT_HOOK.items()},
         corrupted_resid=torch.stack(resid_before),
         corrupted_out={k: _stack(corrupted, h, n_layers) for k, h in _OUTPUT_HOOK.items()},
-        keys=[entry.past_keys for entry in kv.entries],
-        values=[entry.past_values for entry in kv.entries],
+        keys_values=backend.cached_keys_values(model, kv),
     )
 
 
 def _run_with_cache(
-    model: HookedTransformer, tokens: Tensor, **kwargs: Any
-) -> tuple[Float[Tensor, "batch pos d_vocab"], ActivationCache]:
-    logits, cache = model.run_with_cache(tokens, **kwargs)
-    return logits, cache
+    model: Model, tokens: Tensor, names: list[str], past_kv_cache: object = None
+) -> tuple[Float[Tensor, "batch pos d_vocab"], dict[str, Tensor]]:
+    """Logits, and the activations at ``names`` (filling ``past_kv_cache`` if given)."""
+    store: dict[str, Tensor] = {}
+
+    def keep(name: str) -> hooks.Hook:
+        def hook(act: Tensor, hook: object) -> None:
+            store[name] = act.detach()
+
+        return hook
+
+    with hooks.attached(model, [(name, keep(name)) for name in names]):
+        mask = None if past_kv_cache is None else torch.ones_like(tokens)  # the cache keeps it
+        logits = backend.forward(model, tokens, past_kv_cache=past_kv_cache, attention_mask=mask)
+    return logits, store
 
 
-def _stack(cache: ActivationCache, hook_name: str, n_layers: int) -> Tensor:
+def _stack(cache: dict[str, Tensor], hook_name: str, n_layers: int) -> Tensor:
     return torch.stack([cache[f"blocks.{layer}.{hook_name}"] for layer in range(n_layers)])
 
 
 def _run_jobs(
-    model: HookedTransformer,
+    model: Model,
     run: _Run,
     jobs: list[_Job],
     batch_size: int,
@@ -512,9 +510,7 @@ def _run_jobs(
     return result
 
 
-def _descend(
-    model: HookedTransformer, run: _Run, jobs: list[_Job], batch_size: int
-) -> Float[Tensor, " job"]:
+def _descend(model: Model, run: _Run, jobs: list[_Job], batch_size: int) -> Float[Tensor, " job"]:
     """Run jobs that share a token down the layers; each joins the batch at its start layer.
 
     Only positions from the token on are computed; the earlier positions' keys
@@ -533,10 +529,14 @@ def _descend(
         out = torch.empty_like(resid)
         for lo in range(0, resid.shape[0], batch_size):
             hi = min(lo + batch_size, resid.shape[0])
-            kv = _prefix_cache(run, layer, row_sample[lo:hi], token)
+            kv = _prefix_cache(model, run, layer, row_sample[lo:hi], token)
             with hooks.attached(model, _chunk_hooks(patches, lo, hi)):
-                out[lo:hi] = model(
-                    resid[lo:hi], start_at_layer=layer, stop_at_layer=layer + 1, past_kv_cache=kv
+                out[lo:hi] = backend.forward(
+                    model,
+                    resid[lo:hi],
+                    start_at_layer=layer,
+                    stop_at_layer=layer + 1,
+                    past_kv_cache=kv,
                 )
         resid = out
     final = torch.cat([resid[:, -1:], _entering(run, jobs, n_layers)[:, -1:]])
@@ -607,18 +607,10 @@ def _rows(job_indices: list[int], samples: int) -> Tensor:
     return (torch.tensor(job_indices)[:, None] * samples + torch.arange(samples)).flatten()
 
 
-def _prefix_cache(
-    run: _Run, layer: int, row_sample: Tensor, token: int
-) -> TransformerLensKeyValueCache:
+def _prefix_cache(model: Model, run: _Run, layer: int, row_sample: Tensor, token: int) -> object:
     """A frozen KV cache holding the corrupted keys and values of positions before ``token``."""
-    entry = TransformerLensKeyValueCacheEntry(
-        past_keys=run.keys[layer][row_sample, :token],
-        past_values=run.values[layer][row_sample, :token],
-        frozen=True,
-    )
-    entries = [entry] * len(run.keys)  # start_at_layer reads only this layer's entry
-    mask = torch.ones(len(row_sample), token, dtype=torch.int, device=entry.past_keys.device)
-    return TransformerLensKeyValueCache(entries, mask, frozen=True)
+    keys, values = run.keys_values[layer]
+    return backend.prefix_cache(model, layer, keys[row_sample, :token], values[row_sample, :token])
 
 
 # --------------------------------------------------------------------------- helpers

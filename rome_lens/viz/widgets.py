@@ -41,9 +41,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer
 
 from rome_lens.analysis import LogitLens
+from rome_lens.core.backend import Model
 from rome_lens.core.results import Result, register_view
 from rome_lens.core.tokens import prompt_tokens
 from rome_lens.editing import WeightEdit, edited
@@ -378,7 +378,7 @@ def _from_layer(mask: torch.Tensor) -> int | None:
 
 @torch.no_grad()
 def edit_widget(
-    model: HookedTransformer,
+    model: Model,
     edit: WeightEdit,
     prompts: Sequence[str] | Mapping[str, str] | None = None,
     *,
@@ -442,7 +442,7 @@ def _labelled_prompts(
     return labelled
 
 
-def _top_k(model: HookedTransformer, prompt: str, k: int) -> list[tuple[str, float]]:
+def _top_k(model: Model, prompt: str, k: int) -> list[tuple[str, float]]:
     probs = model(prompt_tokens(model, prompt))[0, -1].float().softmax(-1)
     top = probs.topk(k)
     return [
