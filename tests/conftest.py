@@ -78,16 +78,14 @@ def micro_model() -> Model:
     """
     from transformer_lens import HookedTransformerConfig
 
-    from rome_lens.core.models import _tiny_tokenizer
+    from rome_lens.core.models import _hooked_transformer, _tiny_tokenizer
 
     tokenizer = _tiny_tokenizer()
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=24, d_vocab=len(tokenizer),
         n_ctx=64, act_fn="gelu_new", normalization_type="LN", seed=7,
     )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = Model(cfg, tokenizer=tokenizer).eval()
+    model = _hooked_transformer(cfg, tokenizer=tokenizer).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("b_in", "b_out")):
@@ -106,6 +104,8 @@ def word_level() -> Model:
     from transformer_lens import HookedTransformerConfig
     from transformers import PreTrainedTokenizerFast
 
+    from rome_lens.core.models import _hooked_transformer
+
     words = ["[UNK]", "<s>", "the", "tower", "is", "in", "paris", "rome"]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -120,6 +120,4 @@ def word_level() -> Model:
     cfg = HookedTransformerConfig(
         n_layers=2, d_model=16, d_head=4, n_ctx=16, d_vocab=len(words), act_fn="relu", seed=0
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return Model(cfg, tokenizer=tokenizer).eval()
+    return _hooked_transformer(cfg, tokenizer=tokenizer).eval()
