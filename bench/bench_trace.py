@@ -7,7 +7,7 @@ runs. Both use the default model, the demo prompt and the same noise.
 
 Each method runs in its own subprocess so that peak memory (max RSS) is its own.
 
-    python bench/bench_trace.py            # both, on TL 3 and (if .tl4 exists) TL 4
+    python bench/bench_trace.py            # both, on the installed TL and (if .tl3 exists) TL 3
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def original_trace(model, noise_scale: float) -> torch.Tensor:
 
 def run_one(method: str, out: Path) -> None:
     import rome_lens
+    from rome_lens.core.backend import transformer_lens_major
 
     model = rome_lens.load_model()
     noise_scale = rome_lens.embedding_noise_scale(model, [SUBJECT])
@@ -95,7 +96,9 @@ def run_one(method: str, out: Path) -> None:
     seconds = time.perf_counter() - start
     torch.save(scores, out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    print(json.dumps({"method": method, "seconds": seconds, "peak_mib": peak}))
+    major = transformer_lens_major()
+    backend = "TL 4 TransformerBridge" if major >= 4 else "TL 3 HookedTransformer"
+    print(json.dumps({"method": method, "seconds": seconds, "peak_mib": peak, "backend": backend}))
 
 
 def main() -> None:
@@ -103,26 +106,27 @@ def main() -> None:
     parser.add_argument("--method", choices=["original", "fast"])
     parser.add_argument("--out", type=Path)
     parser.add_argument(
-        "--tl4",
+        "--other-tl",
         type=Path,
-        default=Path(__file__).resolve().parents[1] / ".tl4",
-        help="a folder holding TransformerLens 4 (make setup fills .tl4); skipped if absent",
+        default=Path(__file__).resolve().parents[1] / ".tl3",
+        help="a folder holding the other TransformerLens (`make setup` fills .tl3), if present",
     )
     args = parser.parse_args()
     if args.method:
         run_one(args.method, args.out)
         return
-    backends = {"TL 3 HookedTransformer": None}
-    if (args.tl4 / "transformer_lens").exists():
-        backends["TL 4 TransformerBridge"] = args.tl4
+    folders: list[Path | None] = [None]
+    if (args.other_tl / "transformer_lens").exists():
+        folders.append(args.other_tl)
     print(
         f"model: SmolLM2-135M-Instruct, prompt {PROMPT!r}, kinds {KINDS}, "
         f"samples {SAMPLES}, window {WINDOW}, threads {torch.get_num_threads()}"
     )
     print(f"{'backend':<24}{'method':<12}{'seconds':>10}{'peak MiB':>10}")
     summary = []
-    for backend, path in backends.items():
+    for path in folders:
         fast, orig = _run_backend(path)
+        backend = fast["backend"]
         for name, r in (("original", orig), ("trace_fact", fast)):
             print(f"{backend:<24}{name:<12}{r['seconds']:>10.1f}{r['peak_mib']:>10.0f}")
         diff = float((fast["scores"] - orig["scores"]).abs().max())
@@ -134,11 +138,11 @@ def main() -> None:
     print("\n".join(summary))
 
 
-def _run_backend(tl4: Path | None) -> tuple[dict, dict]:
-    """Both methods in subprocesses, on TL 3 or (with ``tl4``) on TL 4."""
+def _run_backend(other_tl: Path | None) -> tuple[dict, dict]:
+    """Both methods in subprocesses, on the installed TL or the one in ``other_tl``."""
     env = dict(os.environ)
-    if tl4 is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tl4), env.get("PYTHONPATH")]))
+    if other_tl is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(other_tl), env.get("PYTHONPATH")]))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("fast", "original"):

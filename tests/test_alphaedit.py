@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from rome_lens.core import backend
 from rome_lens.editing import (
     DEFAULT_ALPHAEDIT_LAYERS,
     AlphaEditHyperParams,
@@ -128,11 +129,11 @@ class TestSequentialEditor:
             editor.edit(REQUESTS)
             first = weights(tiny)
             editor.edit(LATER)
-        assert not all(torch.equal(first[n], p) for n, p in tiny.named_parameters())
+        assert not all(torch.equal(first[n], p) for n, p in backend.named_weights(tiny))
         editor.revert_last()
-        assert all(torch.equal(first[n], p) for n, p in tiny.named_parameters())
+        assert all(torch.equal(first[n], p) for n, p in backend.named_weights(tiny))
         editor.revert_all()
-        assert all(torch.equal(original[n], p) for n, p in tiny.named_parameters())
+        assert all(torch.equal(original[n], p) for n, p in backend.named_weights(tiny))
         assert len(editor) == 0 and editor.preserved == {} and hooks_left(tiny) == 0
 
     def test_preserved_sums_the_keys_of_applied_batches(self, editor):
@@ -198,7 +199,7 @@ class TestSequentialEditor:
         with pytest.raises(KeyboardInterrupt), warnings.catch_warnings(record=True):
             editor.edit(REQUESTS)
         assert len(editor) == 1 and hooks_left(tiny) == 0
-        assert all(torch.equal(after_first[n], p) for n, p in tiny.named_parameters())
+        assert all(torch.equal(after_first[n], p) for n, p in backend.named_weights(tiny))
         editor.revert_all()
 
     @pytest.mark.parametrize("method", ["memit", "rome"])
@@ -217,7 +218,7 @@ class TestSequentialEditor:
         assert len(batch) == (1 if method == "memit" else 2)
         assert len(editor.to_dataframe()) == 3
         editor.revert_all()
-        assert all(torch.equal(original[n], p) for n, p in tiny.named_parameters())
+        assert all(torch.equal(original[n], p) for n, p in backend.named_weights(tiny))
 
     def test_bad_input(self, tiny, stats, editor):
         with pytest.raises(ValueError, match="method must be one of .*got 'rmoe'"):

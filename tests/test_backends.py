@@ -253,12 +253,9 @@ class TestArchitectures:
 
 def before_w_out(before: dict[str, torch.Tensor], model, layer: int) -> torch.Tensor:
     """``blocks.{layer}.mlp.W_out`` as it was in the copy ``before``, in TL orientation."""
-    live = backend.weight(model, f"blocks.{layer}.mlp.W_out")
-    for name, param in model.named_parameters():
-        if param.data_ptr() == live.data_ptr():
-            saved = before[name]
-            return saved if saved.shape == live.shape else saved.T
-    raise AssertionError(f"no parameter backs blocks.{layer}.mlp.W_out")
+    name = f"blocks.{layer}.mlp.W_out"
+    live, saved = backend.weight(model, name), before[name]  # saved in the parameter's layout
+    return saved if saved.shape == live.shape else saved.T
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from rome_lens import EditRequest, average_causal_effects, rome_edit, trace_fact, trace_severed
+from rome_lens.core import backend
 from rome_lens.core.predict import predict_next
 
 from .conftest import DATA
@@ -94,13 +95,15 @@ def golden():
 class TestSameNumbersAsBefore:
     """The demo's trace and edit give rome_lens 0.1.0's numbers."""
 
-    def test_demo_trace(self, demo_trace, golden):
+    def test_demo_trace(self, smol, demo_trace, golden):
         """The demo trace's every score to 1e-5, and its clean and corrupted p to 1e-6."""
-        # 1e-6 on the CPU that wrote the golden; float32 kernels of other CPUs differ by ~2e-6.
+        # 1e-6 on the CPU that wrote the golden; float32 kernels of other CPUs differ by ~2e-6,
+        # and so does a bridge, which keeps the RMSNorm gains that TL 3 folds into the weights.
         torch.testing.assert_close(demo_trace.scores, golden["trace_scores"], atol=1e-5, rtol=0)
         clean, corrupted = golden["probs"].tolist()
-        assert demo_trace.clean_prob == pytest.approx(clean, abs=1e-6)
-        assert demo_trace.corrupted_prob == pytest.approx(corrupted, abs=1e-6)
+        tolerance = 5e-6 if backend.is_bridge(smol) else 1e-6
+        assert demo_trace.clean_prob == pytest.approx(clean, abs=tolerance)
+        assert demo_trace.corrupted_prob == pytest.approx(corrupted, abs=tolerance)
 
     def test_demo_edit(self, smol, golden):
         """The default ROME edit of the demo fact: the same k*, v* and δ; ℓ maps k* to δ."""

@@ -7,7 +7,8 @@ import torch
 from torch.func import functional_call, grad
 
 import rome_lens
-from rome_lens.core.backend import Model
+from rome_lens.core.backend import Model, parameter
+from rome_lens.core.backend import weight as backend_weight
 from rome_lens.influence import (
     InfluenceFactors,
     fit_influence_factors,
@@ -23,7 +24,7 @@ from rome_lens.influence.factors import input_factor
 from rome_lens.influence.scores import low_rank
 from rome_lens.stats import accumulate_moments, key_second_moment
 
-from .conftest import hooks_left, micro_model, weights
+from .conftest import assert_same_weights, hooks_left, micro_model, weights
 
 TEXTS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -56,8 +57,16 @@ def reference_gradient(model: Model, tokens: torch.Tensor, positions, targets):
     The MLP's output at BOS is detached, so the weights' use at BOS does not count, as in
     rome_lens.
     """
-    names = [n for n, _ in model.named_parameters() if ".mlp." in n]
-    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    paths = {id(p): n for n, p in model.named_parameters()}  # TL 3 names, or HF paths (TL 4)
+    tl_paths = {}
+    for layer in range(model.cfg.n_layers):
+        for kind in ("W_in", "W_gate", "W_out", "b_in", "b_out"):
+            name = f"blocks.{layer}.mlp.{kind}"
+            try:
+                tl_paths[name] = paths[id(parameter(model, name))]
+            except ValueError:
+                continue
+    params = {path: model.get_parameter(path).detach() for path in tl_paths.values()}
 
     def cut_bos(act, hook):
         return torch.cat([act[:, :1].detach(), act[:, 1:]], dim=1)
@@ -65,7 +74,7 @@ def reference_gradient(model: Model, tokens: torch.Tensor, positions, targets):
     def log_likelihood(chosen):
         hooks = [(f"blocks.{layer}.hook_mlp_out", cut_bos) for layer in range(model.cfg.n_layers)]
         with model.hooks(fwd_hooks=hooks):
-            logits = functional_call(model, chosen, (tokens,))
+            logits = functional_call(model, chosen, (tokens,), tie_weights=False)
         log_probs = logits[0, positions].log_softmax(-1)
         return log_probs.gather(-1, targets[:, None]).sum()
 
@@ -75,9 +84,11 @@ def reference_gradient(model: Model, tokens: torch.Tensor, positions, targets):
         short = weight.short
         bias_name = {"W_in": "b_in", "W_out": "b_out"}.get(short)
         block = f"blocks.{weight.layer}.mlp"
-        g = found[f"{block}.{short}"]
+        g = found[tl_paths[f"{block}.{short}"]]
+        if g.shape != backend_weight(model, f"{block}.{short}").shape:
+            g = g.T  # nn.Linear stores the weight transposed
         if weight.bias:
-            g = torch.cat([g, found[f"{block}.{bias_name}"][None]])
+            g = torch.cat([g, found[tl_paths[f"{block}.{bias_name}"]][None]])
         out[weight.name] = g
     return out
 
@@ -292,7 +303,10 @@ class TestExactScores:
             results = influence_many(micro, fit, queries, TEXTS, top_k=1, strategy=strategy,
                                      query_rank=query_rank, progress=False)  # fmt: skip
             expected = torch.stack([r.all_scores for r in results], 1)
-            torch.testing.assert_close(found.scores[strategy], expected, rtol=1e-4, atol=1e-7)
+            scale = float(expected.abs().max())  # float32 sums in another order
+            torch.testing.assert_close(
+                found.scores[strategy], expected, rtol=1e-4, atol=1e-5 * scale
+            )
         cosine = influence_many(micro, both[0], queries, TEXTS, top_k=1, strategy="identity",
                                 query_rank=query_rank, normalize=True, progress=False)  # fmt: skip
         from_norms = found.scores["identity"] / (
@@ -376,7 +390,7 @@ class TestFactors:
         fit_influence_factors(micro, TEXTS, n_tokens=100, use_cache=False, progress=False)
         influence(micro, fit_influence_factors(micro, TEXTS, n_tokens=100, strategy="kfac",
                   use_cache=False, progress=False), *QUERY, TEXTS, progress=False)  # fmt: skip
-        assert all(torch.equal(p, before[n]) for n, p in micro.named_parameters())
+        assert_same_weights(micro, before)
         assert hooks_left(micro) == 0
         assert [p.requires_grad for p in micro.parameters()] == flags
         assert all(p.grad is None for p in micro.parameters())

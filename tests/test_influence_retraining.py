@@ -44,7 +44,7 @@ TEXTS = (
     + [f"{n} sings." for n in NAMES]
 )  # 50 texts
 QUERIES = [(f"{n} lives in", f" {CITIES[i % 5]}") for i, n in enumerate(NAMES[:8])]
-WEIGHT_DECAY = 1e-2
+WEIGHT_DECAY = 5e-2  # large enough that the last MLP's loss is convex: Newton converges
 
 
 class LastMLP:
@@ -261,11 +261,12 @@ class TestAgainstRetraining:
         torch.testing.assert_close(mlp.hessian(theta, rows), expected, atol=1e-12, rtol=0)
 
     def test_leaving_a_text_out_changes_the_queries(self, retrained):
-        """Retraining without a text moves the queries, most for the text that states them."""
+        """Retraining without a text moves the queries, most for a text that states the answer."""
         _, _, changes = retrained
         assert changes.abs().max() > 1e-3
         for q in range(len(QUERIES)):
-            assert changes[:, q].argmin() == q  # "{name} lives in {city}." is text q
+            # "{name} lives in {city}." is text q; text q ± 5 names the same city
+            assert int(changes[:, q].argmin()) in {q % 5, q % 5 + 5}
 
     @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
     def test_curvature_aware_scores_rank_as_retraining_does(self, retrained, factors, strategy):

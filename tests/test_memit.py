@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import rome_lens
+from rome_lens.core import backend
 from rome_lens.core.backend import Model
 from rome_lens.editing import (
     EditHyperParams,
@@ -172,7 +173,7 @@ class TestUndoAndSaving:
         """Reverting restores every weight bit for bit, and only W_out of the layers changed."""
         before = weights(tiny)
         handle = edit.apply(tiny)
-        changed = {n for n, p in tiny.named_parameters() if not torch.equal(p, before[n])}
+        changed = {n for n, p in backend.named_weights(tiny) if not torch.equal(p, before[n])}
         assert changed == {f"blocks.{layer}.mlp.W_out" for layer in LAYERS}
         handle.revert()
         assert_same_weights(tiny, before)

@@ -27,6 +27,7 @@ from rome_lens.analysis import (
     two_nn_dimension,
 )
 from rome_lens.analysis import context as context_module
+from rome_lens.core import backend
 from rome_lens.viz import token_layer_widget
 
 from .conftest import hooks_left
@@ -52,9 +53,15 @@ def released():
 def identity_block():
     """A tiny model whose block 1 adds nothing: attention and MLP outputs are zeroed."""
     model = rome_lens.tiny_model(seed=3)
+    if backend.is_bridge(model):  # the wrapped GPT-2's output projections
+        block = model.original_model.transformer.h[1]
+        outputs = [*block.attn.c_proj.parameters(), *block.mlp.c_proj.parameters()]
+    else:
+        names = ("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out")
+        outputs = [model.get_parameter(f"blocks.1.{name}") for name in names]
     with torch.no_grad():
-        for name in ("attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out"):
-            model.get_parameter(f"blocks.1.{name}").zero_()
+        for param in outputs:
+            param.zero_()
     return model
 
 
@@ -259,12 +266,12 @@ class TestContextualisation:
 
     def test_full_decoder_trains_a_copy_and_leaves_the_model(self, tiny):
         """decoder="full" trains a copy of the model; the model's weights stay as they were."""
-        before = {n: p.clone() for n, p in tiny.named_parameters()}
+        before = {n: p.clone() for n, p in tiny.state_dict().items()}  # the decoder's names
         full = train_context_adapter(
             tiny, hparams=ContextHyperParams(**{**QUICK.__dict__, "decoder": "full"}),
             use_cache=False, progress=False,
         )  # fmt: skip
-        assert all(torch.equal(p, before[n]) for n, p in tiny.named_parameters())
+        assert all(torch.equal(p, before[n]) for n, p in tiny.state_dict().items())
         assert any(not torch.equal(full.decoder[n], before[n]) for n in before if n in full.decoder)
         result = contextualisation(tiny, TEXT, full, progress=False)
         assert result.decoder == "full" and bool(torch.isfinite(result.scores[3:]).all())

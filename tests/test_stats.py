@@ -88,7 +88,9 @@ class TestMoments:
         )[hook, "backward"]
         grads = reference_gradients(tiny, TEXTS[:4], hook)
         assert found.count == len(grads)
-        torch.testing.assert_close(found.outer, grads.T @ grads, rtol=1e-4, atol=1e-9)
+        expected = grads.T @ grads
+        scale = float(expected.abs().max())  # entries near zero are cancellations
+        torch.testing.assert_close(found.outer, expected, rtol=1e-4, atol=1e-7 * scale)
         assert all(p.grad is None for p in tiny.parameters())
         assert hooks_left(tiny) == 0
 

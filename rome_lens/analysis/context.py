@@ -41,7 +41,6 @@ rankings of tokens agree.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -58,6 +57,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rome_lens.analysis.states import check_text, state_hooks
+from rome_lens.core import backend
 from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Chunk, Corpus, CorpusSource, bos_tokens, token_batches
@@ -177,7 +177,7 @@ class ContextAdapter(Result):
         adapter.load_state_dict(self.adapter)
         decoder = model
         if self.decoder:
-            decoder = copy.deepcopy(model)
+            decoder = backend.copy_model(model)
             decoder.load_state_dict(self.decoder, strict=False)
         return adapter.eval(), decoder
 
@@ -221,7 +221,7 @@ def train_context_adapter(
     a full one (a copy of the model's weights) is not.
 
     Args:
-        model: any ``HookedTransformer`` (not changed).
+        model: any TransformerLens model (not changed).
         corpus: training text: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`,
             or ``None`` to sample it from the model.
         hparams: the settings (``None``: :class:`ContextHyperParams` defaults).
@@ -270,7 +270,7 @@ def train_context_adapter(
             hparams.hidden or model.cfg.d_model,
             float(model.W_E.detach().norm(dim=1).mean()) / model.cfg.d_model**0.5,
         )
-    decoder = model if hparams.decoder == "frozen" else copy.deepcopy(model)
+    decoder = model if hparams.decoder == "frozen" else backend.copy_model(model)
     losses = _train(model, decoder, adapter, pool_states, prefixes, hparams, generator, progress)
     result = ContextAdapter(
         adapter={k: v.detach().clone() for k, v in adapter.state_dict().items()},
@@ -302,7 +302,7 @@ def contextualisation(
     """The contextualisation score of every token of ``text``.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         text: the text (read in windows of ``n_ctx`` tokens if longer).
         adapter: a trained adapter (``None``: train one, or load it from the cache,
             on text sampled from the model with ``hparams``).

@@ -160,7 +160,7 @@ def representation_geometry(
     """Anisotropy and intrinsic dimension of the residual stream at every depth.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         corpus: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`, or ``None`` to
             sample text from the model.
         n_tokens: tokens (points) to read.
@@ -198,7 +198,7 @@ def anisotropy(
     """The anisotropy of the residual stream at every depth.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         corpus: as in :func:`representation_geometry`.
         **kwargs: the other arguments of :func:`representation_geometry`.
 
@@ -214,7 +214,7 @@ def intrinsic_dimension(
     """TwoNN's intrinsic dimension of the residual stream at every depth.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         corpus: as in :func:`representation_geometry`.
         **kwargs: the other arguments of :func:`representation_geometry`.
 

@@ -123,7 +123,7 @@ def lens_log_probs(
     unembedding; the last layer's is the model's output.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         tokens: ``[batch pos]`` token ids.
 
     Returns:
@@ -149,7 +149,7 @@ def logit_lens(
     """Project the residual stream after every layer through ``ln_final`` and ``unembed``.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         prompt: the text to read.
         targets: answers to follow at the last position, e.g. ``[" Paris", " Rome"]``;
             each is tokenised as it follows ``prompt`` and its first token is

@@ -192,7 +192,7 @@ def layer_linearity(
     """The linearity of every block over the tokens of a corpus (or of one text).
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         corpus: strings (one text is a list of one), a ``.txt``/``.jsonl`` path, a
             :class:`Corpus`, or ``None`` to sample text from the model.
         n_tokens: how many tokens (``None``: all of a given corpus).
@@ -225,7 +225,7 @@ def fit_linear_maps(
     """Fit every block's linear map on a reference corpus (cached per model and corpus).
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         corpus: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`, or ``None`` to
             sample text from the model.
         n_tokens: how many reference tokens (``None``: all of a given corpus); at
@@ -280,7 +280,7 @@ def token_nonlinearity(
     """How nonlinear each block is for each token of ``text``.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         text: the text (read in windows of ``n_ctx`` tokens if longer).
         maps: maps fitted by :func:`fit_linear_maps`; ``None`` fits (or loads) them
             on ``reference``.

@@ -74,7 +74,7 @@ def intermediate_predictions(
     """The logit lens's loss and top-1 guess for every token of ``text``, at every layer.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         text: the text (read in windows of ``n_ctx`` tokens if longer).
         progress: show a progress bar.
 

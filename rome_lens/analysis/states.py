@@ -56,7 +56,7 @@ def state_hooks(model: Model) -> list[str]:
     """The hook points of the residual stream at every depth.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
 
     Returns:
         ``blocks.0.hook_resid_pre``, then ``blocks.{l}.hook_resid_post`` for every block.
@@ -81,7 +81,7 @@ def residual_states(
     """The residual stream at every depth for the first ``n_tokens`` tokens of a corpus.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         corpus: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`, or ``None``
             to sample text from the model.
         n_tokens: how many tokens (BOS excluded); ``None`` reads the whole corpus
@@ -127,7 +127,7 @@ def text_states(model: Model, text: str, *, progress: bool = False) -> States:
     tokens, each starting afresh from BOS.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         text: the text.
         progress: show a progress bar.
 

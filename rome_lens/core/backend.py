@@ -21,11 +21,11 @@ runs on:
   GPT-2's ``Conv1D`` alike; a bias the model lacks reads as zeros.
 
 >>> import torch
->>> from rome_lens.core.backend import forward, is_bridge, weight
+>>> from rome_lens.core.backend import forward, is_bridge, transformer_lens_major, weight
 >>> from rome_lens.core.models import tiny_model
 >>> model = tiny_model()
->>> is_bridge(model)
-False
+>>> is_bridge(model) == (transformer_lens_major() >= 4)
+True
 >>> tokens = torch.tensor([[0, 5, 9, 3]])
 >>> resid = forward(model, tokens, stop_at_layer=1)  # the residual entering block 1
 >>> logits = forward(model, resid, start_at_layer=1)  # and on from there
@@ -37,6 +37,7 @@ torch.Size([256, 64])
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Iterator
@@ -49,8 +50,9 @@ from torch import Tensor
 __all__ = [
     "CHECKED_ARCHITECTURES",
     "Model",
-    "check_architecture",
     "cached_keys_values",
+    "check_architecture",
+    "copy_model",
     "forward",
     "freeze",
     "is_bridge",
@@ -210,6 +212,28 @@ def _tl_name(bridge_name: str) -> str:
         return bridge_name
     prefix, part, kind = found.groups()
     return f"{prefix}.{'W' if kind == 'weight' else 'b'}_{part}"
+
+
+def copy_model(model: Model) -> Model:
+    """A deep copy of ``model``, weights and all, that shares nothing with it.
+
+    A TL 4 bridge keeps some of its last forward's activations on its modules,
+    with their autograd graph, and ``copy.deepcopy`` refuses such tensors; the
+    copy gets them detached (the next forward overwrites them anyway).
+
+    Args:
+        model: a TransformerLens model.
+
+    Returns:
+        The copy.
+    """
+    scratch = {
+        id(value): value.detach()
+        for module in model.modules()
+        for value in vars(module).values()
+        if isinstance(value, Tensor) and not value.is_leaf
+    }
+    return copy.deepcopy(model, memo=scratch)
 
 
 # --------------------------------------------------------------------------- running

@@ -225,7 +225,7 @@ def bos_tokens(model: Model) -> Int[Tensor, " n"]:
     """``[BOS]`` as the model prepends it, or an empty tensor for models that prepend nothing.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
 
     Returns:
         The tokens the model puts before a text (empty if none).

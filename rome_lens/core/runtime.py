@@ -169,7 +169,7 @@ def capture(
     the pads that follow them. Left padding needs ``attention_mask``.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         tokens: ``[batch pos]`` token ids.
         hook_names: hook points to read, e.g. ``["blocks.2.mlp.hook_post"]``.
         at: ``(rows, positions)``: keep only these (row, position) pairs;
@@ -216,7 +216,7 @@ def capture_with_gradients(
     only the activations named get one.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         tokens: ``[batch pos]`` token ids.
         hook_names: hook points whose activations are returned.
         gradient_names: hook points whose ``d loss / d activation`` is returned.
@@ -260,7 +260,7 @@ def run_to_layer(
     """The residual stream entering block ``layer`` (``n_layers``: after the last block).
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         tokens: ``[batch pos]`` token ids.
         layer: the block the residual stream enters.
         attention_mask: passed to the model (needed for left padding).
@@ -277,7 +277,7 @@ def unembed(model: Model, resid: Float[Tensor, "n d_model"]) -> Float[Tensor, "n
     """Logits of final residual rows: ``ln_final`` then the unembedding, for these rows only.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         resid: ``[n d_model]`` rows of the final residual stream.
 
     Returns:

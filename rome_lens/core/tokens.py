@@ -35,7 +35,7 @@ def prompt_tokens(
     """The prompt's tokens as the model reads them, checked against the context length.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         prompt: the text.
         prepend_bos: as in TransformerLens (``None``: the model's default).
 
@@ -68,7 +68,7 @@ def subject_range(
     inside the subject, so a subject that ends mid-token still covers that token.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         prompt: the text.
         subject: a substring of ``prompt``.
         prepend_bos: as in TransformerLens (``None``: the model's default).
@@ -127,7 +127,7 @@ def target_token_ids(model: Model, prompt: str, target: str) -> list[int]:
     SentencePiece), read off the tokenisation of ``prompt + " Paris"``.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         prompt: the text the target follows.
         target: the answer (a leading space is added unless it has one).
 

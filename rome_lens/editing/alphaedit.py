@@ -129,7 +129,7 @@ def alphaedit_edit(
     ``preserved`` and the projectors between batches.
 
     Args:
-        model: any ``HookedTransformer`` with MLPs (as earlier edits left it).
+        model: any TransformerLens model with MLPs (as earlier edits left it).
         requests: the facts to write.
         layers: ascending MLP layers; ``None`` uses :func:`default_alphaedit_layers`.
         hparams: the settings (``None``: :class:`AlphaEditHyperParams` defaults).

@@ -63,7 +63,7 @@ def default_layer(model: Model) -> int:
     """The layer ROME edits in ``model``: :data:`DEFAULT_LAYERS`, else a third of the way in.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
 
     Returns:
         The layer.
@@ -78,7 +78,7 @@ def default_memit_layers(model: Model) -> list[int]:
     """:data:`DEFAULT_MEMIT_LAYERS`, else ROME's default layer and the (up to) four before it.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
 
     Returns:
         The layers, ascending.
@@ -92,7 +92,7 @@ def default_alphaedit_layers(model: Model) -> list[int]:
     """AlphaEdit's layers: :data:`DEFAULT_ALPHAEDIT_LAYERS`, else MEMIT's.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
 
     Returns:
         The layers, ascending (see :func:`default_memit_layers` for a model not listed).
@@ -110,7 +110,7 @@ def default_mom2_update_weight(model: Model) -> float:
     """MEMIT's λ for ``model``: :data:`DEFAULT_MOM2_UPDATE_WEIGHTS`, else 15,000.
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
 
     Returns:
         λ.

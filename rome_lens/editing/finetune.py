@@ -70,7 +70,7 @@ def ft_edit(
     """Fine-tune ``blocks.{layer}.mlp.W_out`` on the request's prompt (the model is not changed).
 
     Args:
-        model: any ``HookedTransformer`` with MLPs.
+        model: any TransformerLens model with MLPs.
         request: the fact to write.
         layer: the MLP layer to train; ``None`` uses ROME's default layer.
         hparams: the settings (``None``: :class:`FTHyperParams` defaults).

@@ -187,7 +187,7 @@ def memit_edit(
     ``edit.apply(model)`` or ``with rome_lens.edited(model, edit): ...``.
 
     Args:
-        model: any ``HookedTransformer`` with MLPs.
+        model: any TransformerLens model with MLPs.
         requests: the facts to write; two requests may not give one subject and
             prompt different targets.
         layers: ascending MLP layers; ``None`` uses :func:`default_memit_layers`.

@@ -174,7 +174,7 @@ def rome_edit(
     CPU, announced on stderr when ``progress`` is on) and caches them.
 
     Args:
-        model: any ``HookedTransformer`` with MLPs.
+        model: any TransformerLens model with MLPs.
         request: the fact to write.
         layer: the MLP layer to edit; ``None`` uses :func:`default_layer`.
         hparams: the settings (``None``: :class:`ROMEHyperParams` defaults).

@@ -174,7 +174,7 @@ def fit_influence_factors(
     """Fit the factors that precondition influence scores (cached per model and corpus).
 
     Args:
-        model: any ``HookedTransformer`` with dense MLPs (not changed).
+        model: any TransformerLens model with dense MLPs (not changed).
         corpus: fitting text: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`, or
             ``None`` to sample it from the model.
         layers: the MLP layers (``None``: every layer).

@@ -123,7 +123,7 @@ def mlp_weights(
     """The MLP weights of ``layers``: W_in, W_gate (gated MLPs) and W_out of each.
 
     Args:
-        model: any ``HookedTransformer`` with dense MLPs.
+        model: any TransformerLens model with dense MLPs.
         layers: the layers (``None``: every layer).
         kinds: keep these of ``"W_in"``, ``"W_gate"``, ``"W_out"`` (``None``: all the model has).
 

@@ -199,7 +199,7 @@ def key_second_moment(
     """Estimate C = E[k kᵀ] of ``blocks.{layer}.mlp.hook_post`` over ``n_tokens`` tokens.
 
     Args:
-        model: any ``HookedTransformer`` with MLPs.
+        model: any TransformerLens model with MLPs.
         layer: the MLP layer.
         corpus: strings, a ``.txt``/``.jsonl`` path, or ``None`` to sample text
             from the model (seeded by ``seed``).

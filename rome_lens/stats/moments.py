@@ -148,7 +148,7 @@ def accumulate_moments(
     """Moments of hook points' activations (``forward``) and gradients (``backward``).
 
     Args:
-        model: any ``HookedTransformer``.
+        model: any TransformerLens model.
         forward: hook points whose activations are summed.
         backward: hook points whose loss gradients are summed.
         corpus: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`, or

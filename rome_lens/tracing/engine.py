@@ -109,7 +109,7 @@ def embedding_noise_scale(
     """``factor`` × the std of the subjects' token embeddings, pooled as ROME does.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         subjects: the subjects whose token embeddings are pooled.
         factor: how many standard deviations.
 
@@ -141,7 +141,7 @@ def trace_fact(
     """Trace where ``model`` recalls the answer to ``prompt`` about ``subject``.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         prompt: the text whose next token is the answer.
         subject: a substring of ``prompt``; its tokens get the noise.
         target: the answer whose first token is scored; ``None`` scores the
@@ -212,7 +212,7 @@ def trace_severed(
     flows through that path.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         prompt: the text whose next token is the answer.
         subject: a substring of ``prompt``; its tokens get the noise.
         severed: ``"mlp"`` or ``"attn"``: the path held at its corrupted values.
@@ -280,7 +280,7 @@ def average_causal_effects(
     the further tokens and the last token; a fact adds to the groups it has.
 
     Args:
-        model: any ``HookedTransformer`` with a tokenizer.
+        model: any TransformerLens model with a tokenizer.
         facts: mappings with ``"prompt"``, ``"subject"`` and optionally ``"target"``.
         kinds: any of ``"resid"``, ``"mlp"``, ``"attn"``.
         samples: noise draws averaged per score.
