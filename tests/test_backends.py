@@ -17,6 +17,7 @@ from rome_lens.core.hooks import add_at_rows, attached
 from rome_lens.editing import EditRequest, ROMEHyperParams, memit_edit, rome_edit
 from rome_lens.stats import key_second_moment
 from tests.conftest import assert_same_weights, hooks_left, weights
+from tests.test_influence import reference_gradient
 from tests.test_tracing import PROMPT, SUBJECT, reference_trace
 
 TL4 = backend.transformer_lens_major() >= 4
@@ -124,6 +125,19 @@ class TestWeights:
         assert isinstance(held, torch.nn.Parameter)
         assert held.data_ptr() == view.data_ptr() and held.numel() == view.numel()
 
+    @pytest.mark.skipif(TL4, reason="a HookedTransformer's configuration flag")
+    def test_a_post_mlp_norm_is_refused_by_editors_and_influence(self, tiny, monkeypatch):
+        """TL 3 has no hook point for W_out's output behind a post-MLP norm: a clear error."""
+        from rome_lens.influence import mlp_weights
+
+        monkeypatch.setattr(tiny.cfg, "use_normalization_before_and_after", True)
+        before = weights(tiny)
+        with pytest.raises(ValueError, match="use_normalization_before_and_after"):
+            rome_edit(tiny, REQUESTS[0], layer=1, hparams=FAST, progress=False)
+        with pytest.raises(ValueError, match="load the model as a TransformerLens 4"):
+            mlp_weights(tiny, [1])
+        assert_same_weights(tiny, before)
+
     def test_unknown_weight_is_refused(self, tiny):
         """A name the model does not have gets a ValueError naming it."""
         with pytest.raises(ValueError, match="blocks.9.mlp.W_out"):
@@ -222,14 +236,22 @@ class TestArchitectures:
         torch.testing.assert_close(outer, outer.T)
         assert torch.linalg.eigvalsh(outer).min() > -1e-8
 
-    def test_influence_factors_and_scan(self, family, tmp_path):
-        """EK-FAC factors fit and a scan ranks the texts, or a clear refusal."""
-        from rome_lens.influence import fit_influence_factors, influence
+    def test_query_gradient_is_the_torch_func_gradient(self, family):
+        """Every MLP weight's gradient, read at its hook points, equals torch.func's."""
+        from rome_lens.influence import mlp_weights, query_gradients
 
-        if family.cfg.architecture.startswith(("GPTJ", "Gemma")):
-            with pytest.raises(ValueError, match="do not support"):
-                fit_influence_factors(family, TEXTS, layers=[1], n_tokens=200, progress=False)
-            return
+        prompt, completion = "The Eiffel Tower is located in", " Paris"
+        found = query_gradients(family, mlp_weights(family, [0, 1]), [(prompt, completion)])
+        tokens = family.to_tokens(prompt + completion)
+        n_prompt = family.to_tokens(prompt).shape[1]
+        positions = torch.arange(n_prompt - 1, tokens.shape[1] - 1)
+        expected = reference_gradient(family, tokens, positions, tokens[0, n_prompt:])
+        for name, value in found.items():
+            torch.testing.assert_close(value[0], expected[name], atol=1e-5, rtol=1e-4)
+
+    def test_influence_factors_and_scan(self, family, tmp_path):
+        """EK-FAC factors fit and a scan ranks the texts."""
+        from rome_lens.influence import fit_influence_factors, influence
 
         factors = fit_influence_factors(
             family, TEXTS, layers=[1], n_tokens=200, cache_dir=tmp_path, progress=False
@@ -240,6 +262,15 @@ class TestArchitectures:
         )  # fmt: skip
         assert len(result.text_ids) == 4
         assert torch.isfinite(torch.as_tensor(result.scores)).all()
+
+    def test_mlp_output_hook_is_w_outs_output(self, family):
+        """The hook editors add δ at carries ``W_outᵀ k + b_out``, even behind a post-MLP norm."""
+        layer = 1
+        names = [f"blocks.{layer}.mlp.hook_post", backend.mlp_output_hook(family, layer)]
+        _, cache = family.run_with_cache(TOKENS, names_filter=names)
+        w_out = backend.weight(family, f"blocks.{layer}.mlp.W_out")
+        b_out = backend.weight(family, f"blocks.{layer}.mlp.b_out")
+        torch.testing.assert_close(cache[names[1]], cache[names[0]] @ w_out + b_out)
 
     def test_microscope_metrics(self, family, tmp_path):
         """Layer linearity and intermediate predictions run and give one value per layer."""

@@ -9,6 +9,7 @@ from torch.func import functional_call, grad
 import rome_lens
 from rome_lens.core.backend import Model, parameter
 from rome_lens.core.backend import weight as backend_weight
+from rome_lens.core.corpus import bos_tokens
 from rome_lens.influence import (
     InfluenceFactors,
     fit_influence_factors,
@@ -54,9 +55,10 @@ def factors(micro, tmp_path_factory) -> InfluenceFactors:
 def reference_gradient(model: Model, tokens: torch.Tensor, positions, targets):
     """∇ of Σ log p(target at position) w.r.t. every MLP weight (and bias), by torch.func.
 
-    The MLP's output at BOS is detached, so the weights' use at BOS does not count, as in
-    rome_lens.
+    The MLP's output at BOS (where the model prepends one) is detached, so the weights' use
+    at BOS does not count, as in rome_lens.
     """
+    skip = len(bos_tokens(model))
     paths = {id(p): n for n, p in model.named_parameters()}  # TL 3 names, or HF paths (TL 4)
     tl_paths = {}
     for layer in range(model.cfg.n_layers):
@@ -69,7 +71,7 @@ def reference_gradient(model: Model, tokens: torch.Tensor, positions, targets):
     params = {path: model.get_parameter(path).detach() for path in tl_paths.values()}
 
     def cut_bos(act, hook):
-        return torch.cat([act[:, :1].detach(), act[:, 1:]], dim=1)
+        return torch.cat([act[:, :skip].detach(), act[:, skip:]], dim=1)
 
     def log_likelihood(chosen):
         hooks = [(f"blocks.{layer}.hook_mlp_out", cut_bos) for layer in range(model.cfg.n_layers)]

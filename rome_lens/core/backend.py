@@ -18,7 +18,9 @@ runs on:
 * :func:`weight` and :func:`named_weights` give weights by TL name and in TL's
   orientation (``blocks.{L}.mlp.W_out`` is ``[d_mlp d_model]``) as live views:
   an in-place write under ``no_grad`` edits the model, on ``nn.Linear`` and
-  GPT-2's ``Conv1D`` alike; a bias the model lacks reads as zeros.
+  GPT-2's ``Conv1D`` alike; a bias the model lacks reads as zeros;
+* :func:`mlp_output_hook` names the hook point of ``W_out``'s own output,
+  which is not ``hook_mlp_out`` on families that normalise after the MLP.
 
 >>> import torch
 >>> from rome_lens.core.backend import forward, is_bridge, transformer_lens_major, weight
@@ -57,6 +59,7 @@ __all__ = [
     "freeze",
     "is_bridge",
     "named_weights",
+    "mlp_output_hook",
     "new_kv_cache",
     "parameter",
     "prefix_cache",
@@ -234,6 +237,39 @@ def copy_model(model: Model) -> Model:
         if isinstance(value, Tensor) and not value.is_leaf
     }
     return copy.deepcopy(model, memo=scratch)
+
+
+def mlp_output_hook(model: Model, layer: int) -> str:
+    """The hook point of ``blocks.{layer}.mlp.W_out``'s output (``W_outᵀ k + b_out``).
+
+    An edit of ``W_out`` changes exactly this activation, so editors add their
+    δ here and influence reads ``W_out``'s output gradient here. It is
+    ``hook_mlp_out`` unless the block normalises the MLP's output before
+    adding it to the residual stream (Gemma 2, OLMo 2): there ``hook_mlp_out``
+    comes after that norm, and an edit tuned on it would not be the edit the
+    new weights make. The bridge's MLP component has its own ``hook_out``
+    before the norm; TL 3's ``HookedTransformer`` has none, so it is refused.
+
+    Args:
+        model: a TransformerLens model.
+        layer: the block.
+
+    Returns:
+        The hook point's name.
+
+    Raises:
+        ValueError: a TL 3 model that normalises after its MLPs.
+    """
+    if is_bridge(model):
+        return f"blocks.{layer}.mlp.hook_out"
+    if getattr(model.cfg, "use_normalization_before_and_after", False):
+        raise ValueError(
+            "this HookedTransformer normalises each MLP's output (use_normalization_before_"
+            "and_after=True), so hook_mlp_out is not W_out's output and TransformerLens 3 "
+            "has no hook point that is; load the model as a TransformerLens 4 "
+            "TransformerBridge to edit it or compute its influence"
+        )
+    return f"blocks.{layer}.hook_mlp_out"
 
 
 # --------------------------------------------------------------------------- running

@@ -8,7 +8,7 @@ so the two methods differ only in how they choose ΔW, and
 :func:`~rome_lens.evaluation.evaluate_edits` can run both in one go.
 
 The change ΔW is trained outside the model: a hook adds ``k @ ΔW`` to
-``hook_mlp_out``, where ``k`` is the layer's key, which equals editing
+``W_out``'s output (``hook_mlp_out``), where ``k`` is the layer's key, which equals editing
 ``W_out``. The weights are never touched, and the result is a
 :class:`~rome_lens.editing.patches.WeightPatch` applied and reverted like any
 edit, with its request read back on the edited model (``patch.outcomes``).
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rome_lens.core.backend import Model, forward, weight
+from rome_lens.core.backend import Model, forward, mlp_output_hook, weight
 from rome_lens.core.fingerprint import check_layer
 from rome_lens.core.hooks import add_product, attached, record
 from rome_lens.core.runtime import frozen, linear_layout, run_to_layer, unembed
@@ -96,7 +96,7 @@ def ft_edit(
     keys: list[torch.Tensor] = []
     hooks = [
         (f"blocks.{layer}.mlp.hook_post", record(keys)),
-        (f"blocks.{layer}.hook_mlp_out", add_product(keys, delta)),
+        (mlp_output_hook(model, layer), add_product(keys, delta)),
     ]
     losses: list[float] = []
     with frozen(model), linear_layout(model):

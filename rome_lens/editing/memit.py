@@ -352,6 +352,7 @@ def subject_targets(
             h[missing].norm(dim=1),
             hparams,
             batch_size=hparams.requests_per_batch,
+            hook=f"blocks.{layer}.hook_mlp_out",  # added to the residual as it is, on every family
             progress=progress,
         )
         for i, delta in zip(missing, deltas, strict=True):

@@ -11,9 +11,12 @@ fact they write (an :class:`EditRequest`) they need the same three things:
 * **a target**: the vector δ that, added after layer ``L``'s MLP at the
   subject's last token, makes the model say ``target_new``
   (:func:`optimise_deltas`). ROME adds it to ``blocks.{L}.hook_mlp_out`` and
-  calls ``v* = v_init + δ``; MEMIT adds it to ``blocks.{L}.hook_resid_post`` and
-  calls ``z = h + δ``. That is the same place, since
-  ``hook_resid_post = hook_resid_mid + hook_mlp_out``.
+  calls ``v* = v_init + δ``; MEMIT calls it ``z = h + δ`` at
+  ``blocks.{L}.hook_resid_post``. That is the same place, since
+  ``hook_resid_post = hook_resid_mid + hook_mlp_out``, except in families that
+  normalise the MLP's output before adding it (Gemma 2): there ROME's δ goes on
+  ``W_out``'s own output (:func:`~rome_lens.core.backend.mlp_output_hook`),
+  which is what its new ``W_out`` changes, and MEMIT's on ``hook_mlp_out``.
 
 The loss of δ is the NLL of ``target_new`` after every context prompt, plus a
 KL term that keeps "{subject} is a" predicting what it did, plus a weight decay
@@ -52,7 +55,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rome_lens.core.backend import Model, forward, freeze, new_kv_cache
+from rome_lens.core.backend import Model, forward, freeze, mlp_output_hook, new_kv_cache
 from rome_lens.core.generation import sample_text
 from rome_lens.core.hooks import add_at_rows, attached
 from rome_lens.core.runtime import capture, frozen, linear_layout, pad, unembed
@@ -210,7 +213,7 @@ def compute_keys(
 class ValueObjective:
     """The model's log-probabilities at chosen positions as a function of δ, computed cheaply.
 
-    ``δ[owners[i]]`` is added to ``blocks.{layer}.hook_mlp_out`` at sequence
+    ``δ[owners[i]]`` is added to ``W_out``'s output (:func:`mlp_output_hook`) at sequence
     ``i``'s last subject token, so nothing before that token, and nothing below
     ``layer``, depends on it. Those parts are computed once: the tokens before
     the subject's last token are left-padded into a common prefix whose keys and
@@ -228,10 +231,13 @@ class ValueObjective:
         subject_last: list[int],
         reads: list[tuple[int, int]],
         owners: list[int] | None = None,
+        hook: str | None = None,
     ) -> None:
         """``reads`` are the (sequence, position) pairs whose next-token log-probs are returned;
-        ``owners`` the row of δ each sequence receives (all row 0 by default)."""
+        ``owners`` the row of δ each sequence receives (all row 0 by default); ``hook`` where
+        δ is added (``None``: ``W_out``'s output, :func:`mlp_output_hook`)."""
         self.model, self.layer = model, layer
+        self.hook = mlp_output_hook(model, layer) if hook is None else hook
         device = model.cfg.device
         prefixes = [
             torch.tensor(seq[:last], dtype=torch.long)
@@ -276,7 +282,7 @@ class ValueObjective:
         """Log-probabilities of the next token at every read position, with δ added."""
         model, n_layers = self.model, self.model.cfg.n_layers
         hook = add_at_rows(self.hook_rows, self.hook_positions, delta[self.owners])
-        with attached(model, [(f"blocks.{self.layer}.hook_mlp_out", hook)]):
+        with attached(model, [(self.hook, hook)]):
             final = forward(
                 model,
                 self.resid,
@@ -332,6 +338,7 @@ class _ValueBatch:
         layer: int,
         problems: list[_ValueProblem],
         members: list[int],
+        hook: str | None,
     ) -> None:
         self.members = members  # the rows of δ these problems belong to
         sequences: list[list[int]] = []
@@ -353,7 +360,7 @@ class _ValueBatch:
                 reads += [(row, first + j) for j in range(len(problem.target_ids))]
                 nll_owner += [local] * len(problem.target_ids)
                 answers += problem.target_ids
-        self.objective = ValueObjective(model, layer, sequences, subject_last, reads, owners)
+        self.objective = ValueObjective(model, layer, sequences, subject_last, reads, owners, hook)
         is_kl = torch.zeros(len(reads), dtype=torch.bool)
         is_kl[kl_reads] = True
         self.kl_reads, self.nll_reads = is_kl.nonzero()[:, 0], (~is_kl).nonzero()[:, 0]
@@ -380,6 +387,7 @@ def optimise_deltas(
     hparams: EditHyperParams,
     *,
     batch_size: int = 32,
+    hook: str | None = None,
     progress: bool = True,
 ) -> tuple[Float[Tensor, "request d_model"], list[list[float]]]:
     """δ for each request (see the module docstring) and its loss at every step.
@@ -395,6 +403,9 @@ def optimise_deltas(
         init_norms: one norm per request: ‖v_init‖ (ROME) or ‖h‖ (MEMIT).
         hparams: the optimisation settings.
         batch_size: requests optimised together.
+        hook: the hook point δ is added at (``None``: ``W_out``'s output, where ROME's
+            ``v* = v_init + δ`` lives; MEMIT passes ``hook_mlp_out``, what the block adds
+            to the residual stream, so that ``z = h + δ``).
         progress: show a progress bar.
 
     Returns:
@@ -410,8 +421,9 @@ def optimise_deltas(
         for start in range(0, len(problems), batch_size):
             chunk = order[start : start + batch_size]
             delta, chunk_losses = _optimise_batch(
-                model, layer, [problems[i] for i in chunk], init_norms[chunk].float(), hparams, bar
-            )
+                model, layer, [problems[i] for i in chunk], init_norms[chunk].float(), hparams,
+                hook, bar,
+            )  # fmt: skip
             deltas[chunk] = delta
             for i, loss in zip(chunk, chunk_losses, strict=True):
                 losses[i] = loss
@@ -425,6 +437,7 @@ def _optimise_batch(
     problems: list[_ValueProblem],
     init_norms: Tensor,
     hparams: EditHyperParams,
+    hook: str | None,
     bar: tqdm,
 ) -> tuple[Tensor, list[list[float]]]:
     n = len(problems)
@@ -439,7 +452,7 @@ def _optimise_batch(
         if batch is None or 2 * int(active.sum()) <= len(batch.members):
             # Converged requests leave the batch once they are half of it.
             members = active.nonzero()[:, 0].tolist()
-            batch = _ValueBatch(model, layer, [problems[i] for i in members], members)
+            batch = _ValueBatch(model, layer, [problems[i] for i in members], members, hook)
         members_t = torch.tensor(batch.members)
         nll, kl_log_probs = batch(delta)
         if init_kl is None:

@@ -58,7 +58,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rome_lens.core.backend import Model, weight
+from rome_lens.core.backend import Model, mlp_output_hook, weight
 from rome_lens.core.fingerprint import check_layer, model_fingerprint
 from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_layer
@@ -191,6 +191,7 @@ def rome_edit(
     check_hparams(hparams, ROMEHyperParams)
     layer = default_layer(model) if layer is None else check_layer(model, layer)
     check_request(model, request)
+    mlp_output_hook(model, layer)  # refuses, before any work, a W_out whose output has no hook
     stats_started = time.perf_counter()
     moment = _key_moment(model, layer, hparams, stats, cache_dir, progress)
     started = time.perf_counter()

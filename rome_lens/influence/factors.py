@@ -276,8 +276,9 @@ def _load(path: Path) -> InfluenceFactors | None:
 def input_factor(model: Model, weight: MLPWeight, moments: Moments) -> Float[Tensor, "d_in d_in"]:
     """``A = E[ā āᵀ]`` of a weight from the moments of its input hook (float64).
 
-    For W_in and W_gate the hook is ln2's normalised input, so ln2's weight and
-    bias (if the model keeps them) are applied here; a bias adds a ones column.
+    Where the hook is ln2's normalised input (W_in and W_gate of a
+    ``HookedTransformer``), ln2's weight and bias (if the model keeps them) are
+    applied here; a bias adds a ones column.
 
     Args:
         model: the model.
@@ -288,7 +289,7 @@ def input_factor(model: Model, weight: MLPWeight, moments: Moments) -> Float[Ten
         The factor, ``d_in`` or ``d_in + 1`` square.
     """
     second, mean = moments.second_moment, moments.mean
-    if weight.short != "W_out":
+    if weight.ln2_affine:
         ln = model.blocks[weight.layer].ln2
         scale, shift = getattr(ln, "w", None), getattr(ln, "b", None)
         if isinstance(scale, Tensor):

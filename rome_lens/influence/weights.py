@@ -10,6 +10,12 @@ A ``HookedTransformer`` applies its MLP weights as raw parameters, so no
 * ``blocks.{L}.mlp.W_out``: input ``mlp.hook_post`` (ROME's keys); output
   ``hook_mlp_out``.
 
+A ``TransformerBridge`` wraps each of those matrices in a component with hook
+points of its own, which see exactly the matrix's input and output whatever
+the family does around them (GPT-J's MLP reads ``ln_1``, Gemma scales by
+``1 + weight``, Gemma 2 normalises after the MLP): ``mlp.in``, ``mlp.gate``
+and ``mlp.out``'s ``hook_in`` and ``hook_out``.
+
 A weight's gradient over a sequence is ``Σ_t ā_t g_tᵀ``, with ``ā = [a; 1]``
 when the weight has a bias. TransformerLens gives every MLP a ``b_in`` and a
 ``b_out``, zero for models that have none (Llama); a bias counts only when its
@@ -32,7 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rome_lens.core.backend import Model, is_bridge
+from rome_lens.core.backend import Model, is_bridge, mlp_output_hook
 from rome_lens.core.fingerprint import check_layer
 
 __all__ = ["WEIGHT_KINDS", "MLPWeight", "check_layers", "mlp_weights"]
@@ -62,6 +68,8 @@ class MLPWeight:
     """The input width (without the bias column)."""
     d_out: int
     """The output width."""
+    ln2_affine: bool = False
+    """Whether the input hook is ``ln2.hook_normalized``, before ln2's weight and bias."""
 
     @property
     def short(self) -> str:
@@ -82,7 +90,7 @@ class MLPWeight:
             ``ā``, with ``d_in`` or ``d_in + 1`` columns.
         """
         x = activation
-        if self.short != "W_out":
+        if self.ln2_affine:
             ln = model.blocks[self.layer].ln2
             weight, bias = getattr(ln, "w", None), getattr(ln, "b", None)
             if isinstance(weight, Tensor):
@@ -137,51 +145,22 @@ def mlp_weights(
         unknown = [kind for kind in kinds if kind not in WEIGHT_KINDS]
         if unknown or not kinds:
             raise ValueError(f"weights must name some of {WEIGHT_KINDS}, got {list(kinds)}")
-    _check_supported(model)
     weights = []
     d_model, d_mlp = model.cfg.d_model, model.cfg.d_mlp
     assert d_mlp is not None
     for layer in check_layers(model, layers):
         mlp = model.blocks[layer].mlp
         gated = isinstance(getattr(mlp, "W_gate", None), Tensor)
-        block = f"blocks.{layer}"
         in_bias = not gated and _nonzero(getattr(mlp, "b_in", None))  # gated: b_in is added later
         out_bias = _nonzero(getattr(mlp, "b_out", None))
-        normalized = f"{block}.ln2.hook_normalized"
-        weights.append(
-            MLPWeight(
-                layer,
-                f"{block}.mlp.W_in",
-                normalized,
-                f"{block}.mlp.hook_pre_linear" if gated else f"{block}.mlp.hook_pre",
-                in_bias,
-                d_model,
-                d_mlp,
-            )
-        )
+        hooks = (_bridge_hooks if is_bridge(model) else _tl3_hooks)(model, layer, gated)
+        w_in, w_gate, w_out = (f"blocks.{layer}.mlp.{kind}" for kind in WEIGHT_KINDS)
+        affine = not is_bridge(model)
+        weights.append(MLPWeight(layer, w_in, *hooks["W_in"], in_bias, d_model, d_mlp, affine))
         if gated:
-            weights.append(
-                MLPWeight(
-                    layer,
-                    f"{block}.mlp.W_gate",
-                    normalized,
-                    f"{block}.mlp.hook_pre",
-                    False,
-                    d_model,
-                    d_mlp,
-                )  # fmt: skip
-            )
-        weights.append(
-            MLPWeight(
-                layer,
-                f"{block}.mlp.W_out",
-                f"{block}.mlp.hook_post",
-                f"{block}.hook_mlp_out",
-                out_bias,
-                d_mlp,
-                d_model,
-            )  # fmt: skip
-        )
+            gate = MLPWeight(layer, w_gate, *hooks["W_gate"], False, d_model, d_mlp, affine)
+            weights.append(gate)
+        weights.append(MLPWeight(layer, w_out, *hooks["W_out"], out_bias, d_mlp, d_model))
     if kinds is not None:
         weights = [w for w in weights if w.short in kinds]
         if not weights:
@@ -193,20 +172,35 @@ def _nonzero(param: object) -> bool:
     return isinstance(param, Tensor) and bool((param.detach() != 0).any())
 
 
-# Bridged families whose MLP input is not ``ln2``'s output times ln2's weight: GPT-J's
-# MLP reads ln_1 (shared with attention), Gemma scales by (1 + weight) and Gemma 2
-# normalises again after the MLP. Their factors would be silently wrong.
-_UNSUPPORTED_BRIDGED = ("GPTJ", "Gemma")
+def _tl3_hooks(model: Model, layer: int, gated: bool) -> dict[str, tuple[str, str]]:
+    """(input, output) hook of each MLP matrix of a ``HookedTransformer``."""
+    block = f"blocks.{layer}"
+    normalized = f"{block}.ln2.hook_normalized"
+    return {
+        "W_in": (normalized, f"{block}.mlp.hook_pre_linear" if gated else f"{block}.mlp.hook_pre"),
+        "W_gate": (normalized, f"{block}.mlp.hook_pre"),
+        "W_out": (f"{block}.mlp.hook_post", mlp_output_hook(model, layer)),
+    }
 
 
-def _check_supported(model: Model) -> None:
-    """Refuse bridged families whose MLP inputs the influence maths does not describe."""
-    if not is_bridge(model):
-        return
-    architecture = str(getattr(model.cfg, "architecture", "") or "")
-    if architecture.startswith(_UNSUPPORTED_BRIDGED):
+def _bridge_hooks(model: Model, layer: int, gated: bool) -> dict[str, tuple[str, str]]:
+    """(input, output) hook of each MLP matrix of a bridge: its own linear component's.
+
+    Raises:
+        ValueError: the bridge does not split this MLP into ``in``/``gate``/``out`` linears.
+    """
+    mlp = f"blocks.{layer}.mlp"
+    hooks = {
+        "W_in": (f"{mlp}.in.hook_in", f"{mlp}.in.hook_out"),
+        "W_gate": (f"{mlp}.gate.hook_in", f"{mlp}.gate.hook_out"),
+        "W_out": (f"{mlp}.hook_post", mlp_output_hook(model, layer)),
+    }
+    needed = [hook for kind, pair in hooks.items() if gated or kind != "W_gate" for hook in pair]
+    missing = [hook for hook in needed if hook not in model.hook_dict]
+    if missing:
         raise ValueError(
-            f"influence functions do not support {architecture} on TransformerLens 4 yet: "
-            "its MLP input is not ln2's normalised output times ln2's weight "
-            "(supported: GPT-2, GPT-NeoX, Llama, Mistral, Qwen2)"
+            f"influence functions need the hook points {missing} of "
+            f"{getattr(model.cfg, 'architecture', 'this model')}'s MLP, which its "
+            "TransformerBridge does not have"
         )
+    return hooks
