@@ -3,9 +3,11 @@
 The file ``tests/data/golden_backends.safetensors`` holds the Hugging Face
 weights of a random 3-block Llama (gated MLP, RMSNorm, rotary, grouped-query
 attention) and what rome_lens computed from them on TransformerLens 3: the
-causal trace of every cell, ROME's k*, v* and δ, and the key statistics. The
-tests load the same weights on whichever TransformerLens is installed and
-compare. Regenerate on TL 3 with ``python -m tests.golden_backends``.
+causal trace of every cell, ROME's k*, v* and δ, the key statistics, the
+EK-FAC factors of layer 1's MLP and a scan's scores, and the Microscope's layer
+linearity, token nonlinearity and intermediate predictions. The tests load the
+same weights on whichever TransformerLens is installed and compare. Regenerate
+on TL 3 with ``python -m tests.golden_backends``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,10 @@ def model_from(weights: dict[str, torch.Tensor]) -> Any:
 def compute(model: Any, cache_dir: str) -> dict[str, torch.Tensor]:
     """Every value the parity test compares, computed on ``model``."""
     import rome_lens
+    from rome_lens.analysis import intermediate_predictions, layer_linearity, token_nonlinearity
+    from rome_lens.analysis.linearity import fit_linear_maps
     from rome_lens.editing import EditRequest, ROMEHyperParams, rome_edit
+    from rome_lens.influence import fit_influence_factors, influence
     from rome_lens.stats import key_second_moment
 
     with warnings.catch_warnings():
@@ -91,13 +96,38 @@ def compute(model: Any, cache_dir: str) -> dict[str, torch.Tensor]:
             stats=stats,
             progress=False,
         )
-    return {
+        factors = fit_influence_factors(
+            model, TEXTS, layers=[1], n_tokens=200, fisher="empirical", cache_dir=cache_dir,
+            progress=False,
+        )  # fmt: skip
+        scan = influence(model, factors, PROMPT, " Paris", TEXTS[:6], top_k=6, progress=False)
+        linearity = layer_linearity(model, TEXTS, n_tokens=200, cache_dir=cache_dir, progress=False)
+        maps = fit_linear_maps(model, TEXTS, n_tokens=200, cache_dir=cache_dir, progress=False)
+        nonlinearity = token_nonlinearity(model, TEXTS[1], maps=maps, progress=False)
+        predictions = intermediate_predictions(model, TEXTS[1], progress=False)
+    scan_scores = torch.zeros(6, dtype=torch.float64)
+    scan_scores[scan.text_ids] = torch.as_tensor(scan.scores).double()
+    values = {
         "trace_scores": trace.scores.float(),
         "key": edit.key.double(),
         "value": edit.value.double(),
         "delta": edit.right.double(),
         "key_moment": (stats.moments.outer / stats.moments.count).double(),
+        "scan_scores": scan_scores,
+        "linearity": linearity.linearity.double(),
+        "linearity_without_residual": linearity.linearity_without_residual.double(),
+        "token_errors": nonlinearity.errors.double(),
+        "lens_losses": predictions.losses.double(),
     }
+    pairs = {
+        "input": (factors.input_vectors, factors.input_values),
+        "output": (factors.output_vectors, factors.output_values),
+    }
+    for name in factors.names:  # A = Q_A Λ_A Q_Aᵀ and S: free of the eigenvectors' signs
+        for side, (vectors, eigenvalues) in pairs.items():
+            q, lam = vectors[name].double(), eigenvalues[name].double()
+            values[f"{side}_factor.{name}"] = (q * lam) @ q.T
+    return values
 
 
 def main() -> None:

@@ -302,7 +302,7 @@ class TestParity:
 
     @pytest.fixture(scope="class")
     def computed(self, golden, tmp_path_factory):
-        """Trace, ROME and key statistics of the golden weights, on this backend."""
+        """Trace, ROME, statistics, influence and Microscope of the golden weights, here."""
         from tests import golden_backends
 
         model = golden_backends.model_from(golden[0])
@@ -326,3 +326,25 @@ class TestParity:
         expected = golden[1]["key_moment"]
         error = (computed["key_moment"] - expected).norm() / expected.norm()
         assert error < 1e-5, f"relative error {error:.2e}"
+
+    @pytest.mark.parametrize("side", ["input", "output"])
+    @pytest.mark.parametrize("weight", ["W_in", "W_gate", "W_out"])
+    def test_influence_factors(self, golden, computed, side, weight):
+        """EK-FAC's A = E[ā āᵀ] and S = E[g gᵀ] of each MLP weight agree to 1e-5 (relative)."""
+        name = f"{side}_factor.blocks.1.mlp.{weight}"
+        expected = golden[1][name]
+        error = (computed[name] - expected).norm() / expected.norm()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+
+    def test_influence_scan(self, golden, computed):
+        """Each text's EK-FAC influence score agrees to 1e-4 (relative to the largest)."""
+        expected = golden[1]["scan_scores"]
+        error = (computed["scan_scores"] - expected).abs().max() / expected.abs().max()
+        assert error < 1e-4, f"relative error {error:.2e}"
+
+    @pytest.mark.parametrize(
+        "name", ["linearity", "linearity_without_residual", "token_errors", "lens_losses"]
+    )
+    def test_microscope(self, golden, computed, name):
+        """Layer linearity, token nonlinearity and the logit lens's losses agree to 1e-5."""
+        torch.testing.assert_close(computed[name], golden[1][name], atol=1e-5, rtol=1e-5)
