@@ -9,8 +9,8 @@ work both ways on the default model, switching ``model.cfg.default_prepend_bos``
 * ``trace``: average indirect effects of MLP states over ``--trace-facts`` known
   facts (10 noise samples): the peak at the last subject token and where it is;
 * ``rome``: ROME at the default layer on ``--cases`` CounterFact cases: ES, PS, NS;
-* ``microscope``: the logit lens's mean loss at the last layer and at the
-  middle layer over the known facts' prompts, read as one text.
+* ``microscope``: the logit lens's loss of each known fact's last answer token
+  (prompt and answer read as one text), at the last layer and the middle one.
 
     python bench/bench_bos.py                # all phases, ~15 min on 2 cores
     python bench/bench_bos.py --only known   # one phase
@@ -79,13 +79,16 @@ def main() -> None:
                  "NS": post["post_NS"], "pre_NS": post["pre_NS"]}
             )  # fmt: skip
         if args.only in (None, "microscope"):
-            text = " ".join(f["prompt"] + " " + f["attribute"] + "." for f in known[:60])
-            lens = intermediate_predictions(model, text, progress=False)
+            facts = known[:60]
+            lenses = [
+                intermediate_predictions(model, f"{f['prompt']} {f['attribute']}", progress=False)
+                for f in facts
+            ]
+            last = torch.stack([lens.losses[:, -1] for lens in lenses])  # [fact layer]
             middle = model.cfg.n_layers // 2
             rows["microscope"].append(
-                {**label, "tokens": lens.losses.shape[1],
-                 "final_loss": float(lens.losses[-1].mean()),
-                 f"layer_{middle}_loss": float(lens.losses[middle].mean())}
+                {**label, "facts": len(facts), "final_loss": float(last[:, -1].mean()),
+                 f"layer_{middle}_loss": float(last[:, middle].mean())}
             )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     for phase, found_rows in rows.items():

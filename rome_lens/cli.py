@@ -9,7 +9,8 @@
 
 Each command works on the default model (SmolLM2-135M-Instruct) unless
 ``--model-path`` names a Llama-family GGUF file or a folder written by
-:func:`rome_lens.core.models.save_model`. Each prints what it found and writes
+:func:`rome_lens.core.models.save_model`; ``--prepend-bos`` / ``--no-prepend-bos``
+override whether prompts start with BOS. Each prints what it found and writes
 its figures, CSV tables and an offline HTML report (``index.html``) into
 ``--out``. ``demo`` traces, edits and lenses the Eiffel Tower fact on one page;
 ``microscope`` reads a text with LLM-Microscope's metrics; ``influence`` ranks
@@ -177,6 +178,13 @@ def _common(command: argparse.ArgumentParser, out: str) -> None:
     command.add_argument(
         "--model-path", type=Path, default=None, help="a .gguf file or a saved-model folder"
     )
+    command.add_argument(
+        "--prepend-bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start every prompt with the tokenizer's BOS (default: the model's own choice; "
+        "none for SmolLM2)",
+    )
     command.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -201,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "influence": _influence,
         }[args.command]
         failures: list[str] = []
-        widgets = run(_model(args.model_path), args, failures)
+        widgets = run(_model(args.model_path, args.prepend_bos), args, failures)
         from rome_lens.viz import report
 
         path = report(args.out / "index.html", *widgets, title=f"rome-lens {args.command}")
@@ -223,10 +231,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be a positive integer, got {value}")
 
 
-def _model(path: Path | None) -> Model:
+def _model(path: Path | None, prepend_bos: bool | None) -> Model:
     from rome_lens.core.models import load_model, load_model_path
 
-    return load_model() if path is None else load_model_path(path)
+    if path is None:
+        return load_model(prepend_bos=prepend_bos)
+    model = load_model_path(path)
+    if prepend_bos is not None:
+        model.cfg.default_prepend_bos = prepend_bos
+    return model
 
 
 def _trace(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:

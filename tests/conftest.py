@@ -27,9 +27,14 @@ def tiny() -> Model:
 
 @pytest.fixture(scope="session")
 def smol() -> Model:
-    """The default model, SmolLM2-135M-Instruct (converted once, then cached)."""
+    """The default model, SmolLM2-135M-Instruct (converted once, then cached), with BOS.
+
+    The science tests and golden numbers were recorded with TransformerLens's BOS before
+    every prompt; ``load_model()``'s own default (no BOS) has its tests in
+    test_default_model.py::TestWithoutBOS.
+    """
     torch.set_grad_enabled(True)
-    return rome_lens.load_model()
+    return rome_lens.load_model(prepend_bos=True)
 
 
 @pytest.fixture(scope="session")

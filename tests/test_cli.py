@@ -209,7 +209,16 @@ class TestCommandLine:
         )
         out = capsys.readouterr().out
         assert code == 0
+        assert "peak   mlp: token 2 'iffel'" in out  # no BOS before 'The'
+
+    def test_prepend_bos_is_honoured(self, smol, tmp_path, capsys):
+        """--prepend-bos puts TransformerLens's BOS back: 'iffel' is token 3, p(Paris) 0.30."""
+        args = ["trace", PROMPT, "--subject", SUBJECT, "--kinds", "mlp", "--samples", "2"]
+        code = main([*args, "--prepend-bos", "--no-progress", "--out", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert code == 0
         assert "peak   mlp: token 3 'iffel'" in out
+        assert "clean p = 0.30" in out
         assert {p.name for p in tmp_path.iterdir()} == {
             "trace.png",
             "trace.svg",
@@ -218,20 +227,21 @@ class TestCommandLine:
         }
 
     def test_a_fact_the_model_does_not_know_exits_1(self, smol, tmp_path, capsys):
-        """Michael Jordan's sport is unknown to the default model: the trace warns and exits 1."""
+        """Michael Jordan's sport is unknown to the default model with BOS: a warning, status 1."""
         args = ["trace", "Michael Jordan plays the sport of", "--subject", "Michael Jordan"]
         code = main(
-            [*args, "--kinds", "mlp", "--samples", "2", "--no-progress", "--out", str(tmp_path)]
-        )
+            [*args, "--kinds", "mlp", "--samples", "2", "--prepend-bos", "--no-progress",
+             "--out", str(tmp_path)]
+        )  # fmt: skip
         captured = capsys.readouterr()
         assert code == 1
         assert "warning: the model gives ' the' p = 0.03" in captured.out
         assert "the trace is unreliable" in captured.err
 
     def test_an_edit_that_does_not_take_exits_1(self, smol, tmp_path, capsys):
-        """Michael Jordan to baseball does not take on the default model: status 1, one line."""
+        """Michael Jordan to baseball does not take with BOS: status 1, one line."""
         args = ["edit", "{} plays the sport of", "--subject", "Michael Jordan", "--new", "baseball"]
-        code = main([*args, "--no-progress", "--out", str(tmp_path)])
+        code = main([*args, "--prepend-bos", "--no-progress", "--out", str(tmp_path)])
         captured = capsys.readouterr()
         assert code == 1
         assert "the edit did NOT take" in captured.out

@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rome_lens
 from rome_lens import EditRequest, average_causal_effects, rome_edit, trace_fact, trace_severed
 from rome_lens.core import backend
+from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.predict import predict_next
 
 from .conftest import DATA
@@ -58,6 +60,45 @@ class TestEiffelTowerTrace:
         again = trace_fact(smol, PROMPT, SUBJECT, kinds=("mlp",), progress=False)
         mlp = demo_trace.kinds.index("mlp")
         torch.testing.assert_close(again.scores[0], demo_trace.scores[mlp], atol=1e-6, rtol=0)
+
+
+class TestWithoutBOS:
+    """load_model()'s default: no BOS, as SmolLM2's own tokenizer, chosen by bench_bos.py."""
+
+    @pytest.fixture(scope="class")
+    def bare(self):
+        """The default model as load_model() gives it."""
+        return rome_lens.load_model()
+
+    @pytest.fixture(scope="class")
+    def bare_trace(self, bare):
+        """The demo trace without BOS: all three kinds, 10 samples, window 10, seed 0."""
+        return trace_fact(bare, PROMPT, SUBJECT, progress=False)
+
+    def test_prompts_start_with_the_text(self, bare, smol):
+        """No token precedes the prompt's own, and the fingerprint tells the two apart."""
+        assert bare.cfg.default_prepend_bos is False
+        assert bare.to_str_tokens("The Eiffel")[0] == "The"
+        assert model_fingerprint(bare) != model_fingerprint(smol)
+
+    def test_the_answer_is_surer(self, bare_trace):
+        """' Paris' is top-1 at p ≈ 0.70 (0.30 with BOS) and falls to ≈ 0.02 under noise."""
+        assert bare_trace.target_str == " Paris"
+        assert bare_trace.clean_prob == pytest.approx(0.70, abs=0.03)
+        assert bare_trace.corrupted_prob == pytest.approx(0.019, abs=0.01)
+        assert bare_trace.problems == []
+
+    def test_mlp_effect_still_peaks_at_the_subject_in_the_first_layers(self, bare_trace):
+        """The largest MLP effect is at 'iffel' within the first layers; attention's is last."""
+        peak = bare_trace.peak("mlp")
+        assert peak.str_token == "iffel" and peak.layer <= 3
+        assert 0.3 < peak.indirect_effect < 0.45
+        assert bare_trace.peak("attn").token == len(bare_trace.str_tokens) - 1
+
+    def test_rome_edit_takes(self, bare):
+        """The default ROME edit makes ' Rome' top-1 without BOS too."""
+        request = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
+        assert rome_edit(bare, request, progress=False).took
 
 
 class TestSeveredPath:

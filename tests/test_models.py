@@ -133,6 +133,17 @@ class TestSavedModels:
             "The Eiffel Tower is located in"
         )
 
+    def test_round_trip_keeps_the_bos_choice(self, tmp_path):
+        """A model saved without BOS loads without BOS, with the same fingerprint."""
+        from rome_lens.core.fingerprint import model_fingerprint
+
+        model = rome_lens.tiny_model(seed=0)
+        model.cfg.default_prepend_bos = False
+        save_model(model, tmp_path / "m")
+        loaded = load_model_path(tmp_path / "m")
+        assert loaded.cfg.default_prepend_bos is False
+        assert model_fingerprint(loaded) == model_fingerprint(model)
+
     def test_bad_paths(self, tmp_path):
         """A missing path, a folder without a model, and a corrupt model are named."""
         with pytest.raises(FileNotFoundError, match="does not exist"):

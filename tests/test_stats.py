@@ -226,6 +226,23 @@ class TestKeyStatistics:
         assert torch.equal(loaded.moment, stats.moment) and loaded.layer == LAYER
 
 
+class TestWithoutBOS:
+    def test_a_sampled_corpus_is_text_as_the_model_reads_it(self, tmp_path):
+        """Without BOS, samples drop their start token, every token counts, caches stay apart."""
+        with_bos, bare = rome_lens.tiny_model(seed=0), rome_lens.tiny_model(seed=0)
+        bare.cfg.default_prepend_bos = False
+        assert model_fingerprint(bare) != model_fingerprint(with_bos)
+        chunks = {
+            name: Corpus.read(None).chunks(model, n_tokens=100, cache_dir=tmp_path, progress=False)
+            for name, model in (("bos", with_bos), ("bare", bare))
+        }
+        bos_id = with_bos.tokenizer.bos_token_id
+        assert all(int(c.tokens[0]) == bos_id for c in chunks["bos"])
+        assert [len(c.tokens) for c in chunks["bare"]] == [len(c.tokens) - 1 for c in chunks["bos"]]
+        stats = key_second_moment(bare, 1, n_tokens=100, cache_dir=tmp_path, progress=False)
+        assert stats.moments.count == 100
+
+
 class TestFingerprint:
     def test_memo_follows_in_place_and_data_writes(self):
         """The remembered fingerprint changes after copy_ and after a write through .data."""

@@ -233,6 +233,21 @@ def bos_tokens(model: Model) -> Int[Tensor, " n"]:
     return model.to_tokens("", truncate=False)[0]
 
 
+def _start_token(model: Model) -> Int[Tensor, " 1"]:
+    """The token unconditioned samples start from: the tokenizer's BOS, else its EOS."""
+    tokenizer = model.tokenizer
+    for token in (
+        getattr(tokenizer, "bos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if token is not None:
+            return torch.tensor([token])
+    raise ValueError(
+        "sampling a corpus needs a BOS or EOS token to start from, and this model's "
+        "tokenizer has neither; pass corpus= texts instead"
+    )
+
+
 def _read_file(path: Path) -> list[str]:
     if not path.is_file():
         raise ValueError(f"corpus path {str(path)!r} is not a file")
@@ -265,7 +280,12 @@ def _model_samples(
     cache_root: str | os.PathLike[str] | None,
     progress: bool,
 ) -> list[Tensor]:
-    """``ceil(n_tokens / 64)`` sequences sampled from BOS (shorter if n_ctx is), cached."""
+    """``ceil(n_tokens / 64)`` sequences sampled from BOS (shorter if n_ctx is), cached.
+
+    A model that prepends no BOS is still sampled from its tokenizer's start token
+    (unconditioned text needs a first token), which is then dropped: the samples are
+    text as that model reads it.
+    """
     length = min(SAMPLE_LENGTH, model.cfg.n_ctx - 1)
     n_sequences = math.ceil(n_tokens / length)
     name = f"samples-{model_fingerprint(model)}-s{seed}-{n_sequences}x{length}.st"
@@ -277,16 +297,16 @@ def _model_samples(
     except (CacheError, KeyError) as err:
         discard(path, str(err))
     bos = bos_tokens(model)
-    if len(bos) == 0:
-        raise ValueError("sampling a corpus needs a BOS token; pass corpus= texts instead")
+    first = bos[:1] if len(bos) else _start_token(model)
     generator = torch.Generator().manual_seed(seed)
     batches = []
     bar = tqdm(total=n_sequences, desc="sampling corpus", unit="seq", disable=not progress)
     with bar:
         for start in range(0, n_sequences, batch_size):
             rows = min(batch_size, n_sequences - start)
-            prompts = bos[:1].expand(rows, 1)
-            batches.append(sample_tokens(model, prompts, length, generator=generator).cpu())
+            prompts = first.expand(rows, 1)
+            sampled = sample_tokens(model, prompts, length, generator=generator).cpu()
+            batches.append(sampled if len(bos) else sampled[:, 1:])
             bar.update(rows)
     tokens = torch.cat(batches)
     if is_main(Split.of(None)):  # under torch.distributed, every rank samples the same; one writes

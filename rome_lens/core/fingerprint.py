@@ -2,10 +2,10 @@
 
 A key statistic of layer ``L`` and an edit of ``blocks.{L}.mlp.W_out`` are only
 meaningful on the model they were computed from. :func:`model_fingerprint`
-summarises a model's config and weights in a short hex string, and
-``upto_layer=L`` restricts it to the weights that the MLP key of layer ``L``
-(``blocks.{L}.mlp.hook_post``) depends on: the embeddings, every block before
-``L`` and the attention and MLP input of block ``L``. Editing
+summarises a model's config (with whether it prepends BOS) and weights in a
+short hex string, and ``upto_layer=L`` restricts it to the weights that the MLP
+key of layer ``L`` (``blocks.{L}.mlp.hook_post``) depends on: the embeddings,
+every block before ``L`` and the attention and MLP input of block ``L``. Editing
 ``blocks.{L}.mlp.W_out`` therefore leaves that fingerprint unchanged, which is
 what lets edits be stacked at one layer and reuse one set of statistics.
 
@@ -57,6 +57,7 @@ _CONFIG_FIELDS = (
     "final_rms",
     "eps",
     "dtype",
+    "default_prepend_bos",  # a BOS before every prompt changes every activation after it
 )
 _SAMPLES_PER_WEIGHT = 2048
 # Hook points of block L whose activations no weight after blocks.{L}.mlp's input changes.
@@ -132,6 +133,7 @@ def model_fingerprint(model: Model, *, upto_layer: int | None = None) -> str:
     # Version counters catch in-place updates; the samples catch writes through `.data`.
     state = hashlib.sha256(b"".join(samples))
     state.update(repr([(p.data_ptr(), p._version) for _, p in params]).encode())
+    state.update(f"bos={getattr(model.cfg, 'default_prepend_bos', None)}".encode())
     memo = _MEMO.setdefault(model, {})
     if upto_layer in memo and memo[upto_layer][0] == state.digest():
         return memo[upto_layer][1]

