@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from rome_lens.cli import main
+from rome_lens.core.models import DEFAULT_MODEL, PREPEND_BOS
 from tests.browser import chromium_path, visit
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,8 @@ class TestWhatTheReaderSees:
 class TestRendering:
     def test_heatmaps_have_one_cell_per_token_and_layer(self, seen, smol):
         """Each kind's heatmap rendered with a cell for every (token, layer)."""
-        tokens = len(smol.to_str_tokens("The Eiffel Tower is located in the city of"))
+        bos = PREPEND_BOS[DEFAULT_MODEL]  # the demo runs load_model()'s own choice
+        tokens = len(smol.to_str_tokens("The Eiffel Tower is located in the city of", bos))
         assert seen.counts["g.trace-heatmap"] == 3
         assert seen.counts["g.trace-heatmap rect.cell"] == 3 * tokens * smol.cfg.n_layers
 

@@ -350,7 +350,8 @@ class TestScienceOfTheSign:
         for query, result in zip(queries, together, strict=True):
             alone = influence(micro, factors, *query, TEXTS, top_k=6, progress=False)
             assert result.text_ids == alone.text_ids
-            torch.testing.assert_close(result.scores, alone.scores, rtol=1e-5, atol=1e-9)
+            scale = float(alone.scores.abs().max())  # float32 sums in another order
+            torch.testing.assert_close(result.scores, alone.scores, rtol=0, atol=1e-5 * scale)
 
     def test_prefilter_keeps_bm25s_choice(self, micro, factors):
         """With a prefilter only BM25's top texts are scored."""

@@ -24,9 +24,11 @@ gate, so it is no bias of ``W_in``.
 
 >>> from rome_lens.core.models import tiny_model
 >>> from rome_lens.influence.weights import mlp_weights
->>> [(w.name, w.input_hook, w.output_hook, w.bias) for w in mlp_weights(tiny_model(), [1])]
-[('blocks.1.mlp.W_in', 'blocks.1.ln2.hook_normalized', 'blocks.1.mlp.hook_pre', True), \
-('blocks.1.mlp.W_out', 'blocks.1.mlp.hook_post', 'blocks.1.hook_mlp_out', True)]
+>>> weights = mlp_weights(tiny_model(), [1])
+>>> [(w.name, w.bias, w.d_in, w.d_out) for w in weights]
+[('blocks.1.mlp.W_in', True, 64, 256), ('blocks.1.mlp.W_out', True, 256, 64)]
+>>> weights[1].input_hook  # ROME's keys, on either TransformerLens
+'blocks.1.mlp.hook_post'
 """
 
 from __future__ import annotations
