@@ -56,6 +56,26 @@ def reference_gradients(model, texts, hook):
 
 
 class TestMoments:
+    def test_no_batch_crosses_to_the_cpu(self, tiny, tmp_path, monkeypatch):
+        """The sums stay on the model's device: CPU copies do not grow with the batches."""
+        real_cpu = torch.Tensor.cpu
+        calls: list[int] = []
+
+        def counted(tensor, *args, **kwargs):
+            calls.append(1)
+            return real_cpu(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "cpu", counted)
+        copies = []
+        for batch_size in (len(TEXTS), 1):  # one batch, then one per text
+            calls.clear()
+            accumulate_moments(
+                tiny, forward=[f"blocks.{LAYER}.mlp.hook_post"], corpus=TEXTS, n_tokens=10_000,
+                batch_size=batch_size, use_cache=False, cache_dir=tmp_path, progress=False,
+            )  # fmt: skip
+            copies.append(len(calls))
+        assert len(TEXTS) > 2 and copies[1] == copies[0]
+
     def test_forward_sums_equal_a_plain_reference(self, tiny, tmp_path):
         """Σx, Σxxᵀ and n over a corpus equal those of each text run on its own."""
         found = accumulate_moments(

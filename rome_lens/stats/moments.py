@@ -332,7 +332,7 @@ def _accumulate(
                 with torch.inference_mode():
                     values = _activations(model, batch.tokens, keys)
             for key, value in values.items():
-                sums[key].add(value[take].double().cpu())
+                sums[key].add(value[take.to(value.device)])
             added = int(take.sum())
             count += added
             bar.update(added)
@@ -375,25 +375,31 @@ def _width(sums: _Sums, split: Split) -> int:
 
 
 class _Sums:
-    """Running Σx and Σx xᵀ."""
+    """Running Σx and Σx xᵀ in float64, on the device the values come from.
+
+    The sums stay where the model runs, so a GPU forms each batch's xᵀx itself
+    and nothing crosses to the CPU per batch; they move to the CPU once, when
+    read (:meth:`padded`).
+    """
 
     def __init__(self) -> None:
         self.total = torch.zeros(0, dtype=torch.float64)
         self.outer = torch.zeros(0, 0, dtype=torch.float64)
 
     def padded(self, width: int) -> tuple[Tensor, Tensor]:
-        """Σx and Σx xᵀ, zeros of ``width`` when nothing was added."""
+        """Σx and Σx xᵀ on the CPU, zeros of ``width`` when nothing was added."""
         if self.total.numel() == 0:
             return torch.zeros(width, dtype=torch.float64), torch.zeros(
                 width, width, dtype=torch.float64
             )
-        return self.total, self.outer
+        return self.total.cpu(), self.outer.cpu()
 
     def add(self, rows: Float[Tensor, "n d"]) -> None:
+        rows = rows.to(torch.float64)
         if self.total.numel() == 0:
             d = rows.shape[-1]
-            self.total = torch.zeros(d, dtype=torch.float64)
-            self.outer = torch.zeros(d, d, dtype=torch.float64)
+            self.total = torch.zeros(d, dtype=torch.float64, device=rows.device)
+            self.outer = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
         self.total += rows.sum(0)
         self.outer += rows.T @ rows
 
