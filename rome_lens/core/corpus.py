@@ -235,11 +235,8 @@ def bos_tokens(model: Model) -> Int[Tensor, " n"]:
 
 def _start_token(model: Model) -> Int[Tensor, " 1"]:
     """The token unconditioned samples start from: the tokenizer's BOS, else its EOS."""
-    tokenizer = model.tokenizer
-    for token in (
-        getattr(tokenizer, "bos_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    ):
+    for name in ("bos_token_id", "eos_token_id"):
+        token = getattr(model.tokenizer, name, None)
         if token is not None:
             return torch.tensor([token])
     raise ValueError(

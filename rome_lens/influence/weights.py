@@ -70,8 +70,12 @@ class MLPWeight:
     """The input width (without the bias column)."""
     d_out: int
     """The output width."""
-    ln2_affine: bool = False
-    """Whether the input hook is ``ln2.hook_normalized``, before ln2's weight and bias."""
+
+    @property
+    def ln2_affine(self) -> bool:
+        """Whether the input hook is ``ln2.hook_normalized``, before ln2's weight and bias
+        (a ``HookedTransformer``'s W_in and W_gate)."""
+        return self.input_hook.endswith(".ln2.hook_normalized")
 
     @property
     def short(self) -> str:
@@ -157,11 +161,9 @@ def mlp_weights(
         out_bias = _nonzero(getattr(mlp, "b_out", None))
         hooks = (_bridge_hooks if is_bridge(model) else _tl3_hooks)(model, layer, gated)
         w_in, w_gate, w_out = (f"blocks.{layer}.mlp.{kind}" for kind in WEIGHT_KINDS)
-        affine = not is_bridge(model)
-        weights.append(MLPWeight(layer, w_in, *hooks["W_in"], in_bias, d_model, d_mlp, affine))
+        weights.append(MLPWeight(layer, w_in, *hooks["W_in"], in_bias, d_model, d_mlp))
         if gated:
-            gate = MLPWeight(layer, w_gate, *hooks["W_gate"], False, d_model, d_mlp, affine)
-            weights.append(gate)
+            weights.append(MLPWeight(layer, w_gate, *hooks["W_gate"], False, d_model, d_mlp))
         weights.append(MLPWeight(layer, w_out, *hooks["W_out"], out_bias, d_mlp, d_model))
     if kinds is not None:
         weights = [w for w in weights if w.short in kinds]
