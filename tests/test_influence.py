@@ -21,7 +21,7 @@ from rome_lens.influence import (
     score_texts,
 )
 from rome_lens.influence import factors as factors_module
-from rome_lens.influence.factors import input_factor
+from rome_lens.influence.factors import input_factor, layer_passes, moment_bytes
 from rome_lens.influence.scores import low_rank
 from rome_lens.stats import accumulate_moments, key_second_moment
 
@@ -373,6 +373,29 @@ class TestFactors:
         torch.testing.assert_close(a[:d, :d], stats.moment, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(a[:d, d], stats.moments.mean, rtol=1e-4, atol=1e-5)
         assert len(list((tmp_path / "moments").glob("*.st"))) == 1  # the one entry, shared
+
+    def test_one_layer_per_pass_gives_the_same_factors(self, micro, factors, tmp_path):
+        """Summing the layers in separate passes over the corpus changes no factor."""
+        apart = fit_influence_factors(
+            micro, TEXTS * 3, n_tokens=400, fisher="empirical", layers_per_pass=1,
+            cache_dir=tmp_path, progress=False,
+        )  # fmt: skip
+        for table in ("input_values", "output_values", "eigen_lambda"):
+            for name in factors.names:
+                torch.testing.assert_close(
+                    getattr(apart, table)[name], getattr(factors, table)[name], rtol=1e-5,
+                    atol=1e-7,
+                )  # fmt: skip
+
+    def test_passes_follow_the_memory_free(self, micro, monkeypatch):
+        """With room for one layer's moments at a time, each layer gets its own pass."""
+        chosen = mlp_weights(micro, [0, 1])
+        one_layer = moment_bytes(micro, [w for w in chosen if w.layer == 0])
+        assert layer_passes(micro, chosen) == [[0, 1]]  # this machine holds both
+        monkeypatch.setattr(factors_module, "available_memory", lambda device: 3 * one_layer)
+        assert layer_passes(micro, chosen) == [[0], [1]]
+        with pytest.raises(ValueError, match="layers_per_pass must be >= 1, got 0"):
+            layer_passes(micro, chosen, 0)
 
     def test_cached_and_rebuilt_when_corrupt(self, micro, factors, tmp_path, monkeypatch):
         """A second fit loads the cache; a damaged file is reported and rebuilt."""

@@ -63,6 +63,7 @@ from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.hooks import Hook, attached
+from rome_lens.core.precision import compute_dtype, model_device, model_dtype, to_host
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import capture, frozen, linear_layout, run_to_layer, unembed
 
@@ -179,7 +180,7 @@ class ContextAdapter(Result):
         if self.decoder:
             decoder = backend.copy_model(model)
             decoder.load_state_dict(self.decoder, strict=False)
-        return adapter.eval(), decoder
+        return adapter.to(model_device(model)).eval(), decoder
 
 
 @dataclass
@@ -269,8 +270,13 @@ def train_context_adapter(
             model.cfg.d_model,
             hparams.hidden or model.cfg.d_model,
             float(model.W_E.detach().norm(dim=1).mean()) / model.cfg.d_model**0.5,
-        )
-    decoder = model if hparams.decoder == "frozen" else backend.copy_model(model)
+        ).to(model_device(model))  # initialised on the CPU: the same f, g on any device
+    decoder = model
+    if hparams.decoder == "full":
+        decoder = backend.copy_model(model)
+        trained = compute_dtype(model_dtype(model))
+        if trained != model_dtype(model):  # Adam's steps vanish in a half-precision copy
+            decoder = decoder.to(trained, print_details=False)
     losses = _train(model, decoder, adapter, pool_states, prefixes, hparams, generator, progress)
     result = ContextAdapter(
         adapter={k: v.detach().clone() for k, v in adapter.state_dict().items()},
@@ -339,12 +345,12 @@ def contextualisation(
                 for i in range(0, len(prefixes), batch_size)
             ]
             if found:
-                chunk_scores[k:] = torch.cat(found)
+                chunk_scores[k:] = to_host(torch.cat(found))  # once per window, to be shown
             scores.append(chunk_scores)
             tokens.append(chunk.tokens[skip:])
     return Contextualisation(
         text=text,
-        str_tokens=[model.to_single_str_token(int(t)) for t in torch.cat(tokens)],
+        str_tokens=[model.to_single_str_token(t) for t in torch.cat(tokens).tolist()],
         scores=torch.cat(scores),
         depth_weights=adapter.depth_weights,
         decoder=settings.decoder,
@@ -367,7 +373,7 @@ def _examples(
         batches = token_batches(model, chunks, batch_size=32)
         for batch in tqdm(batches, desc="reading states", disable=not progress):
             read = capture(model, batch.tokens, names)
-            stacked = torch.stack([read[name] for name in names]).float().cpu()
+            stacked = torch.stack([read[name] for name in names]).float()  # stays on the device
             for row, index in enumerate(batch.indices):
                 tokens = chunks[index].tokens
                 positions = range(skip + k, len(tokens))
@@ -376,7 +382,11 @@ def _examples(
                     prefixes = torch.stack([tokens[p - k : p] for p in positions])
                     found[index] = (states, prefixes)
     if not found:
-        return torch.empty(0, len(names), model.cfg.d_model), torch.empty(0, k, dtype=torch.long)
+        device = model_device(model)
+        return (
+            torch.empty(0, len(names), model.cfg.d_model, device=device),
+            torch.empty(0, k, dtype=torch.long),
+        )
     ordered = [found[i] for i in sorted(found)]
     return torch.cat([s for s, _ in ordered]), torch.cat([p for _, p in ordered])
 
@@ -387,7 +397,8 @@ def _prefix_loss(
     """Mean cross-entropy of each prefix, read by the decoder after its vector (and BOS)."""
     batch, k = prefixes.shape
     slot = prefixes[:, :1]  # any token: its embedding is replaced by the vector
-    tokens = torch.cat([bos_tokens(decoder).expand(batch, -1), slot, prefixes[:, :-1]], dim=1)
+    bos = bos_tokens(decoder).to(prefixes.device)  # sampled text's prefixes wait on the CPU
+    tokens = torch.cat([bos.expand(batch, -1), slot, prefixes[:, :-1]], dim=1)
     position = skip  # where the vector goes: right after BOS
 
     def put(act: Tensor, hook: object) -> Tensor:
@@ -401,7 +412,7 @@ def _prefix_loss(
     reads = resid[:, position : position + k].reshape(batch * k, -1)
     log_probs = unembed(decoder, reads).float().log_softmax(-1)
     nll = -log_probs.gather(-1, prefixes.reshape(-1, 1).to(log_probs.device))[:, 0]
-    return nll.view(batch, k).mean(1).cpu()
+    return nll.view(batch, k).mean(1)
 
 
 def _train(

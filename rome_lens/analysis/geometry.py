@@ -118,7 +118,8 @@ def two_nn_dimension(
     useless = int((ratio <= 1 + _EPS).sum())
     kept = ratio[useless:]
     m = kept.shape[0]
-    empirical = torch.arange(1 + useless, m + 1 + useless, dtype=torch.float64) / (m + useless)
+    empirical = torch.arange(1 + useless, m + 1 + useless, dtype=torch.float64, device=x.device)
+    empirical = empirical / (m + useless)
     used = min(math.floor(m * fit_fraction), m - 1)
     log_ratio = torch.log(kept)[:used]
     log_tail = -torch.log(1 - empirical)[:used]
@@ -134,12 +135,12 @@ def _two_nearest(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """
     n = x.shape[0]
     squared = (x * x).sum(1)
-    first, second = torch.empty(n, dtype=x.dtype), torch.empty(n, dtype=x.dtype)
+    first, second = x.new_empty(n), x.new_empty(n)
     candidates = min(3, n - 1)
     for start in range(0, n, block):
-        rows = torch.arange(start, min(start + block, n))
+        rows = torch.arange(start, min(start + block, n), device=x.device)
         d2 = squared[rows, None] - 2 * x[rows] @ x.T + squared[None, :]
-        d2[torch.arange(len(rows)), rows] = math.inf
+        d2[torch.arange(len(rows), device=x.device), rows] = math.inf
         nearest = d2.topk(candidates, dim=1, largest=False).indices  # [rows candidates]
         exact = (x[rows, None, :] - x[nearest]).norm(dim=-1).sort(dim=1).values
         first[rows], second[rows] = exact[:, 0], exact[:, 1]

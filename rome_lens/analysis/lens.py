@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
 from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import to_host
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import capture, unembed
 from rome_lens.core.tokens import prompt_tokens, target_token_ids
@@ -179,23 +180,27 @@ def logit_lens(
         top_log_probs, top_ids = log_probs.topk(k, dim=-1)
         last = log_probs[:, -1]  # [layer, vocab]
         chosen = last[:, target_ids]  # [layer, target]
-        following = tokens[0, 1:]
+        following = tokens[0, 1:].to(log_probs.device)
         n_layers = log_probs.shape[0]
         next_log_probs = log_probs[:, :-1].gather(-1, following.expand(n_layers, -1)[..., None])
+        next_ranks = (log_probs[:, :-1] > next_log_probs).sum(-1)
+        target_ranks = (last[:, None, :] > chosen[..., None]).sum(-1)
         bar.update()
+    # The lens's small results move to the CPU once, to be shown; the vocabulary stays.
+    top_ids, top_log_probs = to_host(top_ids), to_host(top_log_probs)
     return LogitLens(
         prompt=prompt,
         str_tokens=list(model.to_str_tokens(tokens[0])),
-        tokens=tokens[0],
+        tokens=to_host(tokens[0]),
         top_ids=top_ids,
         top_log_probs=top_log_probs,
         top_strs=[[list(model.to_str_tokens(ids)) for ids in layer] for layer in top_ids],
-        next_ranks=(log_probs[:, :-1] > next_log_probs).sum(-1),
-        next_log_probs=next_log_probs[..., 0],
+        next_ranks=to_host(next_ranks),
+        next_log_probs=to_host(next_log_probs[..., 0]),
         targets=list(targets),
         target_ids=target_ids,
-        target_log_probs=chosen,
-        target_ranks=(last[:, None, :] > chosen[..., None]).sum(-1),
+        target_log_probs=to_host(chosen),
+        target_ranks=to_host(target_ranks),
         vocab_size=int(log_probs.shape[-1]),
         fingerprint=model_fingerprint(model),
     )

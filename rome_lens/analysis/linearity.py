@@ -43,6 +43,7 @@ from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Corpus, CorpusSource
 from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import to_host
 from rome_lens.core.results import Result
 
 __all__ = [
@@ -131,8 +132,9 @@ class LinearMaps(Result):
         Returns:
             The error of every (block, token).
         """
-        normalised = (states.double() - self.means[:, None]) / self.scales[:, None, None]
-        predicted = torch.einsum("ltd,lde->lte", normalised[:-1], self.maps.double())
+        means, scales, maps = (t.to(states.device) for t in (self.means, self.scales, self.maps))
+        normalised = (states.double() - means[:, None]) / scales[:, None, None]
+        predicted = torch.einsum("ltd,lde->lte", normalised[:-1], maps.double())
         return (predicted - normalised[1:]).norm(dim=-1).float()
 
 
@@ -302,8 +304,8 @@ def token_nonlinearity(
     states = text_states(model, text)
     return TokenNonlinearity(
         text=text,
-        str_tokens=[model.to_single_str_token(int(t)) for t in states.tokens],
-        errors=maps.errors(states.states),
+        str_tokens=[model.to_single_str_token(t) for t in states.tokens.tolist()],
+        errors=to_host(maps.errors(states.states)),  # one move, to be shown
         reference_linearity=maps.linearity,
         reference=f"{maps.corpus} ({maps.n_tokens:,} tokens)",
         fingerprint=maps.fingerprint,
@@ -351,9 +353,12 @@ def _fit(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
     xc, yc = x - x.mean(0), y - y.mean(0)
     x_norm, y_norm = xc.norm(), yc.norm()
     if float(y_norm) == 0.0:
-        return torch.zeros(x.shape[1], y.shape[1], dtype=x.dtype), yc, 1.0
+        return x.new_zeros(x.shape[1], y.shape[1]), yc, 1.0
     xn, yn = xc / x_norm, yc / y_norm
-    a = torch.linalg.lstsq(xn, yn, driver="gelsd").solution
+    if xn.device.type == "cpu":
+        a = torch.linalg.lstsq(xn, yn, driver="gelsd").solution
+    else:  # CUDA's lstsq has only "gels", which needs X of full rank; this is gelsd's answer
+        a = torch.linalg.pinv(xn) @ yn
     residual = xn @ a - yn
     return a, residual, float(1 - residual.square().sum())
 

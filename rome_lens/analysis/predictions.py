@@ -33,6 +33,7 @@ from rome_lens.analysis.states import check_text
 from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Corpus
 from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import to_host
 from rome_lens.core.results import Result
 
 __all__ = ["IntermediatePredictions", "intermediate_predictions"]
@@ -87,16 +88,16 @@ def intermediate_predictions(
     losses, guesses, predicted = [], [], []
     for chunk in tqdm(chunks, desc="intermediate predictions", disable=not progress):
         log_probs = lens_log_probs(model, chunk.tokens[None])[:, 0, :-1]  # [layer pos vocab]
-        following = chunk.tokens[1:]  # what each position predicts
+        following = chunk.tokens[1:].to(log_probs.device)  # what each position predicts
         picked = log_probs.gather(-1, following.expand(len(log_probs), -1)[..., None])
         losses.append(-picked[..., 0])
         guesses.append(log_probs.argmax(-1))
         predicted.append(following)
-    loss = torch.cat(losses, dim=1)
-    guess = torch.cat(guesses, dim=1)
+    loss = to_host(torch.cat(losses, dim=1))  # one move each, after the last window
+    guess = to_host(torch.cat(guesses, dim=1))
     return IntermediatePredictions(
         text=text,
-        str_tokens=[model.to_single_str_token(int(t)) for t in torch.cat(predicted)],
+        str_tokens=[model.to_single_str_token(t) for t in torch.cat(predicted).tolist()],
         losses=loss,
         top_tokens=[[model.to_single_str_token(int(t)) for t in row] for row in guess],
         fingerprint=model_fingerprint(model),

@@ -93,7 +93,7 @@ def residual_states(
         progress: show a progress bar.
 
     Returns:
-        The states, float32 on the CPU, in corpus order within each batch.
+        The states, float32 on the model's device, in corpus order within each batch.
     """
     source = Corpus.read(corpus)
     length = min(max_length or 128, model.cfg.n_ctx)
@@ -110,7 +110,7 @@ def residual_states(
         for batch in token_batches(model, chunks, batch_size):
             found = capture(model, batch.tokens, names)
             stacked = torch.stack([found[name] for name in names])  # [depth batch pos d]
-            parts.append(stacked[:, batch.counted].float().cpu())
+            parts.append(stacked[:, batch.counted.to(stacked.device)].float())
             ids.append(batch.tokens[batch.counted])
             bar.update(int(batch.counted.sum()))
     states = torch.cat(parts, dim=1)
@@ -144,7 +144,7 @@ def text_states(model: Model, text: str, *, progress: bool = False) -> States:
         for chunk in tqdm(chunks, desc="residual stream", disable=not progress):
             found = capture(model, chunk.tokens[None], names)
             stacked = torch.stack([found[name][0] for name in names])
-            parts.append(stacked[:, skip:].float().cpu())
+            parts.append(stacked[:, skip:].float())
             ids.append(chunk.tokens[skip:])
     return States(torch.cat(parts, dim=1), torch.cat(ids), "1 text")
 

@@ -49,6 +49,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from rome_lens.core.precision import model_device, model_dtype
+
 __all__ = [
     "CHECKED_ARCHITECTURES",
     "Model",
@@ -134,7 +136,7 @@ def weight(model: Model, name: str) -> Tensor:
     value = getattr(mlp, kind, None)
     if value is None and kind.startswith("b_"):
         width = model.cfg.d_model if kind == "b_out" else model.cfg.d_mlp
-        return torch.zeros(width, device=model.cfg.device, dtype=model.cfg.dtype)
+        return torch.zeros(width, device=model_device(model), dtype=model_dtype(model))
     if not isinstance(value, Tensor):
         raise ValueError(f"the model has no parameter {name!r}")
     return value
@@ -320,7 +322,7 @@ def forward(
         raise ValueError(f"need 0 <= start_at_layer <= stop_at_layer <= {n_layers}")
     width = input.shape[1]
     past = past_kv_cache.mask if _is_bridge_cache(past_kv_cache) else None
-    current = _current_mask(attention_mask, width, past)
+    current = _current_mask(attention_mask, width, past, input.device)
     full = current if past is None else torch.cat([past.to(current), current], dim=1)
     positions = (full.cumsum(1) - 1).clamp(min=0)[:, -width:]
     if start_at_layer is None:
@@ -374,13 +376,14 @@ def unembed(model: Model, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, 
     return model.adapter.apply_output_logits_transform(logits)
 
 
-def _current_mask(mask: Tensor | None, width: int, past: Tensor | None) -> Tensor:
-    """The attention mask of the ``width`` positions being run."""
+def _current_mask(
+    mask: Tensor | None, width: int, past: Tensor | None, device: torch.device
+) -> Tensor:
+    """The attention mask of the ``width`` positions being run, on ``device`` (the input's)."""
     if mask is None:
         rows = 1 if past is None else past.shape[0]
-        device = None if past is None else past.device
         return torch.ones(rows, width, dtype=torch.long, device=device)
-    return mask[:, -width:].long()
+    return mask[:, -width:].long().to(device)
 
 
 def _run_blocks(
@@ -506,7 +509,7 @@ def new_kv_cache(model: Model, batch: int) -> Any:
     if not is_bridge(model):
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-        return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+        return TransformerLensKeyValueCache.init_cache(model.cfg, model_device(model), batch)
     return _bridge_cache(config=model.original_model.config)
 
 

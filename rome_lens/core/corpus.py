@@ -49,6 +49,7 @@ from rome_lens.core.cache import CacheError, cache_dir, discard, load_tensors, s
 from rome_lens.core.distributed import Split, is_main
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.generation import sample_tokens
+from rome_lens.core.precision import to_host
 from rome_lens.core.runtime import pad
 
 __all__ = [
@@ -302,10 +303,10 @@ def _model_samples(
         for start in range(0, n_sequences, batch_size):
             rows = min(batch_size, n_sequences - start)
             prompts = first.expand(rows, 1)
-            sampled = sample_tokens(model, prompts, length, generator=generator).cpu()
+            sampled = sample_tokens(model, prompts, length, generator=generator)
             batches.append(sampled if len(bos) else sampled[:, 1:])
             bar.update(rows)
-    tokens = torch.cat(batches)
+    tokens = to_host(torch.cat(batches))  # one move, after the last batch
     if is_main(Split.of(None)):  # under torch.distributed, every rank samples the same; one writes
         save_tensors(path, {"tokens": tokens}, {"seed": seed})
     return list(tokens)

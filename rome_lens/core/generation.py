@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model, forward, new_kv_cache
+from rome_lens.core.precision import model_device
 from rome_lens.core.runtime import linear_layout
 from rome_lens.core.tokens import prompt_tokens
 
@@ -60,12 +61,12 @@ def sample_tokens(
     """
     batch = prompts.shape[0]
     cache = new_kv_cache(model, batch)
-    tokens = prompts.to(model.cfg.device)
+    tokens = prompts.to(model_device(model))
     new = tokens
     with torch.inference_mode(), linear_layout(model):
         for _ in range(max_new_tokens):
-            logits = forward(model, new, past_kv_cache=cache)[:, -1].float().cpu()
-            new = _sample(logits, generator, top_k).to(tokens.device)
+            logits = forward(model, new, past_kv_cache=cache)[:, -1].float()
+            new = _sample(logits, generator, top_k)
             tokens = torch.cat([tokens, new], dim=1)
     return tokens
 
@@ -73,12 +74,16 @@ def sample_tokens(
 def _sample(
     logits: Float[Tensor, "batch vocab"], generator: torch.Generator, top_k: int | None
 ) -> Int[Tensor, "batch 1"]:
-    """One token per row, by inverting the CDF (``torch.multinomial`` is ~10x slower here)."""
+    """One token per row, by inverting the CDF (``torch.multinomial`` is ~10x slower here).
+
+    The CDF stays on the logits' device; only one uniform per row comes from the
+    (CPU) generator, so a seed gives the same text on any device.
+    """
     indices = None
     if top_k is not None:
         logits, indices = logits.topk(top_k, dim=-1)
     cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator) * cdf[:, -1:]
+    u = torch.rand(logits.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)
     return choice if indices is None else indices.gather(-1, choice)
 

@@ -169,7 +169,8 @@ def add_at_rows(
 
     def hook(act: Float[Tensor, "batch pos d"], hook: HookPoint) -> Tensor:
         shift = torch.zeros_like(act)
-        shift = shift.index_put((rows, positions), values.to(act).expand(len(rows), -1))
+        index = (rows.to(act.device), positions.to(act.device))
+        shift = shift.index_put(index, values.to(act).expand(len(rows), -1))
         return act + shift
 
     return hook

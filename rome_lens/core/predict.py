@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
+from rome_lens.core.precision import model_device, to_host
 from rome_lens.core.runtime import PaddingSide, linear_layout, pad, run_to_layer, unembed
 from rome_lens.core.tokens import prompt_tokens, target_token_ids
 
@@ -126,13 +127,13 @@ def predict_next(
                 chosen = probs[rows, target_token[start : start + batch_size]]
                 target_probs.append(chosen)
                 target_ranks.append((probs > chosen[:, None]).sum(-1))
-    return NextTokenPredictions(
+    return NextTokenPredictions(  # one move each, after the last batch
         prompts,
-        top_token=torch.cat(top_tokens),
-        top_prob=torch.cat(top_probs),
+        top_token=to_host(torch.cat(top_tokens)),
+        top_prob=to_host(torch.cat(top_probs)),
         target_token=target_token,
-        target_prob=torch.cat(target_probs) if target_probs else None,
-        target_rank=torch.cat(target_ranks) if target_ranks else None,
+        target_prob=to_host(torch.cat(target_probs)) if target_probs else None,
+        target_rank=to_host(torch.cat(target_ranks)) if target_ranks else None,
     )
 
 
@@ -195,9 +196,11 @@ def target_nll(
     encoded = []
     for prompt, target in zip(prompts, targets, strict=True):
         head = prompt_tokens(model, prompt)[0]
-        answer = torch.tensor(target_token_ids(model, prompt, target))
-        encoded.append((torch.cat([head, answer]), len(head), answer))
-    out = torch.empty(len(encoded))
+        answer = target_token_ids(model, prompt, target)
+        full = torch.cat([head, torch.tensor(answer, device=head.device)])
+        encoded.append((full, len(head), answer))
+    device = model_device(model)
+    out = torch.empty(len(encoded), device=device)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # little padding
     with torch.inference_mode(), linear_layout(model):
         for start in tqdm(range(0, len(order), batch_size), disable=not progress):
@@ -211,10 +214,13 @@ def target_nll(
                 _, prompt_len, answer = encoded[i]
                 rows += [row] * len(answer)
                 positions += range(prompt_len - 1, prompt_len - 1 + len(answer))
-                answers += answer.tolist()
-            logits = unembed(model, resid[torch.tensor(rows), torch.tensor(positions)])
-            nll = -logits.float().log_softmax(-1).cpu()[torch.arange(len(answers)), answers]
-            sums = torch.zeros(len(chunk)).index_add(0, torch.tensor(rows), nll)
-            counts = torch.bincount(torch.tensor(rows), minlength=len(chunk))
-            out[torch.tensor(chunk)] = sums / counts
-    return out
+                answers += answer
+            owners = torch.tensor(rows, device=device)
+            logits = unembed(model, resid[owners, torch.tensor(positions, device=device)])
+            log_probs = logits.float().log_softmax(-1)
+            picked = torch.arange(len(answers), device=device), torch.tensor(answers, device=device)
+            nll = -log_probs[picked]
+            sums = nll.new_zeros(len(chunk)).index_add(0, owners, nll)
+            counts = torch.bincount(owners, minlength=len(chunk))
+            out[torch.tensor(chunk, device=device)] = sums / counts
+    return to_host(out)  # one move, after the last batch

@@ -42,6 +42,7 @@ from torch import Tensor
 from rome_lens.core import backend
 from rome_lens.core.backend import Model
 from rome_lens.core.hooks import Hook, attached
+from rome_lens.core.precision import model_device
 
 __all__ = [
     "PaddingSide",
@@ -191,7 +192,7 @@ def capture(
 
         return hook
 
-    device = model.cfg.device
+    device = model_device(model)
     mask = None if attention_mask is None else attention_mask.to(device)
     with attached(model, [(name, keep(name)) for name in hook_names]):
         backend.forward(
@@ -238,7 +239,7 @@ def capture_with_gradients(
         return hook
 
     names = sorted({*hook_names, *gradient_names})
-    device = model.cfg.device
+    device = model_device(model)
     mask = None if attention_mask is None else attention_mask.to(device)
     with (
         torch.enable_grad(),
@@ -268,7 +269,7 @@ def run_to_layer(
     Returns:
         ``[batch pos d_model]``: the residual stream before block ``layer``.
     """
-    device = model.cfg.device
+    device = model_device(model)
     mask = None if attention_mask is None else attention_mask.to(device)
     return backend.forward(model, tokens.to(device), attention_mask=mask, stop_at_layer=layer)
 

@@ -54,6 +54,7 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model
 from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import dtype_name, model_dtype
 from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_alphaedit_layers
 from rome_lens.editing.memit import (
@@ -175,6 +176,7 @@ def alphaedit_edit(
             fingerprint=model_fingerprint(model, upto_layer=layers[0]),
             method="alphaedit",
             stats_seconds=started - stats_started,
+            weight_dtype=dtype_name(model_dtype(model)),
         )
 
         def solve(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
@@ -207,7 +209,8 @@ def null_space_update(
     Returns:
         ΔW for ``W_out``.
     """
-    p, k, r = projector.double(), keys.double(), residual.double()
-    moment = k.T @ k if preserved is None else k.T @ k + preserved.double()
-    system = p @ moment + l2 * torch.eye(len(p), dtype=torch.float64)
+    k, r = keys.double(), residual.double()
+    p = projector.to(k.device, torch.float64)  # a projector given may wait on the CPU
+    moment = k.T @ k if preserved is None else k.T @ k + preserved.to(k.device, torch.float64)
+    system = p @ moment + l2 * torch.eye(len(p), dtype=torch.float64, device=p.device)
     return torch.linalg.solve(system, p @ k.T @ r)

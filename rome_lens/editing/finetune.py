@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from rome_lens.core.backend import Model, forward, mlp_output_hook, weight
 from rome_lens.core.fingerprint import check_layer
 from rome_lens.core.hooks import add_product, attached, record
+from rome_lens.core.precision import model_device
 from rome_lens.core.runtime import frozen, linear_layout, run_to_layer, unembed
 from rome_lens.core.tokens import prompt_tokens, subject_range, target_token_ids
 from rome_lens.editing.defaults import default_layer
@@ -87,7 +88,7 @@ def ft_edit(
     started = time.perf_counter()
     head = prompt_tokens(model, request.text)[0].tolist()
     answer = target_token_ids(model, request.text, request.target_new)
-    tokens = torch.tensor([head + answer[:-1]], device=model.cfg.device)
+    tokens = torch.tensor([head + answer[:-1]], device=model_device(model))
     positions = torch.arange(len(head) - 1, len(head) - 1 + len(answer))
     n_layers = model.cfg.n_layers
     w_out = weight(model, f"blocks.{layer}.mlp.W_out")
@@ -119,7 +120,7 @@ def ft_edit(
                     delta.clamp_(-hparams.norm_constraint, hparams.norm_constraint)
     patch = WeightPatch.for_model(
         model,
-        {f"blocks.{layer}.mlp.W_out": delta.detach().double().cpu()},
+        {f"blocks.{layer}.mlp.W_out": delta.detach().double()},
         requests=[request],
         method="ft",
         losses=losses,

@@ -74,6 +74,7 @@ from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, discard, load_tensors, save_tensors
 from rome_lens.core.cache import cache_dir as cache_folder
 from rome_lens.core.fingerprint import check_layer, model_fingerprint
+from rome_lens.core.precision import dtype_name, model_dtype
 from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_memit_layers, default_mom2_update_weight
 from rome_lens.editing.memory import (
@@ -149,6 +150,9 @@ class MultiLayerEdit(WeightEdit):
     keys: dict[int, Float[Tensor, "row d_mlp"]] = field(default_factory=dict)
     """Layer -> the keys K solved for, one row per request, or two scaled by 1/√2 with
     ``key_match="both"`` (AlphaEdit adds KᵀK to what later batches preserve)."""
+    weight_dtype: str = ""
+    """The dtype of the weights it was computed on and is written back in ("bfloat16"...);
+    ΔW itself is held in float64."""
 
     def __post_init__(self) -> None:
         self.base_layer = self.layers[0]
@@ -239,6 +243,7 @@ def memit_edit(
             fingerprint=fingerprint,
             mom2_update_weight=weight,
             stats_seconds=started - stats_started,
+            weight_dtype=dtype_name(model_dtype(model)),
         )
 
         def solve(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
@@ -336,12 +341,12 @@ def subject_targets(
         progress: show progress bars.
 
     Returns:
-        ``[request d_model]`` targets, float64.
+        ``[request d_model]`` targets, float64, on the model's device.
     """
     h = _subject_residuals(model, requests, layer)
     fingerprint = model_fingerprint(model)  # z depends on every weight
     paths = [_z_path(fingerprint, request, layer, hparams, folder) for request in requests]
-    targets: list[Tensor | None] = [_load_z(p) if use_cache else None for p in paths]
+    targets: list[Tensor | None] = [_load_z(p, h.device) if use_cache else None for p in paths]
     missing = [i for i, z in enumerate(targets) if z is None]
     if missing:
         deltas, _ = optimise_deltas(
@@ -379,9 +384,9 @@ def _z_path(
     return cache_folder(folder) / "memit_z" / f"L{layer}-{digest}.st"
 
 
-def _load_z(path: Path) -> Tensor | None:
+def _load_z(path: Path, device: torch.device) -> Tensor | None:
     try:
-        return load_tensors(path)[0]["z"]
+        return load_tensors(path)[0]["z"].to(device)
     except FileNotFoundError:
         return None
     except (CacheError, KeyError) as err:

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from rome_lens.core.backend import Model, forward, freeze, mlp_output_hook, new_kv_cache
 from rome_lens.core.generation import sample_text
 from rome_lens.core.hooks import add_at_rows, attached
+from rome_lens.core.precision import model_device
 from rome_lens.core.runtime import capture, frozen, linear_layout, pad, unembed
 from rome_lens.core.tokens import prompt_tokens, subject_range
 from rome_lens.editing.requests import EditHyperParams, EditRequest, check_request
@@ -174,7 +175,7 @@ def subject_activations(
         hook_name: the hook point to read.
 
     Returns:
-        ``[text d]`` activations, float64.
+        ``[text d]`` activations, float64, on the model's device.
     """
     sequences, last = encode(model, texts)
     out = []
@@ -184,7 +185,7 @@ def subject_activations(
             tokens, _ = pad([torch.tensor(s) for s in sequences[rows]], 0, "right")
             at = (torch.arange(len(last[rows])), torch.tensor(last[rows]))
             picked = capture(model, tokens, [hook_name], at=at)[hook_name]
-            out.append(picked.double().cpu())
+            out.append(picked.double())
     return torch.cat(out)
 
 
@@ -238,7 +239,7 @@ class ValueObjective:
         δ is added (``None``: ``W_out``'s output, :func:`mlp_output_hook`)."""
         self.model, self.layer = model, layer
         self.hook = mlp_output_hook(model, layer) if hook is None else hook
-        device = model.cfg.device
+        device = model_device(model)
         prefixes = [
             torch.tensor(seq[:last], dtype=torch.long)
             for seq, last in zip(sequences, subject_last, strict=True)
@@ -292,7 +293,7 @@ class ValueObjective:
                 attention_mask=self.mask,
             )
         logits = unembed(model, final[self.read_rows, self.read_positions])
-        return logits.float().log_softmax(-1).cpu()
+        return logits.float().log_softmax(-1)
 
 
 @dataclass
@@ -361,11 +362,12 @@ class _ValueBatch:
                 nll_owner += [local] * len(problem.target_ids)
                 answers += problem.target_ids
         self.objective = ValueObjective(model, layer, sequences, subject_last, reads, owners, hook)
-        is_kl = torch.zeros(len(reads), dtype=torch.bool)
+        device = model_device(model)
+        is_kl = torch.zeros(len(reads), dtype=torch.bool, device=device)
         is_kl[kl_reads] = True
         self.kl_reads, self.nll_reads = is_kl.nonzero()[:, 0], (~is_kl).nonzero()[:, 0]
-        self.nll_owner = torch.tensor(nll_owner)
-        self.answers = torch.tensor(answers)[:, None]
+        self.nll_owner = torch.tensor(nll_owner, device=device)
+        self.answers = torch.tensor(answers, device=device)[:, None]
         self.counts = torch.bincount(self.nll_owner, minlength=len(problems))
 
     def __call__(
@@ -374,7 +376,7 @@ class _ValueBatch:
         """Each member's mean NLL of its target, and its KL prompt's log-probabilities."""
         log_probs = self.objective(delta)
         token_nll = -log_probs[self.nll_reads].gather(1, self.answers)[:, 0]
-        sums = torch.zeros(len(self.members)).index_add(0, self.nll_owner, token_nll)
+        sums = token_nll.new_zeros(len(self.members)).index_add(0, self.nll_owner, token_nll)
         return sums / self.counts, log_probs[self.kl_reads]
 
 
@@ -414,7 +416,7 @@ def optimise_deltas(
     problems = [_ValueProblem.build(model, r, templates, hparams) for r in requests]
     # Batches of requests with suffixes of like length waste little on right padding.
     order = sorted(range(len(problems)), key=lambda i: max(problems[i].suffix_lengths))
-    deltas = torch.empty(len(problems), model.cfg.d_model)
+    deltas = torch.empty(len(problems), model.cfg.d_model, device=model_device(model))
     losses: list[list[float]] = [[] for _ in problems]
     bar = tqdm(total=len(requests), desc=f"optimising δ at layer {layer}", disable=not progress)
     with frozen(model), torch.enable_grad(), linear_layout(model):
@@ -440,12 +442,13 @@ def _optimise_batch(
     hook: str | None,
     bar: tqdm,
 ) -> tuple[Tensor, list[list[float]]]:
-    n = len(problems)
-    delta = torch.zeros(n, model.cfg.d_model, device=model.cfg.device, requires_grad=True)
+    n, device = len(problems), model_device(model)
+    delta = torch.zeros(n, model.cfg.d_model, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    max_norms = (hparams.clamp_norm_factor * init_norms).to(delta.device)
-    losses: list[list[float]] = [[] for _ in range(n)]
-    active = torch.ones(n, dtype=torch.bool)
+    init_norms = init_norms.to(device)
+    max_norms = hparams.clamp_norm_factor * init_norms
+    history: list[tuple[Tensor, Tensor]] = []  # (live requests, their losses) per step
+    active = torch.ones(n, dtype=torch.bool, device=device)
     init_kl: Tensor | None = None
     batch: _ValueBatch | None = None
     for _ in range(hparams.v_steps):
@@ -453,21 +456,21 @@ def _optimise_batch(
             # Converged requests leave the batch once they are half of it.
             members = active.nonzero()[:, 0].tolist()
             batch = _ValueBatch(model, layer, [problems[i] for i in members], members, hook)
-        members_t = torch.tensor(batch.members)
+        members_t = torch.tensor(batch.members, device=device)
         nll, kl_log_probs = batch(delta)
         if init_kl is None:
             init_kl = kl_log_probs.detach()
         # KL(current ‖ initial) on the essence prompt, as ROME's F.kl_div(init, current).
         kl = (kl_log_probs.exp() * (kl_log_probs - init_kl[members_t])).sum(-1)
-        decay = delta[members_t].norm(dim=1).cpu() / init_norms[members_t] ** 2
+        decay = delta[members_t].norm(dim=1) / init_norms[members_t] ** 2
         loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay
         live = active[members_t]
-        for local in live.nonzero()[:, 0].tolist():
-            losses[batch.members[local]].append(loss[local].item())
+        history.append((members_t[live], loss.detach()[live]))
         done = live & (nll.detach() < hparams.early_stop_nll)
         active[members_t[done]] = False
-        bar.update(int(done.sum()))
-        bar.set_postfix(nll=f"{nll[live].mean().item():.3f}", active=int(active.sum()))
+        if not bar.disable:  # each of these reads a number back from the device
+            bar.update(int(done.sum()))
+            bar.set_postfix(nll=f"{nll[live].mean().item():.3f}", active=int(active.sum()))
         if not active.any():
             break
         kept = delta.detach().clone()
@@ -475,9 +478,22 @@ def _optimise_batch(
         loss[active[members_t]].sum().backward()
         optimizer.step()
         with torch.no_grad():
-            finished = ~active.to(delta.device)
+            finished = ~active
             delta[finished] = kept[finished]  # finished requests keep the δ that met the target
             norms = delta.norm(dim=1)
             delta.mul_(torch.where(norms > max_norms, max_norms / norms, 1.0)[:, None])
-    bar.update(int(active.sum()))
-    return delta.detach().cpu(), losses
+    if not bar.disable:
+        bar.update(int(active.sum()))  # those that ran every step without converging
+    return delta.detach(), _losses_by_request(history, n)
+
+
+def _losses_by_request(history: list[tuple[Tensor, Tensor]], n: int) -> list[list[float]]:
+    """Each request's loss at every step it was live, read from the device at once."""
+    losses: list[list[float]] = [[] for _ in range(n)]
+    if not history:
+        return losses
+    owners = torch.cat([members for members, _ in history]).tolist()
+    values = torch.cat([step for _, step in history]).tolist()
+    for request, value in zip(owners, values, strict=True):
+        losses[request].append(value)
+    return losses

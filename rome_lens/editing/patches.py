@@ -46,6 +46,7 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model, weight
 from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import accumulator_dtype, dtype_name, model_dtype
 from rome_lens.core.results import Result, register_type
 from rome_lens.editing.requests import EditRequest
 
@@ -121,9 +122,17 @@ class WeightEdit(Result):
         return pd.DataFrame(rows)
 
     def parameter_dataframe(self) -> pd.DataFrame:
-        """One row per edited parameter: its name and the norm and rank of its change."""
+        """One row per edited parameter: its name, the norm and rank of its change, and the
+        dtypes it was computed in and is written back in."""
+        written = getattr(self, "weight_dtype", "")
         rows = [
-            {"parameter": name, "delta_norm": delta.norm().item(), "delta_rank": _rank(delta)}
+            {
+                "parameter": name,
+                "delta_norm": delta.norm().item(),
+                "delta_rank": _rank(delta),
+                "delta_dtype": dtype_name(delta.dtype),
+                "weight_dtype": written,
+            }
             for name, delta in self.deltas().items()
         ]
         return pd.DataFrame(rows)
@@ -162,7 +171,7 @@ class WeightEdit(Result):
                 raise ValueError(
                     f"ΔW for {name} has shape {tuple(delta.shape)}, the weight {tuple(param.shape)}"
                 )
-            new = (param.detach().double() + delta.to(param.device, torch.float64)).to(param.dtype)
+            new = _added(param.detach(), delta)
             if not torch.isfinite(new).all():
                 raise ValueError(f"applying this edit would make {name} non-finite")
             updates[name] = new
@@ -209,6 +218,9 @@ class WeightPatch(WeightEdit):
     """The facts it writes."""
     outcomes: list[EditOutcome] = field(default_factory=list)
     """One per request."""
+    weight_dtype: str = ""
+    """The dtype of the weights it was computed on and is written back in ("bfloat16"...);
+    ΔW itself is held in float64."""
 
     @classmethod
     def for_model(
@@ -233,7 +245,8 @@ class WeightPatch(WeightEdit):
         layers = [int(name.split(".")[1]) for name in delta if name.startswith("blocks.")]
         base = min(layers, default=0)
         fingerprint = model_fingerprint(model, upto_layer=base)
-        return cls(delta, fingerprint, base, dict(info), list(requests))
+        dtype = dtype_name(model_dtype(model))
+        return cls(delta, fingerprint, base, dict(info), list(requests), weight_dtype=dtype)
 
     def deltas(self) -> dict[str, Tensor]:
         return dict(self.delta)
@@ -299,6 +312,13 @@ def edited(model: Model, edits: WeightEdit | Sequence[WeightEdit]) -> Iterator[l
         for handle in reversed(handles):
             if not handle.reverted:
                 handle.revert()
+
+
+def _added(param: Tensor, delta: Tensor) -> Tensor:
+    """``param + ΔW`` summed in the device's accumulator precision (float64 where it is fast),
+    then rounded once to the weight's dtype: a bfloat16 weight gains the nearest bfloat16."""
+    wide = torch.promote_types(accumulator_dtype(param.device), param.dtype)
+    return (param.to(wide) + delta.to(param.device, wide)).to(param.dtype)
 
 
 def _digest(tensor: Tensor) -> str:

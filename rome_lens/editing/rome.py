@@ -60,6 +60,7 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model, mlp_output_hook, weight
 from rome_lens.core.fingerprint import check_layer, model_fingerprint
+from rome_lens.core.precision import dtype_name, model_dtype
 from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_layer
 from rome_lens.editing.memory import compute_keys, context_templates, optimise_deltas
@@ -123,6 +124,9 @@ class RankOneEdit(WeightEdit):
     """Time spent obtaining the key statistics (computing or loading)"""
     outcomes: list[EditOutcome] = field(default_factory=list)
     """The request read back."""
+    weight_dtype: str = ""
+    """The dtype of the weights it was computed on and is written back in ("bfloat16"...);
+    ΔW itself is held in float64."""
 
     def __post_init__(self) -> None:
         self.base_layer = self.layer
@@ -229,6 +233,7 @@ def rome_edit(
         losses=losses[0],
         seconds=time.perf_counter() - started,
         stats_seconds=started - stats_started,
+        weight_dtype=dtype_name(model_dtype(model)),
     )
     edit.outcomes = measure_outcomes(model, edit)
     warn_misses(edit)
@@ -251,7 +256,8 @@ def _left_vector(
         return u / (matched[0] @ u)
     solved = matched.T if moment is None else torch.linalg.solve(moment, matched.T)  # C⁻¹Kᵀ
     gram = matched @ solved  # K C⁻¹ Kᵀ
-    weights = torch.linalg.pinv(gram, hermitian=True) @ torch.ones(len(matched), dtype=gram.dtype)
+    ones = torch.ones(len(matched), dtype=gram.dtype, device=gram.device)
+    weights = torch.linalg.pinv(gram, hermitian=True) @ ones
     return solved @ weights
 
 

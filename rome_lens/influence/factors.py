@@ -50,11 +50,14 @@ from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Batch, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
 from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import accumulator_dtype, available_memory, model_device, to_host
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import capture_with_gradients, frozen, linear_layout
 from rome_lens.influence.weights import MLPWeight, check_layers, mlp_weights
 from rome_lens.stats.moments import (
+    LABEL_SAMPLER,
     Labels,
+    MomentKey,
     Moments,
     accumulate_moments,
     label_generators,
@@ -74,6 +77,8 @@ __all__ = [
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
 STRATEGIES: tuple[Strategy, ...] = ("ekfac", "kfac", "diagonal", "identity")
 _NEEDS_SECOND_PASS = ("ekfac", "diagonal")
+_TABLES = ("input_vectors", "input_values", "output_vectors", "output_values", "eigen_lambda",
+           "diagonal")  # fmt: skip  # InfluenceFactors' per-weight tensors
 
 
 @dataclass(repr=False)
@@ -170,8 +175,16 @@ def fit_influence_factors(
     use_cache: bool = True,
     progress: bool = True,
     distributed: bool | None = None,
+    layers_per_pass: int | None = None,
 ) -> InfluenceFactors:
     """Fit the factors that precondition influence scores (cached per model and corpus).
+
+    The moments of a layer are four square matrices as wide as its MLP (about
+    4 GiB per layer of GPT-J in float64), so the layers are summed in passes over
+    the corpus, as many per pass as fit half the device's free memory: all of a
+    small model's in one pass, GPT-J's in several on an 80 GB GPU, each pass's
+    factors moved to the CPU before the next (the scan brings back one weight's
+    at a time).
 
     Args:
         model: any TransformerLens model with dense MLPs (not changed).
@@ -191,6 +204,9 @@ def fit_influence_factors(
         progress: show progress bars.
         distributed: split the corpus over the ranks of the process group
             (``None``: when one is initialised; see :mod:`rome_lens.core.distributed`).
+        layers_per_pass: MLP layers whose moments are summed in one pass over the corpus
+            (``None``: as many as fit half the free memory of the model's device, see
+            :func:`moment_bytes`). The factors do not depend on it.
 
     Returns:
         The factors.
@@ -210,22 +226,6 @@ def fit_influence_factors(
         return loaded
     progress = progress and is_main(split)
     started = time.perf_counter()
-    moments = accumulate_moments(
-        model,
-        forward=sorted({w.input_hook for w in chosen}),
-        backward=sorted({w.output_hook for w in chosen}),
-        corpus=source,
-        n_tokens=n_tokens,
-        labels=fisher,
-        seed=seed,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        use_cache=use_cache,
-        cache_hooks=[w.input_hook for w in chosen if w.short == "W_out"],  # shared with ROME
-        progress=progress,
-        announce=f"influence factors of layers {layers}",
-        distributed=split.active,
-    )
     factors = InfluenceFactors(
         layers=layers,
         names=[w.name for w in chosen],
@@ -237,29 +237,71 @@ def fit_influence_factors(
         diagonal={},
         strategy=strategy,
         fisher=fisher,
-        n_tokens=moments[chosen[0].input_hook, "forward"].count,
+        n_tokens=0,
         n_sequences=0,
         corpus=source.name,
         fingerprint=fingerprint,
     )
-    for weight in tqdm(chosen, desc="eigendecomposing", disable=not progress):
-        a = input_factor(model, weight, moments[weight.input_hook, "forward"])
-        s = moments[weight.output_hook, "backward"].second_moment
-        for values, vectors, matrix in (
-            (factors.input_values, factors.input_vectors, a),
-            (factors.output_values, factors.output_vectors, s),
-        ):
-            found_values, found_vectors = torch.linalg.eigh(matrix)
-            values[weight.name] = found_values.float()
-            vectors[weight.name] = found_vectors.float()
-    if strategy in _NEEDS_SECOND_PASS:
-        _refit_eigenvalues(
-            model, factors, chosen, source, n_tokens, seed, batch_size, progress, split
+    passes = layer_passes(model, chosen, layers_per_pass)
+    for group in passes:
+        in_pass = [w for w in chosen if w.layer in group]
+        moments = accumulate_moments(
+            model,
+            forward=sorted({w.input_hook for w in in_pass}),
+            backward=sorted({w.output_hook for w in in_pass}),
+            corpus=source,
+            n_tokens=n_tokens,
+            labels=fisher,
+            seed=seed,
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            use_cache=use_cache,
+            cache_hooks=[w.input_hook for w in in_pass if w.short == "W_out"],  # shared with ROME
+            progress=progress,
+            announce=f"influence factors of layers {group}",
+            distributed=split.active,
         )
+        factors.n_tokens = moments[in_pass[0].input_hook, "forward"].count
+        for weight in tqdm(in_pass, desc="eigendecomposing", disable=not progress):
+            _eigendecompose(model, factors, weight, moments)
+        del moments  # the eigenvalue pass and the next layers need the room
+        if strategy in _NEEDS_SECOND_PASS:
+            _refit_eigenvalues(model, factors, in_pass, source, n_tokens, seed, batch_size,
+                               cache_dir, progress, split)  # fmt: skip
+        if len(passes) > 1:  # the device holds one pass's factors at a time
+            _to_host(factors, in_pass)
     factors.seconds = time.perf_counter() - started
     if use_cache and is_main(split):
         factors.save(path)
     return factors
+
+
+def _eigendecompose(
+    model: Model, factors: InfluenceFactors, weight: MLPWeight, moments: dict[MomentKey, Moments]
+) -> None:
+    """Store the eigenbases of one weight's two Kronecker factors.
+
+    A function of its own so that the float64 factor matrices are freed when it returns,
+    before the next pass's moments are gathered.
+    """
+    a = input_factor(model, weight, moments[weight.input_hook, "forward"])
+    s = moments[weight.output_hook, "backward"].second_moment
+    for values, vectors, matrix in (
+        (factors.input_values, factors.input_vectors, a),
+        (factors.output_values, factors.output_vectors, s),
+    ):
+        found_values, found_vectors = torch.linalg.eigh(matrix)
+        values[weight.name] = found_values.float()
+        vectors[weight.name] = found_vectors.float()
+
+
+def _to_host(factors: InfluenceFactors, weights: Sequence[MLPWeight]) -> None:
+    """Move the factors of ``weights`` to the CPU, where they wait for the scan."""
+    for table in _TABLES:
+        found = getattr(factors, table)
+        for weight in weights:
+            if weight.name in found:
+                found[weight.name] = to_host(found[weight.name])
 
 
 def _load(path: Path) -> InfluenceFactors | None:
@@ -271,6 +313,46 @@ def _load(path: Path) -> InfluenceFactors | None:
     except (CacheError, ValueError, KeyError, TypeError) as err:
         discard(path, str(err))
         return None
+
+
+def moment_bytes(model: Model, weights: Sequence[MLPWeight]) -> int:
+    """Bytes the moments of ``weights`` hold while summed: Σx and Σx xᵀ of each distinct
+    input and output hook, with Kahan's compensation where the sums are float32.
+
+    Args:
+        model: the model (its device sets the accumulator dtype).
+        weights: the weights.
+
+    Returns:
+        The bytes.
+    """
+    dtype = accumulator_dtype(model_device(model))
+    copies = 1 if dtype == torch.float64 else 2
+    widths = {w.input_hook: w.d_in for w in weights} | {w.output_hook: w.d_out for w in weights}
+    return sum(d * (d + 1) for d in widths.values()) * dtype.itemsize * copies
+
+
+def layer_passes(
+    model: Model, weights: Sequence[MLPWeight], layers_per_pass: int | None = None
+) -> list[list[int]]:
+    """The layers of ``weights`` in groups, each summed in one pass over the corpus.
+
+    Args:
+        model: the model.
+        weights: the weights to fit.
+        layers_per_pass: the group size (``None``: as many layers as fit half the
+            free memory of the model's device, at least one).
+
+    Returns:
+        The groups, in layer order.
+    """
+    layers = sorted({w.layer for w in weights})
+    if layers_per_pass is None:
+        largest = max(moment_bytes(model, [w for w in weights if w.layer == i]) for i in layers)
+        layers_per_pass = max(1, available_memory(model_device(model)) // 2 // largest)
+    elif layers_per_pass < 1:
+        raise ValueError(f"layers_per_pass must be >= 1, got {layers_per_pass}")
+    return [layers[i : i + layers_per_pass] for i in range(0, len(layers), layers_per_pass)]
 
 
 def input_factor(model: Model, weight: MLPWeight, moments: Moments) -> Float[Tensor, "d_in d_in"]:
@@ -293,16 +375,16 @@ def input_factor(model: Model, weight: MLPWeight, moments: Moments) -> Float[Ten
         ln = model.blocks[weight.layer].ln2
         scale, shift = getattr(ln, "w", None), getattr(ln, "b", None)
         if isinstance(scale, Tensor):
-            w = scale.detach().double().cpu()
+            w = scale.detach().to(second.device, second.dtype)
             second, mean = second * w[:, None] * w[None, :], mean * w
         if isinstance(shift, Tensor):
-            b = shift.detach().double().cpu()
+            b = shift.detach().to(second.device, second.dtype)
             second = second + torch.outer(mean, b) + torch.outer(b, mean) + torch.outer(b, b)
             mean = mean + b
     if not weight.bias:
         return second
     top = torch.cat([second, mean[:, None]], dim=1)
-    bottom = torch.cat([mean, torch.ones(1, dtype=mean.dtype)])[None]
+    bottom = torch.cat([mean, mean.new_ones(1)])[None]
     return torch.cat([top, bottom])
 
 
@@ -323,7 +405,7 @@ def sequence_gradients(
         loss: the scalar function of the logits to differentiate.
 
     Returns:
-        ``{weight: (ā [batch pos d_in], g [batch pos d_out])}``, float32 on the CPU.
+        ``{weight: (ā [batch pos d_in], g [batch pos d_out])}``, float32 on the model's device.
     """
     acts, grads = capture_with_gradients(
         model,
@@ -332,11 +414,11 @@ def sequence_gradients(
         sorted({w.output_hook for w in weights}),
         loss,
     )
-    mask = counted.to(torch.float32)[..., None]
+    mask = counted.to(model_device(model), torch.float32)[..., None]
     return {
         w.name: (
-            w.inputs(model, acts[w.input_hook].float().cpu()) * mask,
-            grads[w.output_hook].float().cpu() * mask,
+            w.inputs(model, acts[w.input_hook].float()) * mask,
+            grads[w.output_hook].float() * mask,
         )
         for w in weights
     }
@@ -350,16 +432,30 @@ def _refit_eigenvalues(
     n_tokens: int,
     seed: int,
     batch_size: int,
+    cache_root: str | os.PathLike[str] | None,
     progress: bool,
     split: Split,
 ) -> None:
-    """EK-FAC's Λ (or, for ``"diagonal"``, E[G²]) from per-sequence gradients (a second pass;
-    this rank's share of the sequences, then summed over the ranks)."""
-    chunks = source.chunks(model, n_tokens=n_tokens, seed=seed, progress=False)
+    """EK-FAC's Λ (or, for ``"diagonal"``, E[G²]) of ``weights`` from per-sequence gradients
+    (a second pass; this rank's share of the sequences, then summed over the ranks)."""
+    chunks = source.chunks(
+        model, n_tokens=n_tokens, seed=seed, cache_dir=cache_root, progress=False
+    )
     budgets = token_budgets(chunks, n_tokens, len(bos_tokens(model)))
     mine = shard([i for i, budget in enumerate(budgets) if budget > 0], split)
     diagonal = factors.strategy == "diagonal"
-    squares = {w.name: torch.zeros(len(factors.input_values[w.name]), w.d_out) for w in weights}
+    device = model_device(model)
+    squares = {  # float32: a sum over sequences, hundreds of terms, not tokens
+        w.name: torch.zeros(len(factors.input_values[w.name]), w.d_out, device=device)
+        for w in weights
+    }
+    rotations = {
+        w.name: (
+            factors.input_vectors[w.name].to(device),
+            factors.output_vectors[w.name].to(device),
+        )
+        for w in weights
+    }
     bar = tqdm(total=len(mine), desc="EK-FAC eigenvalues", unit="seq", disable=not progress)
     with bar, frozen(model), linear_layout(model):
         for batch in token_batches(model, [chunks[i] for i in mine], batch_size):
@@ -373,7 +469,7 @@ def _refit_eigenvalues(
             found = sequence_gradients(model, batch.tokens, counted, weights, loss)
             for name, (a, g) in found.items():
                 if not diagonal:  # rotating each token is cheaper than rotating each G
-                    a, g = a @ factors.input_vectors[name], g @ factors.output_vectors[name]
+                    a, g = a @ rotations[name][0], g @ rotations[name][1]
                 total = squares[name]
                 for a_seq, g_seq in zip(a, g, strict=True):  # one G at a time stays in cache
                     gradient = a_seq.T @ g_seq  # [d_in d_out]
@@ -382,10 +478,7 @@ def _refit_eigenvalues(
     sequences = int(all_reduce_sum(torch.tensor([len(mine)]), split))
     factors.n_sequences = sequences
     means = {name: all_reduce_sum(value, split) / sequences for name, value in squares.items()}
-    if diagonal:
-        factors.diagonal = means
-    else:
-        factors.eigen_lambda = means
+    (factors.diagonal if diagonal else factors.eigen_lambda).update(means)
 
 
 def _cache_path(
@@ -399,6 +492,7 @@ def _cache_path(
     root: str | os.PathLike[str] | None,
 ) -> Path:
     fitted = strategy if strategy in _NEEDS_SECOND_PASS else "kfac"
-    key = json.dumps([names, corpus.id(seed), n_tokens, fitted, fisher, seed])
+    labels = f"{fisher}-{LABEL_SAMPLER}" if fisher == "sampled" else fisher
+    key = json.dumps([names, corpus.id(seed), n_tokens, fitted, labels, seed])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir(root) / "influence" / f"factors-{fingerprint}-{digest}.st"

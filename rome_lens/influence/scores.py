@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
+from rome_lens.core.precision import model_device, to_host
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import frozen, linear_layout, pad
 from rome_lens.core.tokens import prompt_tokens, target_token_ids
@@ -259,7 +260,7 @@ def influence_many(
     )
     if normalize:
         local /= squared_norms.clamp_min(1e-30).sqrt()[:, None, None]
-        local /= _query_norms(preconditioned)[None, :, None]
+        local /= _query_norms(preconditioned).to(local.device)[None, :, None]
     totals = torch.zeros(len(ids), len(queries), dtype=torch.float64)
     totals.index_add_(0, owners, local.sum(-1))
     totals = all_reduce_sum(totals, split)  # [text query], every text's score on every rank
@@ -389,7 +390,7 @@ def score_texts(
     return TextScores(
         scores=dict(zip(strategies, parts, strict=True)),
         text_norms=norms.sqrt(),
-        query_norms={s: _query_norms(each[s]) for s in strategies},
+        query_norms={s: to_host(_query_norms(each[s])) for s in strategies},  # with the scores
     )
 
 
@@ -416,8 +417,8 @@ def query_gradients(
     sequences, reads, answers = [], [], []
     for q, (prompt, completion) in enumerate(queries):
         head = prompt_tokens(model, prompt)[0]
-        answer = torch.tensor(target_token_ids(model, prompt, completion))
-        full = torch.cat([head, answer])
+        answer = target_token_ids(model, prompt, completion)
+        full = torch.cat([head, torch.tensor(answer, device=head.device)])
         if len(full) > model.cfg.n_ctx:
             raise ValueError(
                 f"prompt and completion have {len(full)} tokens, more than the model's "
@@ -425,7 +426,7 @@ def query_gradients(
             )
         sequences.append(full)
         reads += [(q, p) for p in range(len(head) - 1, len(full) - 1)]
-        answers += answer.tolist()
+        answers += answer
     tokens, mask = pad(sequences, 0, "right")
     counted = mask.bool()
     skip = len(bos_tokens(model))
@@ -503,10 +504,11 @@ def _precondition(
 ) -> Tensor:
     if strategy == "identity":
         return gradient
-    values = factors.eigenvalues(name, strategy)
+    device = gradient.device  # one weight's factors on the device at a time
+    values = factors.eigenvalues(name, strategy).to(device)
     if strategy == "diagonal":
         return gradient / (values + damping * values.mean())
-    q_a, q_s = factors.input_vectors[name], factors.output_vectors[name]
+    q_a, q_s = factors.input_vectors[name].to(device), factors.output_vectors[name].to(device)
     rotated = q_a.T @ gradient @ q_s
     return q_a @ (rotated / (values + damping * values.mean())) @ q_s.T
 
@@ -560,8 +562,9 @@ def _scan(
     progress = progress and is_main(split)
     first = next(iter(preconditioned.values()))
     n_queries = (first[0] if isinstance(first, tuple) else first).shape[0]
-    scores = torch.zeros(len(chunks), n_queries, len(layers), dtype=torch.float64)
-    squared_norms = torch.zeros(len(chunks), dtype=torch.float64)  # ‖∇ log p(chunk)‖²
+    device = model_device(model)
+    scores = torch.zeros(len(chunks), n_queries, len(layers), dtype=torch.float64, device=device)
+    squared_norms = torch.zeros(len(chunks), dtype=torch.float64, device=device)  # ‖∇ log p‖²
     column = {layer: j for j, layer in enumerate(layers)}
     bar = tqdm(total=len(chunks), desc="scanning texts", unit="text", disable=not progress)
     with bar, frozen(model), linear_layout(model):
@@ -571,14 +574,14 @@ def _scan(
                 return -next_token_loss(logits, batch.tokens, batch.real, "empirical", None)
 
             found = sequence_gradients(model, batch.tokens, batch.counted, weights, log_likelihood)
-            rows = torch.tensor(batch.indices)
+            rows = torch.tensor(batch.indices, device=device)
             for weight in weights:
                 a, g = found[weight.name]
                 dots = _dots(a, g, preconditioned[weight.name])
                 scores[rows, :, column[weight.layer]] += dots.double()
                 squared_norms[rows] += _squared_norms(a, g)
             bar.update(len(batch.indices))
-    return scores, squared_norms, owners
+    return to_host(scores), to_host(squared_norms), owners  # one move, after the last batch
 
 
 def _query_norms(preconditioned: dict[str, Preconditioned]) -> Float[Tensor, " query"]:
@@ -658,8 +661,8 @@ def _token_scores(
                     for name, (a, g) in found.items()
                 )
                 pieces.append(per_token[skip:].double())  # type: ignore[index]
-                labels += [model.to_single_str_token(int(t)) for t in chunk.tokens[skip:]]
-            token_scores.append(torch.cat(pieces))
+                labels += [model.to_single_str_token(t) for t in chunk.tokens[skip:].tolist()]
+            token_scores.append(to_host(torch.cat(pieces)))
             str_tokens.append(labels)
     return token_scores, str_tokens
 

@@ -55,6 +55,7 @@ from rome_lens.core.backend import Model, parameter
 from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Chunk, Corpus, CorpusSource
 from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import compute_dtype, model_device
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import frozen, pad
 from rome_lens.influence.weights import mlp_weights
@@ -177,6 +178,7 @@ def _train(
     chunks = texts.chunks(model, max_length=config.max_length)
     kept = [i for i, chunk in enumerate(chunks) if chunk.document not in left_out]
     original = {name: param.detach().clone() for name, param in params.items()}
+    device = model_device(model)
     generator = torch.Generator().manual_seed(config.seed)
     steps = config.epochs * -(-len(kept) // config.batch_size)
     bar = tqdm(total=steps, desc="fine-tuning", unit="step", disable=not progress)
@@ -184,7 +186,8 @@ def _train(
         with frozen(model), bar:
             for param in params.values():
                 param.requires_grad_(True)
-            optimizer = torch.optim.Adam(params.values(), lr=config.lr)
+            masters = _masters(params)
+            optimizer = torch.optim.Adam(masters.values(), lr=config.lr)
             losses = []
             for _ in range(config.epochs):
                 total, count = 0.0, 0
@@ -192,14 +195,15 @@ def _train(
                     tokens, mask = pad([chunks[i].tokens for i in batch], 0, "right")  # [batch pos]
                     real = mask.bool()
                     n = int((real[:, :-1] & real[:, 1:]).sum())
-                    loss = next_token_loss(model(tokens), tokens, real, "empirical", None)
+                    logits = model(tokens.to(device))
+                    loss = next_token_loss(logits, tokens, real, "empirical", None)
                     optimizer.zero_grad(set_to_none=True)
                     (loss / n).backward()
-                    optimizer.step()
+                    _step(optimizer, params, masters)
                     total, count = total + float(loss.detach()), count + n
                     bar.update()
                 losses.append(total / count)
-            trained = {name: param.detach().clone() for name, param in params.items()}
+            trained = {name: master.detach().clone() for name, master in masters.items()}
     finally:
         _restore(params, original)
         for param in params.values():
@@ -230,6 +234,32 @@ def _batches(
         )
         batches += [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def _masters(params: dict[str, torch.nn.Parameter]) -> dict[str, Tensor]:
+    """What Adam updates: each weight itself, or a float32 copy of a half-precision one
+    (whose small steps would round away in bfloat16), written back after every step."""
+    masters: dict[str, Tensor] = {}
+    for name, param in params.items():
+        wide = compute_dtype(param.dtype)
+        masters[name] = param if wide == param.dtype else param.detach().to(wide).requires_grad_()
+    return masters
+
+
+def _step(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, torch.nn.Parameter],
+    masters: dict[str, Tensor],
+) -> None:
+    """One Adam step on the masters, from the weights' gradients, then the weights from them."""
+    copies = [(params[n], master) for n, master in masters.items() if master is not params[n]]
+    for param, master in copies:
+        master.grad = None if param.grad is None else param.grad.to(master.dtype)
+    optimizer.step()
+    with torch.no_grad():
+        for param, master in copies:
+            param.copy_(master)
+            param.grad = None
 
 
 def _restore(params: dict[str, torch.nn.Parameter], original: dict[str, Tensor]) -> None:

@@ -54,6 +54,7 @@ from torch import Tensor
 from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Corpus, CorpusSource
 from rome_lens.core.fingerprint import check_layer, model_fingerprint
+from rome_lens.core.precision import model_device
 from rome_lens.core.results import Result
 from rome_lens.stats.moments import Moments, accumulate_moments
 
@@ -167,7 +168,9 @@ class KeyStats(Result):
 
     def regularised(self, ridge: float) -> Float[Tensor, "d_mlp d_mlp"]:
         """C + ridge · I (float64)."""
-        return self.moment + ridge * torch.eye(len(self.moment), dtype=self.moment.dtype)
+        return self.moment + ridge * torch.eye(
+            len(self.moment), dtype=self.moment.dtype, device=self.moment.device
+        )
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row: layer, token count, corpus and conditioning."""
@@ -256,7 +259,7 @@ def checked_stats(
         progress: show progress bars.
 
     Returns:
-        The statistics.
+        The statistics, on the model's device.
     """
     if stats is None:
         return key_second_moment(
@@ -265,4 +268,5 @@ def checked_stats(
     if not isinstance(stats, KeyStats):
         raise TypeError(f"stats must be KeyStats, got {type(stats).__name__}")
     stats.check(model, layer)
-    return stats
+    moments = stats.moments.to(model_device(model))  # given ones may have been loaded on the CPU
+    return stats if moments is stats.moments else dataclasses.replace(stats, moments=moments)

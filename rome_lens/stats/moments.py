@@ -1,4 +1,4 @@
-"""Second moments of any hook point over a corpus: Σx, Σxxᵀ and n, in float64, cached.
+"""Second moments of any hook point over a corpus: Σx, Σxxᵀ and n, on the model's device, cached.
 
 ROME's key statistics, the Microscope's fitted maps and the Kronecker factors
 of influence functions are all sums over the tokens of a corpus of ``x`` and
@@ -13,6 +13,10 @@ Tokens counted are the corpus's real, non-BOS tokens. Gradients are those of
 the summed next-token cross-entropy, with labels sampled from the model's own
 predictions (``labels="sampled"``, seeded: the true Fisher) or the corpus's
 next tokens (``labels="empirical"``).
+
+The sums are formed where the model runs, in the accumulator dtype of its
+device (:mod:`rome_lens.core.precision`: float64 on the CPU), from activations
+promoted out of half precision first; they reach the CPU when saved.
 
 >>> import tempfile, torch
 >>> from rome_lens.core.models import tiny_model
@@ -34,7 +38,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -49,10 +53,12 @@ from rome_lens.core.cache import CacheError, cache_dir, discard
 from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_max, all_reduce_sum, is_main, shard
 from rome_lens.core.fingerprint import hook_fingerprint, hook_scope, model_fingerprint
+from rome_lens.core.precision import RunningSum, accumulator_dtype, model_device
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import capture, capture_with_gradients, frozen, linear_layout
 
 __all__ = [
+    "LABEL_SAMPLER",
     "Direction",
     "Labels",
     "Moments",
@@ -66,6 +72,7 @@ __all__ = [
 Direction = Literal["forward", "backward"]
 Labels = Literal["sampled", "empirical"]
 MomentKey = tuple[str, Direction]
+LABEL_SAMPLER = "icdf"  # how sampled labels are drawn (in cache names: a new sampler, a new entry)
 
 
 @dataclass
@@ -78,9 +85,9 @@ class Moments(Result):
     direction: str
     """"forward": activations; "backward": gradients of the loss at the hook."""
     total: Float[Tensor, " d"]
-    """Σx, float64."""
+    """Σx, in the accumulator dtype of the device it was summed on (float64 on the CPU)."""
     outer: Float[Tensor, "d d"]
-    """Σx xᵀ, float64."""
+    """Σx xᵀ, likewise."""
     count: int
     """Rows summed (tokens)"""
     corpus: str
@@ -105,6 +112,12 @@ class Moments(Result):
         """E[x xᵀ] − E[x] E[x]ᵀ."""
         mean = self.mean
         return self.second_moment - torch.outer(mean, mean)
+
+    def to(self, device: torch.device) -> Moments:
+        """These moments with their sums on ``device`` (itself when they are there)."""
+        if self.total.device == device:
+            return self
+        return replace(self, total=self.total.to(device), outer=self.outer.to(device))
 
     def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` unless these moments belong to ``model``."""
@@ -195,7 +208,7 @@ def accumulate_moments(
         for key, path in paths.items():
             cached = _load(path)
             if cached is not None:
-                found[key] = cached
+                found[key] = cached.to(model_device(model))
     split = Split.of(distributed)
     missing = [key for key in wanted if key not in found]
     if int(all_reduce_sum(torch.tensor([len(missing)]), split)) > 0:
@@ -242,24 +255,38 @@ def next_token_loss(
         The summed loss (a scalar that keeps the graph).
     """
     predicts = real[:, :-1] & real[:, 1:]
-    log_probs = logits[:, :-1][predicts].float().log_softmax(-1)
+    mask = predicts.to(logits.device)  # a boolean mask lives with the tensor it masks
+    log_probs = logits[:, :-1][mask].float().log_softmax(-1)
     if labels == "empirical":
-        targets = tokens[:, 1:][predicts].to(log_probs.device)
+        targets = tokens[:, 1:].to(log_probs.device)[mask]
     else:
         with torch.no_grad():
-            probs = log_probs.detach().exp().cpu()
-            if isinstance(generator, Sequence):
-                rows = probs.split(predicts.sum(1).tolist())
-                drawn = [
-                    torch.multinomial(p, 1, generator=g)[:, 0]
-                    for p, g in zip(rows, generator, strict=True)
-                    if len(p)
-                ]
-                targets = torch.cat(drawn) if drawn else torch.zeros(0, dtype=torch.long)
-            else:
-                targets = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            targets = targets.to(log_probs.device)
+            targets = _sampled_labels(log_probs.detach(), predicts.sum(1).tolist(), generator)
     return -log_probs.gather(-1, targets[:, None]).sum()
+
+
+def _sampled_labels(
+    log_probs: Float[Tensor, "n vocab"],
+    per_row: list[int],
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> Tensor:
+    """One label per row drawn from ``exp(log_probs)`` by inverting its CDF on the device.
+
+    The randomness is one uniform per row from the CPU generators (``n`` numbers
+    cross to the device, not ``n × vocab`` probabilities to the CPU), so the labels
+    depend on the seed and the sequence, not on the device or the batching.
+    """
+    if isinstance(generator, Sequence):
+        parts = [
+            torch.rand(n, generator=g, dtype=torch.float64)
+            for n, g in zip(per_row, generator, strict=True)
+        ]
+        uniform = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    else:
+        uniform = torch.rand(len(log_probs), generator=generator, dtype=torch.float64)
+    cdf = log_probs.double().exp().cumsum(-1)  # float64: a 100k-entry CDF keeps its tail
+    drawn = torch.searchsorted(cdf, (uniform.to(cdf.device) * cdf[:, -1])[:, None])[:, 0]
+    return drawn.clamp_(max=log_probs.shape[-1] - 1)
 
 
 def label_generators(seed: int, sequences: Sequence[int]) -> list[torch.Generator]:
@@ -309,7 +336,7 @@ def _accumulate(
     progress: bool,
     split: Split,
 ) -> dict[MomentKey, Moments]:
-    """Sum x and x xᵀ (float64) over the first ``n_tokens`` counted tokens (this rank's share,
+    """Sum x and x xᵀ over the first ``n_tokens`` counted tokens (this rank's share,
     then summed over the ranks)."""
     chunks = corpus.chunks(
         model, n_tokens=n_tokens, seed=seed, cache_dir=cache_root, progress=progress
@@ -342,7 +369,7 @@ def _accumulate(
     prints = {scope: model_fingerprint(model, upto_layer=scope) for scope in set(scopes.values())}
     moments = {}
     for key in keys:
-        total, outer = sums[key].padded(widths[key])
+        total, outer = sums[key].padded(widths[key], model_device(model))
         moments[key] = Moments(
             hook=key[0],
             direction=key[1],
@@ -371,37 +398,43 @@ def within_budgets(counted: Tensor, budgets: list[int]) -> Tensor:
 
 def _width(sums: _Sums, split: Split) -> int:
     """The hook's width, known to every rank (one whose shard was empty has seen none)."""
-    return int(all_reduce_max(torch.tensor([sums.total.numel()]), split))
+    return int(all_reduce_max(torch.tensor([sums.width]), split))
 
 
 class _Sums:
-    """Running Σx and Σx xᵀ in float64, on the device the values come from.
+    """Running Σx and Σx xᵀ, on the device the values come from, in its accumulator dtype.
 
     The sums stay where the model runs, so a GPU forms each batch's xᵀx itself
-    and nothing crosses to the CPU per batch; they move to the CPU once, when
-    read (:meth:`padded`).
+    and nothing crosses to the CPU per batch. Their dtype is
+    :func:`~rome_lens.core.precision.accumulator_dtype` of that device: float64,
+    or Kahan-compensated float32 where float64 is slow.
     """
 
     def __init__(self) -> None:
-        self.total = torch.zeros(0, dtype=torch.float64)
-        self.outer = torch.zeros(0, 0, dtype=torch.float64)
+        self.total: RunningSum | None = None
+        self.outer: RunningSum | None = None
 
-    def padded(self, width: int) -> tuple[Tensor, Tensor]:
-        """Σx and Σx xᵀ on the CPU, zeros of ``width`` when nothing was added."""
-        if self.total.numel() == 0:
-            return torch.zeros(width, dtype=torch.float64), torch.zeros(
-                width, width, dtype=torch.float64
-            )
-        return self.total.cpu(), self.outer.cpu()
+    @property
+    def width(self) -> int:
+        """The values' width (0 before any were added)."""
+        return 0 if self.total is None else self.total.value.numel()
+
+    def padded(self, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Σx and Σx xᵀ where they were summed; zeros of ``width`` on ``device`` when
+        nothing was (a rank whose shard was empty)."""
+        if self.total is None or self.outer is None:
+            dtype = accumulator_dtype(device)
+            total = torch.zeros(width, dtype=dtype, device=device)
+            return total, torch.zeros(width, width, dtype=dtype, device=device)
+        return self.total.value, self.outer.value
 
     def add(self, rows: Float[Tensor, "n d"]) -> None:
-        rows = rows.to(torch.float64)
-        if self.total.numel() == 0:
-            d = rows.shape[-1]
-            self.total = torch.zeros(d, dtype=torch.float64, device=rows.device)
-            self.outer = torch.zeros(d, d, dtype=torch.float64, device=rows.device)
-        self.total += rows.sum(0)
-        self.outer += rows.T @ rows
+        if self.total is None or self.outer is None:
+            dtype = accumulator_dtype(rows.device)
+            self.total, self.outer = RunningSum(dtype), RunningSum(dtype)
+        rows = rows.to(self.total.dtype)
+        self.total.add(rows.sum(0))
+        self.outer.add(rows.T @ rows)
 
 
 def _activations(model: Model, tokens: Tensor, keys: list[MomentKey]) -> dict[MomentKey, Tensor]:
@@ -441,7 +474,7 @@ def _cache_path(
 ) -> Path:
     hook, direction = key
     fingerprint = hook_fingerprint(model, hook, direction)
-    extra = f"-{label_id}" if direction == "backward" else ""
+    extra = f"-{label_id}-{LABEL_SAMPLER}" if direction == "backward" else ""
     name = f"{hook}-{direction}-{fingerprint}-{corpus_id}-{n_tokens}{extra}.st"
     return cache_dir(root) / "moments" / name
 

@@ -60,6 +60,7 @@ from rome_lens.core import backend, hooks
 from rome_lens.core.backend import Model
 from rome_lens.core.distributed import Split, gather_bytes, is_main, shard
 from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import model_device, to_host
 from rome_lens.core.runtime import linear_layout, unembed
 from rome_lens.core.tokens import prompt_tokens, subject_range, target_token_ids
 from rome_lens.tracing.results import (
@@ -116,8 +117,9 @@ def embedding_noise_scale(
     Returns:
         The noise standard deviation.
     """
+    device = model_device(model)
     with torch.inference_mode():
-        rows = [model.embed(model.to_tokens(s, prepend_bos=False))[0] for s in subjects]
+        rows = [model.embed(model.to_tokens(s, prepend_bos=False).to(device))[0] for s in subjects]
         if not rows:
             raise ValueError("subjects is empty: need at least one subject to measure embeddings")
         return factor * float(torch.cat(rows).float().std())
@@ -420,13 +422,13 @@ def _prepare(
     prepend_bos: bool | None,
 ) -> _Run:
     """Check the inputs, then run and cache the clean and corrupted passes."""
-    tokens = prompt_tokens(model, prompt, prepend_bos)
+    tokens = prompt_tokens(model, prompt, prepend_bos).to(model_device(model))
     first, last = subject_range(model, prompt, subject, prepend_bos)
     if noise_scale is None:
         noise_scale = embedding_noise_scale(model, [subject])
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, last - first, model.cfg.d_model), generator=generator)
-    noise = (noise * noise_scale).to(model.cfg.device)
+    noise = (noise * noise_scale).to(model_device(model))
     n_layers = model.cfg.n_layers
 
     outputs = [f"blocks.{i}.{h}" for i in range(n_layers) for h in _OUTPUT_HOOK.values()]
@@ -503,11 +505,11 @@ def _run_jobs(
     by_token: dict[int, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         by_token[job.token].append(i)
-    result = torch.empty(len(jobs))
+    result = torch.empty(len(jobs), device=model_device(model))
     with linear_layout(model), torch.inference_mode():
         for ids in tqdm(by_token.values(), desc=desc, disable=not progress):
-            result[ids] = _descend(model, run, [jobs[i] for i in ids], batch_size).cpu()
-    return result
+            result[ids] = _descend(model, run, [jobs[i] for i in ids], batch_size)
+    return to_host(result)  # the only move: the scores go to the CPU once, to be shown
 
 
 def _descend(model: Model, run: _Run, jobs: list[_Job], batch_size: int) -> Float[Tensor, " job"]:
@@ -597,9 +599,10 @@ def _chunk_hooks(patches: list[_Patch], lo: int, hi: int) -> list[tuple[str, hoo
     """The hooks for batch rows ``[lo, hi)``, with rows renumbered from 0."""
     fwd_hooks = []
     for name, rows, values in patches:
-        inside = (rows >= lo) & (rows < hi)
+        inside = (rows >= lo) & (rows < hi)  # on the CPU, with the rows
         if inside.any():
-            fwd_hooks.append((name, hooks.set_at_position(rows[inside] - lo, 0, values[inside])))
+            kept = values[inside.to(values.device)]  # a mask lives with the tensor it masks
+            fwd_hooks.append((name, hooks.set_at_position(rows[inside] - lo, 0, kept)))
     return fwd_hooks
 
 

@@ -23,10 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from rome_lens.analysis import LogitLens
+from rome_lens.core.precision import to_host
 from rome_lens.core.results import Result, register_view
 from rome_lens.editing import WeightEdit
 from rome_lens.evaluation import Evaluation, SequentialCurve
@@ -242,7 +244,7 @@ def plot_spectrum(stats: KeyStats | Moments, ax: AxesArg = None) -> Figure:
     """
     (panel,) = axes_for(1, ax, 5.0, 3.2)
     moment = stats.moment if isinstance(stats, KeyStats) else stats.second_moment
-    values = np.linalg.eigvalsh(moment.numpy())[::-1]
+    values = to_host(torch.linalg.eigvalsh(moment.double())).numpy()[::-1]  # on its device
     panel.semilogy(np.arange(1, len(values) + 1), np.clip(values, 1e-300, None))
     hook = stats.moments.hook if isinstance(stats, KeyStats) else stats.hook
     count = stats.n_tokens if isinstance(stats, KeyStats) else stats.count
