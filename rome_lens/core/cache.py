@@ -29,12 +29,24 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CacheError", "cache_dir", "discard", "load_tensors", "save_tensors"]
+T = TypeVar("T")
+
+__all__ = [
+    "CacheError",
+    "cache_dir",
+    "cached",
+    "cache_key",
+    "discard",
+    "load_tensors",
+    "save_tensors",
+]
 
 
 class CacheError(RuntimeError):
@@ -146,3 +158,60 @@ def discard(path: Path, reason: str) -> None:
     warnings.warn(f"rome_lens: rebuilding cache entry {path.name}: {reason}", stacklevel=3)
     path.unlink(missing_ok=True)
     _sidecar(path).unlink(missing_ok=True)
+
+
+def cache_key(*parts: object, length: int = 24) -> str:
+    """A short hex digest of JSON-able ``parts``: the name of a cache entry.
+
+    Everything that changes an entry's content must be among the parts (the model's
+    fingerprint, the settings, the inputs); dictionaries are keyed in sorted order.
+
+    Args:
+        *parts: JSON-able values.
+        length: hex digits kept.
+
+    Returns:
+        The digest.
+    """
+    text = json.dumps(list(parts), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def cached(
+    path: Path,
+    compute: Callable[[], T],
+    *,
+    load: Callable[[Path], T],
+    save: Callable[[Path, T], None],
+    use_cache: bool = True,
+    write: bool = True,
+) -> T:
+    """The entry at ``path`` if it loads and verifies; else ``compute()``, saved there.
+
+    The one cache-or-compute of rome_lens. ``load`` raises ``FileNotFoundError``
+    when there is no entry, and :class:`CacheError` (or ``ValueError``, ``KeyError``,
+    ``TypeError``) when the entry cannot be trusted: such an entry is discarded with
+    a warning that gives the reason, then rebuilt.
+
+    Args:
+        path: the entry's file.
+        compute: makes the value when no usable entry exists.
+        load: reads and verifies the entry.
+        save: writes the value (atomically: :func:`save_tensors` does).
+        use_cache: ``False`` computes without reading or writing.
+        write: ``False`` reads but never writes (on the ranks that do not save).
+
+    Returns:
+        The loaded or computed value.
+    """
+    if use_cache:
+        try:
+            return load(path)
+        except FileNotFoundError:
+            pass
+        except (CacheError, ValueError, KeyError, TypeError) as err:
+            discard(path, str(err))
+    value = compute()
+    if use_cache and write:
+        save(path, value)
+    return value
