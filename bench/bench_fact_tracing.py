@@ -63,6 +63,7 @@ from rome_lens.core.tokens import target_token_ids
 from rome_lens.evaluation import case_scores, load_counterfact, without_conflicts
 from rome_lens.influence import (
     FineTuneConfig,
+    ScoreSettings,
     bm25_top,
     fine_tune,
     fit_influence_factors,
@@ -208,7 +209,8 @@ def scores(model, tuned, cases, learnt, texts, teaching, config, args) -> None:
         fit_seconds = time.perf_counter() - started
         started = time.perf_counter()
         found = score_texts(model, fits, queries, texts, strategies=GRADIENT_METHODS,
-                            query_rank=args.query_rank, batch_size=16)  # fmt: skip
+                            settings=ScoreSettings(query_rank=args.query_rank),
+                            batch_size=16)  # fmt: skip
         scan_seconds = time.perf_counter() - started
     for method in GRADIENT_METHODS:
         all_scores[method] = found.scores[method].numpy()

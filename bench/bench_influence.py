@@ -47,6 +47,7 @@ from rome_lens.core.corpus import Corpus, bos_tokens, token_batches
 from rome_lens.core.runtime import frozen, linear_layout
 from rome_lens.core.tokens import prompt_tokens, target_token_ids
 from rome_lens.influence import (
+    ScoreSettings,
     fit_influence_factors,
     influence_many,
     mlp_weights,
@@ -156,8 +157,8 @@ def compare(model, fit_texts, scan_texts, queries, args) -> list[str]:
         fisher="empirical", use_cache=False, progress=False,
     )  # fmt: skip
     ours_results, ours_scan, ours_scan_mib = timed(
-        influence_many, model, ours_factors, queries, scan_texts, top_k=1, weights=["W_out"],
-        progress=False,
+        influence_many, model, ours_factors, queries, scan_texts, top_k=1,
+        settings=ScoreSettings(weights=("W_out",)), progress=False,
     )  # fmt: skip
     ours_scores = torch.stack([r.all_scores for r in ours_results])  # [query text]
     theirs = kronfluence_run(model, fit_texts, scan_texts, queries, layers)
@@ -478,8 +479,9 @@ def rank(model, fit_texts, texts, queries, args) -> list[str]:
         influence_many, model, factors, queries, corpus, top_k=20, progress=False
     )
     low, low_s, low_mib = timed(
-        influence_many, model, factors, queries, corpus, top_k=20, query_rank=32, progress=False
-    )
+        influence_many, model, factors, queries, corpus, top_k=20,
+        settings=ScoreSettings(query_rank=32), progress=False,
+    )  # fmt: skip
     rows = []
     for q, (f, lo) in enumerate(zip(full, low, strict=True)):
         rows.append(

@@ -48,13 +48,13 @@ from tqdm.auto import tqdm
 import rome_lens
 from rome_lens.core.runtime import frozen, linear_layout
 from rome_lens.editing import MEMITHyperParams, default_memit_layers, edited, memit_edit
-from rome_lens.editing.memit import _subject_residuals
 from rome_lens.editing.memory import (
     _optimise_batch,
     _ValueProblem,
     context_templates,
     optimise_deltas,
 )
+from rome_lens.editing.multilayer import subject_residuals
 from rome_lens.evaluation import (
     CounterFactCase,
     case_scores,
@@ -194,7 +194,7 @@ def batching(model, cases: list[CounterFactCase], layer: int) -> pd.DataFrame:
     requests = [c.request for c in cases]
     hparams = MEMITHyperParams()
     templates = context_templates(model, hparams)
-    norms = _subject_residuals(model, requests, layer).norm(dim=1)
+    norms = subject_residuals(model, requests, layer).norm(dim=1)
     problems = [_ValueProblem.build(model, r, templates, hparams) for r in requests]
     size = hparams.requests_per_batch
 

@@ -358,7 +358,7 @@ def cost(model, steps: int = 30) -> list[str]:
     hparams = ContextHyperParams()
     return [
         f"adapter training cost: frozen {seconds['frozen']:.2f} s/step, full "
-        f"{seconds['full']:.2f} s/step ({hparams.batch_size} tokens a step); reading the "
+        f"{seconds['full']:.2f} s/step ({hparams.tokens_per_step} tokens a step); reading the "
         f"{hparams.n_tokens:,} training tokens' residual streams {reading:.0f} s once"
     ]
 

@@ -1,7 +1,9 @@
 """rome_lens: find where a TransformerLens model stores a fact, and rewrite it.
 
 Find it with causal tracing (:func:`trace_fact`), rewrite it with ROME
-(:func:`rome_edit`) or thousands at once with MEMIT (:func:`memit_edit`), check it
+(:func:`rome_edit`), thousands at once with MEMIT (:func:`memit_edit`) or
+AlphaEdit (:func:`alphaedit_edit`), batch after batch with any editor
+(:class:`SequentialEditor`, :func:`get_editor`, :func:`register_editor`), check it
 with CounterFact (:func:`evaluate_edits`), watch it layer by layer with the
 logit lens (:func:`logit_lens`), look inside with LLM-Microscope's metrics
 (:func:`token_nonlinearity`, :func:`contextualisation`, ...), ask which
@@ -56,19 +58,26 @@ _EXPORTS = {
     ],
     "core": ["DEFAULT_MODEL", "load_model", "tiny_model"],
     "editing": [
+        "AlphaEditHyperParams",
         "AppliedEdit",
         "EditMissWarning",
         "EditRequest",
+        "Editor",
         "FTHyperParams",
         "MEMITHyperParams",
         "MultiLayerEdit",
         "ROMEHyperParams",
         "RankOneEdit",
+        "SequentialEditor",
         "WeightEdit",
         "WeightPatch",
+        "alphaedit_edit",
         "edited",
+        "editors",
         "ft_edit",
+        "get_editor",
         "memit_edit",
+        "register_editor",
         "rome_edit",
     ],
     "evaluation": [
@@ -79,7 +88,7 @@ _EXPORTS = {
         "summarize",
         "without_conflicts",
     ],
-    "influence": ["InfluenceFactors", "InfluenceResult", "fit_influence_factors"],
+    "influence": ["InfluenceFactors", "InfluenceResult", "ScoreSettings", "fit_influence_factors"],
     "stats": ["KeyStats", "key_second_moment"],
     "tracing": [
         "AverageEffects",
@@ -95,12 +104,14 @@ _EXPORTS = {
 _ROOM_OF = {name: room for room, names in _EXPORTS.items() for name in names}
 
 __all__ = [
+    "AlphaEditHyperParams",
     "AppliedEdit",
     "AverageEffects",
     "CausalTrace",
     "DEFAULT_MODEL",
     "EditMissWarning",
     "EditRequest",
+    "Editor",
     "Evaluation",
     "FTHyperParams",
     "InfluenceFactors",
@@ -111,17 +122,22 @@ __all__ = [
     "MultiLayerEdit",
     "ROMEHyperParams",
     "RankOneEdit",
+    "ScoreSettings",
+    "SequentialEditor",
     "SeveredTrace",
     "UnreliableTraceWarning",
     "WeightEdit",
     "WeightPatch",
+    "alphaedit_edit",
     "average_causal_effects",
     "contextualisation",
     "edited",
+    "editors",
     "embedding_noise_scale",
     "evaluate_edits",
     "fit_influence_factors",
     "ft_edit",
+    "get_editor",
     "influence",
     "intermediate_predictions",
     "key_second_moment",
@@ -131,6 +147,7 @@ __all__ = [
     "load_model",
     "logit_lens",
     "memit_edit",
+    "register_editor",
     "representation_geometry",
     "rome_edit",
     "summarize",
@@ -171,19 +188,26 @@ if TYPE_CHECKING:
     )
     from rome_lens.core import DEFAULT_MODEL, load_model, tiny_model
     from rome_lens.editing import (
+        AlphaEditHyperParams,
         AppliedEdit,
         EditMissWarning,
+        Editor,
         EditRequest,
         FTHyperParams,
         MEMITHyperParams,
         MultiLayerEdit,
         RankOneEdit,
         ROMEHyperParams,
+        SequentialEditor,
         WeightEdit,
         WeightPatch,
+        alphaedit_edit,
         edited,
+        editors,
         ft_edit,
+        get_editor,
         memit_edit,
+        register_editor,
         rome_edit,
     )
     from rome_lens.evaluation import (
@@ -194,7 +218,12 @@ if TYPE_CHECKING:
         summarize,
         without_conflicts,
     )
-    from rome_lens.influence import InfluenceFactors, InfluenceResult, fit_influence_factors
+    from rome_lens.influence import (
+        InfluenceFactors,
+        InfluenceResult,
+        ScoreSettings,
+        fit_influence_factors,
+    )
     from rome_lens.stats import KeyStats, key_second_moment
     from rome_lens.tracing import (
         AverageEffects,

@@ -178,8 +178,6 @@ class TestSequentialEditor:
 
     def test_a_failing_batch_is_rolled_back(self, tiny, stats, tmp_path, monkeypatch):
         """An interrupt after part of a ROME batch is applied undoes that part, bit for bit."""
-        from rome_lens.editing import sequential
-
         editor = SequentialEditor(tiny, "rome", layers=[1], stats={1: stats[1]},
                                   hparams=ROMEHyperParams(context_lengths=(), v_steps=3),
                                   cache_dir=tmp_path, progress=False)  # fmt: skip
@@ -187,7 +185,7 @@ class TestSequentialEditor:
             editor.edit(LATER)
         after_first = weights(tiny)
         calls = []
-        real = sequential.rome_edit
+        real = editor.editor.edit
 
         def failing(*args, **kwargs):
             calls.append(1)
@@ -195,7 +193,7 @@ class TestSequentialEditor:
                 raise KeyboardInterrupt
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(sequential, "rome_edit", failing)
+        monkeypatch.setattr(editor.editor, "edit", failing)
         with pytest.raises(KeyboardInterrupt), warnings.catch_warnings(record=True):
             editor.edit(REQUESTS)
         assert len(editor) == 1 and hooks_left(tiny) == 0

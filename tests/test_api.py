@@ -20,6 +20,10 @@ NAMES_IN_0_1 = [
     "rome_edit", "summarize", "tiny_model", "trace_fact", "trace_severed", "viz",
     "without_conflicts",
 ]  # fmt: skip
+NAMES_OF_THE_EDITORS = [
+    "AlphaEditHyperParams", "Editor", "SequentialEditor", "alphaedit_edit", "editors",
+    "get_editor", "register_editor",
+]  # fmt: skip
 ROOMS = ["core", "stats", "tracing", "editing", "analysis", "influence", "evaluation", "viz"]
 
 
@@ -44,6 +48,14 @@ class TestNames:
     def test_name_of_0_1_is_still_exported(self, name):
         """rome_lens.<name> still resolves, through the lazy package root."""
         assert getattr(rome_lens, name) is not None
+        assert name in rome_lens.__all__
+
+    @pytest.mark.parametrize("name", NAMES_OF_THE_EDITORS)
+    def test_the_editors_family_is_exported(self, name):
+        """The editor protocol, its registry, AlphaEdit and SequentialEditor are at the root."""
+        assert getattr(rome_lens, name) is getattr(
+            importlib.import_module("rome_lens.editing"), name
+        )
         assert name in rome_lens.__all__
 
     def test_all_lists_what_the_root_exports(self):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.func import functional_call, grad
@@ -12,6 +15,7 @@ from rome_lens.core.backend import weight as backend_weight
 from rome_lens.core.corpus import bos_tokens
 from rome_lens.influence import (
     InfluenceFactors,
+    ScoreSettings,
     fit_influence_factors,
     influence,
     influence_many,
@@ -36,6 +40,7 @@ TEXTS = [
     "Steve Jobs founded Apple.",
 ]
 QUERY = ("The Eiffel Tower is located in the city of", " Paris")
+IDENTITY = ScoreSettings(strategy="identity")  # the plain gradient dot product
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,7 @@ class TestExactScores:
 
     def test_identity_scores_are_gradient_dot_products(self, micro, factors):
         """With "identity", each text's score is ⟨∇f, ∇ log p(text)⟩ from torch.func, to 1e-5."""
-        result = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), strategy="identity",
+        result = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), settings=IDENTITY,
                            progress=False)  # fmt: skip
         tokens = micro.to_tokens(QUERY[0] + QUERY[1])
         n_prompt = micro.to_tokens(QUERY[0]).shape[1]
@@ -135,8 +140,9 @@ class TestExactScores:
     @pytest.mark.parametrize("query_rank", [None, 3])
     def test_normalized_identity_scores_are_gradient_cosines(self, micro, factors, query_rank):
         """normalize=True with "identity" gives cos(∇f, ∇ log p(text)), full rank or cut."""
-        result = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), strategy="identity",
-                           query_rank=query_rank, normalize=True, progress=False)  # fmt: skip
+        cosine = ScoreSettings(strategy="identity", query_rank=query_rank, normalize=True)
+        result = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), settings=cosine,
+                           progress=False)  # fmt: skip
         tokens = micro.to_tokens(QUERY[0] + QUERY[1])
         n_prompt = micro.to_tokens(QUERY[0]).shape[1]
         query = reference_gradient(
@@ -154,16 +160,18 @@ class TestExactScores:
 
     def test_a_subset_is_its_share_of_the_whole(self, micro, factors):
         """Scoring one layer, or W_out alone, gives that part of the identity dot product."""
-        full = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), strategy="identity",
+        full = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), settings=IDENTITY,
                          progress=False)  # fmt: skip
-        layer = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), layers=[1],
-                          strategy="identity", progress=False)  # fmt: skip
+        layer = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS),
+                          settings=ScoreSettings(layers=(1,), strategy="identity"),
+                          progress=False)  # fmt: skip
         assert layer.layers == [1] and layer.layer_scores.shape == (len(TEXTS), 1)
         by_id = dict(zip(full.text_ids, full.layer_scores[:, 1].tolist(), strict=True))
         for text_id, score in zip(layer.text_ids, layer.scores.tolist(), strict=True):
             assert score == pytest.approx(by_id[text_id], rel=1e-6, abs=1e-9)
-        w_out = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), weights=["W_out"],
-                          strategy="identity", progress=False)  # fmt: skip
+        w_out = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS),
+                          settings=ScoreSettings(weights=("W_out",), strategy="identity"),
+                          progress=False)  # fmt: skip
         tokens = micro.to_tokens(QUERY[0] + QUERY[1])
         n_prompt = micro.to_tokens(QUERY[0]).shape[1]
         query = reference_gradient(
@@ -253,8 +261,9 @@ class TestExactScores:
 
     def test_low_rank_scores_use_the_truncated_query(self, micro, factors):
         """With query_rank, a score is ⟨rank-r SVD cut of ∇f, ∇ log p(text)⟩ (identity)."""
-        result = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS), strategy="identity",
-                           query_rank=3, progress=False)  # fmt: skip
+        result = influence(micro, factors, *QUERY, TEXTS, top_k=len(TEXTS),
+                           settings=ScoreSettings(strategy="identity", query_rank=3),
+                           progress=False)  # fmt: skip
         tokens = micro.to_tokens(QUERY[0] + QUERY[1])
         n_prompt = micro.to_tokens(QUERY[0]).shape[1]
         query = reference_gradient(
@@ -272,7 +281,7 @@ class TestExactScores:
         """Cutting queries to low rank two at a time gives the scores of all at once."""
         queries = [QUERY, ("Steve Jobs founded", " Apple"), ("Berlin is the capital of",
                    " Germany"), ("The Louvre is a", " museum"), ("Cats", " sleep")]  # fmt: skip
-        kwargs = {"top_k": 2, "query_rank": 3, "progress": False}
+        kwargs = {"top_k": 2, "settings": ScoreSettings(query_rank=3), "progress": False}
         whole = influence_many(micro, factors, queries, TEXTS, **kwargs)
         monkeypatch.setattr(rome_lens.influence.scores, "_QUERY_GROUP", 2)
         grouped = influence_many(micro, factors, queries, TEXTS, **kwargs)
@@ -299,18 +308,21 @@ class TestExactScores:
         queries = [QUERY, ("Steve Jobs founded", " Apple")]
         strategies = ("ekfac", "kfac", "diagonal", "identity")
         found = score_texts(micro, both, queries, TEXTS, strategies=strategies,
-                            query_rank=query_rank, progress=False)  # fmt: skip
+                            settings=ScoreSettings(query_rank=query_rank),
+                            progress=False)  # fmt: skip
         for strategy in strategies:
             fit = both[1] if strategy == "diagonal" else both[0]
-            results = influence_many(micro, fit, queries, TEXTS, top_k=1, strategy=strategy,
-                                     query_rank=query_rank, progress=False)  # fmt: skip
+            settings = ScoreSettings(strategy=strategy, query_rank=query_rank)
+            results = influence_many(micro, fit, queries, TEXTS, top_k=1, settings=settings,
+                                     progress=False)  # fmt: skip
             expected = torch.stack([r.all_scores for r in results], 1)
             scale = float(expected.abs().max())  # float32 sums in another order
             torch.testing.assert_close(
                 found.scores[strategy], expected, rtol=1e-4, atol=1e-5 * scale
             )
-        cosine = influence_many(micro, both[0], queries, TEXTS, top_k=1, strategy="identity",
-                                query_rank=query_rank, normalize=True, progress=False)  # fmt: skip
+        settings = ScoreSettings(strategy="identity", query_rank=query_rank, normalize=True)
+        cosine = influence_many(micro, both[0], queries, TEXTS, top_k=1, settings=settings,
+                                progress=False)  # fmt: skip
         from_norms = found.scores["identity"] / (
             found.text_norms[:, None] * found.query_norms["identity"][None]
         )
@@ -330,7 +342,8 @@ class TestExactScores:
     def test_low_rank_queries_agree(self, micro, factors):
         """Rank-4 preconditioned queries rank the texts almost as full rank does."""
         full = influence(micro, factors, *QUERY, TEXTS, top_k=6, progress=False)
-        low = influence(micro, factors, *QUERY, TEXTS, top_k=6, query_rank=4, progress=False)
+        low = influence(micro, factors, *QUERY, TEXTS, top_k=6,
+                        settings=ScoreSettings(query_rank=4), progress=False)  # fmt: skip
         assert low.text_ids[0] == full.text_ids[0]
 
 
@@ -355,7 +368,8 @@ class TestScienceOfTheSign:
 
     def test_prefilter_keeps_bm25s_choice(self, micro, factors):
         """With a prefilter only BM25's top texts are scored."""
-        result = influence(micro, factors, *QUERY, TEXTS, top_k=2, prefilter=2, progress=False)
+        result = influence(micro, factors, *QUERY, TEXTS, top_k=2,
+                           settings=ScoreSettings(prefilter=2), progress=False)  # fmt: skip
         assert len(result.all_ids) == 2 and 0 in result.all_ids
 
 
@@ -386,6 +400,16 @@ class TestFactors:
                     getattr(apart, table)[name], getattr(factors, table)[name], rtol=1e-5,
                     atol=1e-7,
                 )  # fmt: skip
+
+    def test_factors_come_complete(self, micro, factors):
+        """Every weight has its eigenbases and its Λ; the counts and the time are set."""
+        for table in ("input_vectors", "input_values", "output_vectors", "output_values",
+                      "eigen_lambda"):  # fmt: skip
+            assert list(getattr(factors, table)) == factors.names, table
+        assert factors.diagonal == {}
+        tokens = sum(micro.to_tokens(text).shape[1] - len(bos_tokens(micro)) for text in TEXTS)
+        assert factors.n_tokens == 3 * tokens  # the corpus runs out before 400
+        assert factors.n_sequences == 3 * len(TEXTS) and factors.seconds > 0
 
     def test_passes_follow_the_memory_free(self, micro, monkeypatch):
         """With room for one layer's moments at a time, each layer gets its own pass."""
@@ -458,7 +482,8 @@ class TestBadInput:
         only_one = fit_influence_factors(micro, TEXTS, layers=[0], n_tokens=100, strategy="kfac",
                                          cache_dir=tmp_path, progress=False)  # fmt: skip
         with pytest.raises(ValueError, match=r"factors cover layers \[0\], not \[1\]"):
-            influence(micro, only_one, *QUERY, TEXTS, layers=[1], progress=False)
+            influence(micro, only_one, *QUERY, TEXTS, settings=ScoreSettings(layers=(1,)),
+                      progress=False)  # fmt: skip
 
     def test_empty_corpus_and_top_k(self, micro, factors):
         with pytest.raises(ValueError, match="corpus must hold texts"):
@@ -470,7 +495,8 @@ class TestBadInput:
         kfac = fit_influence_factors(micro, TEXTS, n_tokens=100, strategy="kfac",
                                      cache_dir=tmp_path, progress=False)  # fmt: skip
         with pytest.raises(ValueError, match="fitted for 'kfac'.*fit with strategy='ekfac'"):
-            influence(micro, kfac, *QUERY, TEXTS, strategy="ekfac", progress=False)
+            influence(micro, kfac, *QUERY, TEXTS, settings=ScoreSettings(strategy="ekfac"),
+                      progress=False)  # fmt: skip
         with pytest.raises(ValueError, match="strategy must be one of"):
             fit_influence_factors(micro, TEXTS, strategy="newton", progress=False)  # type: ignore[arg-type]
 
@@ -484,7 +510,8 @@ class TestBadInput:
                                       progress=False)  # fmt: skip
         assert w_out.names == ["blocks.0.mlp.W_out", "blocks.1.mlp.W_out"]
         with pytest.raises(ValueError, match=r"not \['blocks.0.mlp.W_in', 'blocks.1.mlp.W_in'\]"):
-            influence(micro, w_out, *QUERY, TEXTS, weights=["W_in"], progress=False)
+            influence(micro, w_out, *QUERY, TEXTS, settings=ScoreSettings(weights=("W_in",)),
+                      progress=False)  # fmt: skip
 
     def test_layer_out_of_range(self, micro):
         with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\), got 5"):
@@ -496,3 +523,80 @@ def test_tiny_model_has_every_weight(tiny):
     names = [w.name for w in mlp_weights(tiny)]
     assert names == [f"blocks.{layer}.mlp.{w}" for layer in range(3) for w in ("W_in", "W_out")]
     assert rome_lens.tiny_model is not None
+
+
+class TestScoreSettings:
+    @pytest.mark.parametrize(
+        ("fields", "message"),
+        [
+            ({"damping": -1.0}, "damping must be a finite number >= 0, got -1.0"),
+            ({"damping": float("nan")}, "damping must be a finite number >= 0, got nan"),
+            ({"query_rank": 0}, "query_rank must be a positive integer or None, got 0"),
+            ({"prefilter": 2.5}, "prefilter must be a positive integer or None, got 2.5"),
+            ({"strategy": "newton"}, "strategy must be one of .*, got 'newton'"),
+            ({"layers": (1, -2)}, r"each an integer >= 0, got \[1, -2\]"),
+            ({"layers": ()}, r"layers must name at least one layer, .*got \[\]"),
+            ({"weights": ("W_up",)}, r"weights must name some of .*, got \['W_up'\]"),
+            ({"normalize": "yes"}, "normalize must be True or False, got 'yes'"),
+        ],
+    )
+    def test_a_bad_value_is_named(self, fields, message):
+        """Each field is checked when the settings are made, and the error shows the value."""
+        with pytest.raises(ValueError, match=message):
+            ScoreSettings(**fields)
+
+    def test_sequences_become_tuples_that_compare_by_value(self):
+        """Layers are kept ascending and once each; equal settings are equal and hash alike."""
+        settings = ScoreSettings(layers=[2, 1, 2], weights=["W_out"])  # type: ignore[arg-type]
+        assert settings.layers == (1, 2) and settings.weights == ("W_out",)
+        same = ScoreSettings(layers=(1, 2), weights=("W_out",))
+        assert settings == same and hash(settings) == hash(same)
+        with pytest.raises(AttributeError):
+            settings.damping = 0.2  # type: ignore[misc]
+
+    @pytest.mark.parametrize("caller", ["influence", "influence_many", "score_texts"])
+    def test_old_keywords_warn_once_and_score_as_settings(self, micro, factors, caller):
+        """The keywords of before warn once, at the caller's line, and give the same scores."""
+        fields = {"damping": 0.2, "query_rank": 3}
+        run = {
+            "influence": lambda **kw: [influence(micro, factors, *QUERY, TEXTS, **kw)],
+            "influence_many": lambda **kw: influence_many(micro, factors, [QUERY], TEXTS, **kw),
+            "score_texts": lambda **kw: [score_texts(micro, factors, [QUERY], TEXTS, **kw)],
+        }[caller]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            old = run(progress=False, **fields)
+        assert [w.category for w in caught] == [DeprecationWarning]
+        assert f"{caller}(damping=0.2, query_rank=3) is deprecated" in str(caught[0].message)
+        assert "settings=ScoreSettings(damping=0.2, query_rank=3)" in str(caught[0].message)
+        assert caught[0].filename == __file__
+        new = run(progress=False, settings=ScoreSettings(**fields))
+        for a, b in zip(old, new, strict=True):
+            if caller == "score_texts":
+                assert torch.equal(a.scores["ekfac"], b.scores["ekfac"])
+            else:
+                assert a.text_ids == b.text_ids and torch.equal(a.all_scores, b.all_scores)
+
+    def test_settings_given_twice_or_unknown_raise(self, micro, factors):
+        """Settings both as settings= and as keywords, or a keyword that is none, raise."""
+        with pytest.raises(TypeError, match=r"not both: move \['damping'\]"):
+            influence(micro, factors, *QUERY, TEXTS, settings=ScoreSettings(), damping=0.2)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'dampening'"):
+            influence(micro, factors, *QUERY, TEXTS, dampening=0.2)
+
+    def test_score_texts_refuses_what_it_gives_another_way(self, micro, factors):
+        """score_texts takes strategies=, returns the norms and scores every text."""
+        for fields in ({"strategy": "kfac"}, {"normalize": True}, {"prefilter": 2}):
+            name = next(iter(fields))
+            with pytest.raises(ValueError, match=f"score_texts takes no settings.{name}"):
+                score_texts(micro, factors, [QUERY], TEXTS, settings=ScoreSettings(**fields))
+
+    def test_score_texts_scores_the_chosen_weights(self, micro, factors):
+        """score_texts with a layer and a weight kind gives influence_many's scores of them."""
+        chosen = ScoreSettings(layers=(1,), weights=("W_out",))
+        found = score_texts(micro, factors, [QUERY], TEXTS, strategies=("identity",),
+                            settings=chosen, progress=False)  # fmt: skip
+        (expected,) = influence_many(micro, factors, [QUERY], TEXTS, top_k=1,
+                                     settings=replace(chosen, strategy="identity"),
+                                     progress=False)  # fmt: skip
+        torch.testing.assert_close(found.scores["identity"][:, 0], expected.all_scores)

@@ -25,7 +25,12 @@ import torch
 from torch import Tensor
 
 from rome_lens.core.backend import Model
-from rome_lens.influence import InfluenceFactors, fit_influence_factors, influence_many
+from rome_lens.influence import (
+    InfluenceFactors,
+    ScoreSettings,
+    fit_influence_factors,
+    influence_many,
+)
 
 from .conftest import micro_model
 
@@ -235,8 +240,8 @@ def factors(retrained, tmp_path_factory) -> InfluenceFactors:
 
 def scores(model: Model, factors: InfluenceFactors, strategy: str) -> Tensor:
     """``[text query]`` influence scores of the trained ``W_out``."""
-    results = influence_many(model, factors, QUERIES, TEXTS, top_k=len(TEXTS), strategy=strategy,
-                             progress=False)  # fmt: skip
+    results = influence_many(model, factors, QUERIES, TEXTS, top_k=len(TEXTS),
+                             settings=ScoreSettings(strategy=strategy), progress=False)  # fmt: skip
     table = torch.zeros(len(TEXTS), len(QUERIES))
     for q, result in enumerate(results):
         table[result.all_ids, q] = result.all_scores.float()

@@ -178,6 +178,17 @@ class TestCache:
             warnings.simplefilter("error")
             assert fine_tune(tiny, TEXTS, CONFIG, cache_dir=tmp_path, progress=False).cached
 
+    def test_without_the_cache_nothing_is_read_or_written(self, tiny, tmp_path):
+        """use_cache=False trains afresh beside a cached run, and writes no file."""
+        fine_tune(tiny, TEXTS, CONFIG, cache_dir=tmp_path / "none", use_cache=False,
+                  progress=False)  # fmt: skip
+        assert not list((tmp_path / "none").rglob("*.safetensors"))
+        kept = fine_tune(tiny, TEXTS, CONFIG, cache_dir=tmp_path, progress=False)
+        again = fine_tune(tiny, TEXTS, CONFIG, cache_dir=tmp_path, use_cache=False, progress=False)
+        assert not again.cached
+        for name, value in kept.weights.items():
+            assert torch.equal(value, again.weights[name]), name
+
     def test_results_save_and_load(self, tiny, tmp_path):
         """A FineTuned saves and loads like any result, with a table and a plot."""
         tuned = fine_tune(tiny, TEXTS, CONFIG, cache_dir=tmp_path, progress=False)

@@ -20,8 +20,8 @@ from rome_lens.editing import (
     edited,
     memit_edit,
     memory,
+    multilayer,
 )
-from rome_lens.editing import memit as memit_module
 from rome_lens.editing.memory import compute_keys, optimise_deltas
 from rome_lens.stats import key_second_moment
 
@@ -66,7 +66,7 @@ def edit(tiny, stats, z_cache) -> MultiLayerEdit:
 
 
 def subject_residuals(model, layer: int) -> torch.Tensor:
-    return memit_module._subject_residuals(model, REQUESTS, layer)
+    return multilayer.subject_residuals(model, REQUESTS, layer)
 
 
 class TestLeastSquares:
@@ -114,7 +114,7 @@ class TestLeastSquares:
     def test_key_match_does_not_change_the_cached_targets(self, tiny, stats, z_cache, edit):
         """z does not depend on key_match, so both settings share one cache file per request."""
         hparams = dataclasses.replace(FAST, key_match="both")
-        paths = {memit_module._z_path("f", REQUESTS[0], 1, h, z_cache) for h in (FAST, hparams)}
+        paths = {multilayer.target_path("f", REQUESTS[0], 1, h, z_cache) for h in (FAST, hparams)}
         assert len(paths) == 1
 
     def test_edit_moves_the_residual_towards_the_targets(self, tiny, edit):
@@ -153,7 +153,7 @@ class TestBatchedValues:
     def test_targets_are_cached_per_request(self, tiny, stats, z_cache, edit, monkeypatch):
         """A second edit with the same requests reads every z from the cache."""
         monkeypatch.setattr(
-            memit_module, "optimise_deltas", lambda *a, **k: pytest.fail("recomputed")
+            multilayer, "optimise_deltas", lambda *a, **k: pytest.fail("recomputed")
         )
         again = edit_tiny(tiny, stats, z_cache)
         assert torch.equal(again.targets, edit.targets)
@@ -191,7 +191,7 @@ class TestUndoAndSaving:
         """An exception while the first layer's update is applied reverts it."""
         before = weights(tiny)
         calls = []
-        real = memit_module.compute_keys
+        real = multilayer.compute_keys
 
         def failing(*args, **kwargs):
             calls.append(1)
@@ -199,7 +199,7 @@ class TestUndoAndSaving:
                 raise RuntimeError("interrupted")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(memit_module, "compute_keys", failing)
+        monkeypatch.setattr(multilayer, "compute_keys", failing)
         with pytest.raises(RuntimeError, match="interrupted"):
             edit_tiny(tiny, stats, tmp_path)
         assert_same_weights(tiny, before)

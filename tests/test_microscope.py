@@ -33,7 +33,7 @@ from rome_lens.viz import token_layer_widget
 from .conftest import hooks_left
 
 TEXT = "The Eiffel Tower is located in the city of Paris. The Louvre is a museum in Paris."
-QUICK = ContextHyperParams(prefix_length=3, steps=4, n_tokens=300, batch_size=8)
+QUICK = ContextHyperParams(prefix_length=3, steps=4, n_tokens=300, tokens_per_step=8)
 
 
 def released():
@@ -124,6 +124,17 @@ class TestLinearity:
             fit_linear_maps(tiny, n_tokens=200, cache_dir=tmp_path, progress=False)
         with pytest.raises(ValueError, match="another model"):
             LinearMaps.load(path, model=rome_lens.tiny_model(seed=1))
+
+    def test_layer_linearity_without_the_cache(self, tiny, tmp_path, monkeypatch):
+        """use_cache=False fits afresh and saves no maps; with the cache it reads them back."""
+        kwargs = {"n_tokens": 200, "cache_dir": tmp_path, "progress": False}
+        fresh = layer_linearity(tiny, use_cache=False, **kwargs)
+        assert not list(tmp_path.rglob("maps-*.st"))
+        stored = layer_linearity(tiny, **kwargs)
+        assert len(list(tmp_path.rglob("maps-*.st"))) == 1
+        assert torch.equal(fresh.linearity, stored.linearity)
+        monkeypatch.setattr("rome_lens.analysis.linearity._fit_states", lambda *a: pytest.fail())
+        assert torch.equal(layer_linearity(tiny, **kwargs).linearity, stored.linearity)
 
 
 class TestAgainstTheReleasedCode:
@@ -294,6 +305,35 @@ class TestContextualisation:
         assert hooks_left(tiny) == 0
         assert [p.requires_grad for p in tiny.parameters()] == flags
 
+    def test_batch_size_is_sequences_per_forward_pass(self, tiny, adapter):
+        """Scoring two prefixes at a time gives the scores of scoring them all at once."""
+        whole = contextualisation(tiny, TEXT, adapter, batch_size=64, progress=False)
+        pairs = contextualisation(tiny, TEXT, adapter, batch_size=2, progress=False)
+        torch.testing.assert_close(pairs.scores, whole.scores, equal_nan=True)
+
+    def test_use_cache_decides_whether_the_adapter_is_kept(self, tiny, tmp_path):
+        """Training on demand keeps the adapter only with use_cache; then it is read back."""
+        kwargs = {"hparams": QUICK, "cache_dir": tmp_path, "progress": False}
+        fresh = contextualisation(tiny, TEXT, use_cache=False, **kwargs)
+        assert not list(tmp_path.rglob("context-*.st"))
+        kept = contextualisation(tiny, TEXT, **kwargs)
+        (path,) = tmp_path.rglob("context-*.st")
+        torch.testing.assert_close(kept.scores, fresh.scores, equal_nan=True)
+        assert ContextAdapter.load(path, model=tiny).settings == QUICK
+
+    def test_the_old_name_of_tokens_per_step_still_works(self):
+        """batch_size= and .batch_size warn and mean tokens_per_step; saved settings convert."""
+        with pytest.warns(DeprecationWarning, match="now tokens_per_step"):
+            old = ContextHyperParams(prefix_length=3, steps=4, n_tokens=300, batch_size=8)
+        assert old == QUICK
+        with pytest.warns(DeprecationWarning, match="now tokens_per_step"):
+            assert QUICK.batch_size == 8
+        with pytest.raises(TypeError, match="not both"), pytest.warns(DeprecationWarning):
+            ContextHyperParams(batch_size=8, tokens_per_step=8)
+        saved = {**QUICK.__dict__, "batch_size": 8}
+        del saved["tokens_per_step"]
+        assert ContextHyperParams.from_dict(saved) == QUICK
+
 
 class TestBadInput:
     @pytest.mark.parametrize("text", ["", "   ", None])
@@ -319,6 +359,7 @@ class TestBadInput:
             token_layer_widget(result, layer=3)
 
     def test_settings(self):
+        """A decoder that does not exist and a non-positive size are named."""
         with pytest.raises(ValueError, match="decoder must be 'frozen' or 'full', got 'lora'"):
             ContextHyperParams(decoder="lora")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="prefix_length must be a positive integer"):

@@ -8,7 +8,13 @@ import torch
 from rome_lens import trace_fact, trace_severed
 from rome_lens.core.backend import Model
 from rome_lens.core.tokens import subject_range
-from rome_lens.tracing import UnreliableTraceWarning, embedding_noise_scale, window_layers
+from rome_lens.tracing import (
+    UnreliableTraceWarning,
+    average_causal_effects,
+    embedding_noise_scale,
+    engine,
+    window_layers,
+)
 from rome_lens.tracing.results import trace_problems
 
 from .conftest import hooks_left
@@ -227,6 +233,46 @@ class TestSeveredTrace:
         result = trace_severed(tiny, PROMPT, SUBJECT, samples=3, progress=False)
         trace = trace_fact(tiny, PROMPT, SUBJECT, kinds=("resid",), samples=3, progress=False)
         torch.testing.assert_close(result.scores, trace.scores[0, result.token], atol=1e-6, rtol=0)
+
+
+class TestAverageCausalEffects:
+    FACTS = (
+        {"prompt": PROMPT, "subject": SUBJECT},
+        {"prompt": "Steve Jobs founded the company", "subject": "Steve Jobs", "target": " Apple"},
+    )
+
+    def test_batch_size_reaches_every_trace(self, tiny, monkeypatch):
+        """Each fact is traced with the batch_size given, and scores as trace_fact does."""
+        seen = []
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs["batch_size"])
+            return trace_fact(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "trace_fact", spy)
+        average = average_causal_effects(
+            tiny, self.FACTS, kinds=("mlp",), samples=2, batch_size=3, progress=False
+        )
+        assert seen == [3, 3]
+        for fact, trace in zip(self.FACTS, average.traces, strict=True):
+            alone = trace_fact(tiny, fact["prompt"], fact["subject"], target=fact.get("target"),
+                               kinds=("mlp",), samples=2, noise_scale=trace.noise_scale,
+                               batch_size=3, progress=False)  # fmt: skip
+            assert torch.equal(trace.scores, alone.scores)
+
+    def test_batch_size_leaves_the_numbers(self, tiny):
+        """Small batches give the averages of the default batch_size, to float rounding."""
+        default = average_causal_effects(tiny, self.FACTS, samples=2, progress=False)
+        small = average_causal_effects(tiny, self.FACTS, samples=2, batch_size=3, progress=False)
+        torch.testing.assert_close(small.mean, default.mean, atol=1e-6, rtol=0, equal_nan=True)
+        torch.testing.assert_close(small.ci95, default.ci95, atol=1e-6, rtol=0, equal_nan=True)
+        assert torch.equal(small.counts, default.counts)
+
+    def test_a_bad_batch_size_is_refused_before_tracing(self, tiny, monkeypatch):
+        """batch_size=0 raises, naming it, before any fact is traced."""
+        monkeypatch.setattr(engine, "trace_fact", None)  # a call would fail differently
+        with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+            average_causal_effects(tiny, self.FACTS, batch_size=0, progress=False)
 
 
 class TestBadInput:

@@ -9,8 +9,7 @@ anisotropy and intrinsic dimension of each depth
 (:mod:`~rome_lens.analysis.geometry`); and how much context each token holds
 (:mod:`~rome_lens.analysis.context`). Every text and corpus is read
 through :class:`rome_lens.core.corpus.Corpus`, every residual stream through
-:func:`rome_lens.core.runtime.capture`. It imports :mod:`rome_lens.core` and
-:mod:`rome_lens.stats`, nothing above.
+:func:`rome_lens.core.runtime.capture`. It imports only :mod:`rome_lens.core`.
 
 >>> from rome_lens.core.models import tiny_model
 >>> from rome_lens.analysis import intermediate_predictions, logit_lens

@@ -17,7 +17,7 @@ The paper leaves three choices open; rome_lens makes them so (see
   (the position the model always sees first), through ``hook_embed``; the
   decoder then reads the prefix teacher-forced and predicts each of its tokens;
 * **training**: Adam on the mean cross-entropy, ``steps`` steps of
-  ``batch_size`` tokens sampled from a pool of ``n_tokens`` training tokens
+  ``tokens_per_step`` tokens sampled from a pool of ``n_tokens`` training tokens
   whose residual streams are read once.
 
 Two variants: ``decoder="full"`` trains the decoder copy as well (the paper's),
@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
+import functools
 import os
 import time
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -59,7 +60,7 @@ from tqdm.auto import tqdm
 from rome_lens.analysis.states import check_text, state_hooks
 from rome_lens.core import backend
 from rome_lens.core.backend import Model
-from rome_lens.core.cache import CacheError, cache_dir, discard
+from rome_lens.core.cache import cache_dir, cache_key, cached
 from rome_lens.core.corpus import Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.hooks import Hook, attached
@@ -88,8 +89,9 @@ class ContextHyperParams:
     """``"frozen"``: only f and g train; ``"full"``: a copy of the model trains too."""
     steps: int = 300
     """Optimisation steps."""
-    batch_size: int = 16
-    """Tokens whose prefixes are reconstructed per step."""
+    tokens_per_step: int = 16
+    """Tokens whose prefixes are reconstructed per optimisation step (formerly ``batch_size``,
+    the name that now means sequences per forward pass)."""
     lr: float = 1e-3
     """Adam learning rate of g."""
     pool_lr: float = 0.03
@@ -106,10 +108,54 @@ class ContextHyperParams:
     def __post_init__(self) -> None:
         if self.decoder not in ("frozen", "full"):
             raise ValueError(f"decoder must be 'frozen' or 'full', got {self.decoder!r}")
-        for name in ("prefix_length", "steps", "batch_size", "n_tokens"):
+        for name in ("prefix_length", "steps", "tokens_per_step", "n_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def batch_size(self) -> int:
+        """Deprecated name of :attr:`tokens_per_step`."""
+        warnings.warn(_RENAMED, DeprecationWarning, stacklevel=2)
+        return self.tokens_per_step
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, object]) -> ContextHyperParams:
+        """The settings saved as ``fields`` (by ``dataclasses.asdict``), also when saved
+        under the old name ``batch_size``.
+
+        Args:
+            fields: the settings, by field name.
+
+        Returns:
+            The settings.
+        """
+        renamed = {"tokens_per_step" if k == "batch_size" else k: v for k, v in fields.items()}
+        return cls(**renamed)  # type: ignore[arg-type]
+
+
+_RENAMED = (
+    "ContextHyperParams.batch_size is now tokens_per_step (tokens per optimisation step); "
+    "batch_size means sequences per forward pass everywhere in rome_lens"
+)
+
+
+def _accepting_batch_size(init: Callable[..., None]) -> Callable[..., None]:
+    """``ContextHyperParams.__init__`` that still takes the deprecated ``batch_size=``."""
+
+    @functools.wraps(init)
+    def accepting(self: ContextHyperParams, *args: Any, **kwargs: Any) -> None:
+        if "batch_size" in kwargs:
+            warnings.warn(_RENAMED, DeprecationWarning, stacklevel=2)
+            if "tokens_per_step" in kwargs:
+                raise TypeError("pass tokens_per_step or its old name batch_size, not both")
+            kwargs["tokens_per_step"] = kwargs.pop("batch_size")
+        init(self, *args, **kwargs)
+
+    return accepting
+
+
+ContextHyperParams.__init__ = _accepting_batch_size(ContextHyperParams.__init__)  # type: ignore[method-assign]
 
 
 class _Adapter(nn.Module):
@@ -149,7 +195,7 @@ class ContextAdapter(Result):
     seconds: float = 0.0  # training time
 
     def __repr__(self) -> str:
-        settings = ContextHyperParams(**self.hparams)  # type: ignore[arg-type]
+        settings = self.settings
         return (
             f"ContextAdapter(decoder={settings.decoder!r}, prefix_length="
             f"{settings.prefix_length}, {len(self.losses)} steps, final loss "
@@ -159,7 +205,7 @@ class ContextAdapter(Result):
     @property
     def settings(self) -> ContextHyperParams:
         """The settings it was trained with."""
-        return ContextHyperParams(**self.hparams)  # type: ignore[arg-type]
+        return ContextHyperParams.from_dict(self.hparams)
 
     @property
     def depth_weights(self) -> Float[Tensor, " depth"]:
@@ -212,6 +258,7 @@ def train_context_adapter(
     corpus: CorpusSource | Corpus = None,
     *,
     hparams: ContextHyperParams | None = None,
+    batch_size: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
     progress: bool = True,
@@ -226,6 +273,8 @@ def train_context_adapter(
         corpus: training text: strings, a ``.txt``/``.jsonl`` path, a :class:`Corpus`,
             or ``None`` to sample it from the model.
         hparams: the settings (``None``: :class:`ContextHyperParams` defaults).
+        batch_size: sequences per forward pass while the training tokens' residual
+            streams are read.
         cache_dir: the rome_lens cache folder.
         use_cache: read and write the cache (frozen decoder only).
         progress: show progress bars.
@@ -238,15 +287,29 @@ def train_context_adapter(
         raise TypeError(f"hparams must be ContextHyperParams, got {type(hparams).__name__}")
     source = Corpus.read(corpus)
     fingerprint = model_fingerprint(model)
-    cached = use_cache and hparams.decoder == "frozen"
-    path = _cache_path(fingerprint, source, hparams, cache_dir)
-    if cached:
-        try:
-            return ContextAdapter.load(path, model=model)
-        except FileNotFoundError:
-            pass
-        except (CacheError, ValueError, KeyError, TypeError) as err:
-            discard(path, str(err))
+
+    def train() -> ContextAdapter:
+        return _train_adapter(model, source, hparams, fingerprint, batch_size, cache_dir, progress)
+
+    return cached(
+        _cache_path(fingerprint, source, hparams, cache_dir),
+        train,
+        load=lambda path: ContextAdapter.load(path, model=model),
+        save=lambda path, adapter: adapter.save(path),
+        use_cache=use_cache and hparams.decoder == "frozen",
+    )
+
+
+def _train_adapter(
+    model: Model,
+    source: Corpus,
+    hparams: ContextHyperParams,
+    fingerprint: str,
+    batch_size: int,
+    cache_dir: str | os.PathLike[str] | None,
+    progress: bool,
+) -> ContextAdapter:
+    """Read the training tokens' states once, then train f and g (and the decoder copy)."""
     started = time.perf_counter()
     chunks = source.chunks(
         model,
@@ -256,11 +319,11 @@ def train_context_adapter(
         cache_dir=cache_dir,
         progress=progress,
     )
-    pool_states, prefixes = _examples(model, chunks, hparams.prefix_length, progress)
-    if len(prefixes) < hparams.batch_size:
+    pool_states, prefixes = _examples(model, chunks, hparams.prefix_length, batch_size, progress)
+    if len(prefixes) < hparams.tokens_per_step:
         raise ValueError(
             f"the training text gives {len(prefixes)} tokens with {hparams.prefix_length} "
-            f"tokens before them; a batch needs {hparams.batch_size}: pass more text"
+            f"tokens before them; a step needs {hparams.tokens_per_step}: pass more text"
         )
     generator = torch.Generator().manual_seed(hparams.seed)
     with torch.random.fork_rng(devices=[]):
@@ -278,7 +341,7 @@ def train_context_adapter(
         if trained != model_dtype(model):  # Adam's steps vanish in a half-precision copy
             decoder = decoder.to(trained, print_details=False)
     losses = _train(model, decoder, adapter, pool_states, prefixes, hparams, generator, progress)
-    result = ContextAdapter(
+    return ContextAdapter(
         adapter={k: v.detach().clone() for k, v in adapter.state_dict().items()},
         decoder={}
         if decoder is model
@@ -289,9 +352,6 @@ def train_context_adapter(
         fingerprint=fingerprint,
         seconds=time.perf_counter() - started,
     )
-    if cached:
-        result.save(path)
-    return result
 
 
 @torch.no_grad()
@@ -302,6 +362,7 @@ def contextualisation(
     *,
     hparams: ContextHyperParams | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
     batch_size: int = 64,
     progress: bool = True,
 ) -> Contextualisation:
@@ -314,7 +375,10 @@ def contextualisation(
             on text sampled from the model with ``hparams``).
         hparams: the settings of the adapter trained when ``adapter`` is ``None``.
         cache_dir: the rome_lens cache folder.
-        batch_size: tokens scored at once.
+        use_cache: read and write the cached adapter, when ``adapter`` is ``None``
+            (scores themselves are not cached).
+        batch_size: sequences per forward pass while scoring (each token's prefix,
+            read by the decoder, is one sequence).
         progress: show progress bars.
 
     Returns:
@@ -326,7 +390,7 @@ def contextualisation(
     check_text(text)
     if adapter is None:
         adapter = train_context_adapter(
-            model, hparams=hparams, cache_dir=cache_dir, progress=progress
+            model, hparams=hparams, cache_dir=cache_dir, use_cache=use_cache, progress=progress
         )
     settings = adapter.settings
     f_and_g, decoder = adapter.modules(model)
@@ -336,7 +400,7 @@ def contextualisation(
     scores, tokens = [], []
     with frozen(decoder):
         for chunk in chunks:
-            states, prefixes = _examples(model, [chunk], k, progress=False)
+            states, prefixes = _examples(model, [chunk], k, 1, progress=False)
             chunk_scores = torch.full((len(chunk.tokens) - skip,), float("nan"))
             found = [
                 _prefix_loss(
@@ -360,17 +424,18 @@ def contextualisation(
 
 
 def _examples(
-    model: Model, chunks: list[Chunk], k: int, progress: bool
+    model: Model, chunks: list[Chunk], k: int, batch_size: int, progress: bool
 ) -> tuple[Float[Tensor, "example depth d"], Int[Tensor, "example k"]]:
     """Every token with ``k`` real tokens before it: its states at every depth, and the k tokens.
 
-    Examples come chunk by chunk in the order of ``chunks``, each chunk's in position order.
+    Examples come chunk by chunk in the order of ``chunks``, each chunk's in position order;
+    the chunks are read ``batch_size`` at a time.
     """
     names = state_hooks(model)
     skip = len(bos_tokens(model))
     found: dict[int, tuple[Tensor, Tensor]] = {}
     with torch.no_grad(), linear_layout(model):
-        batches = token_batches(model, chunks, batch_size=32)
+        batches = token_batches(model, chunks, batch_size)
         for batch in tqdm(batches, desc="reading states", disable=not progress):
             read = capture(model, batch.tokens, names)
             stacked = torch.stack([read[name] for name in names]).float()  # stays on the device
@@ -441,7 +506,7 @@ def _train(
             for param in decoder.parameters():
                 param.requires_grad_(True)
         for _ in bar:
-            index = torch.randint(len(prefixes), (hparams.batch_size,), generator=generator)
+            index = torch.randint(len(prefixes), (hparams.tokens_per_step,), generator=generator)
             loss = _prefix_loss(decoder, adapter(states[index]), prefixes[index], skip).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -457,6 +522,6 @@ def _cache_path(
     hparams: ContextHyperParams,
     root: str | os.PathLike[str] | None,
 ) -> Path:
-    key = json.dumps([corpus.id(hparams.seed), dataclasses.asdict(hparams)], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The file of the frozen-decoder adapter trained with these settings on this corpus."""
+    digest = cache_key(corpus.id(hparams.seed), dataclasses.asdict(hparams), length=16)
     return cache_dir(root) / "microscope" / f"context-{fingerprint}-{digest}.st"

@@ -155,10 +155,16 @@ def representation_geometry(
     fit_fraction: float = 0.9,
     dimension: bool = True,
     seed: int = 0,
+    batch_size: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Geometry:
     """Anisotropy and intrinsic dimension of the residual stream at every depth.
+
+    Nothing of its own is cached, so it takes no ``use_cache``: the measures are
+    recomputed from the states each call, and only a sampled corpus is kept in the
+    cache folder (by :meth:`rome_lens.core.corpus.Corpus.chunks`, as for every
+    function that samples one).
 
     Args:
         model: any TransformerLens model.
@@ -168,15 +174,17 @@ def representation_geometry(
         fit_fraction: TwoNN's share of the smallest ratios.
         dimension: compute the intrinsic dimension (anisotropy alone is cheaper).
         seed: seeds a sampled corpus.
-        cache_dir: where a sampled corpus is cached.
+        batch_size: windows per forward pass.
+        cache_dir: the rome_lens cache folder (where a sampled corpus is kept).
         progress: show progress bars.
 
     Returns:
         Both measures at every depth.
     """
     states = residual_states(
-        model, corpus, n_tokens=n_tokens, seed=seed, cache_dir=cache_dir, progress=progress
-    )
+        model, corpus, n_tokens=n_tokens, seed=seed, batch_size=batch_size,
+        cache_dir=cache_dir, progress=progress,
+    )  # fmt: skip
     depths = range(states.states.shape[0])
     aniso = torch.tensor([anisotropy_of(states.states[d]) for d in depths])
     dims = torch.full((len(depths),), math.nan, dtype=torch.float64)

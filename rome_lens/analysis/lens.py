@@ -60,7 +60,7 @@ class LogitLens(Result):
     """The k most probable next tokens per layer."""
     top_log_probs: Float[Tensor, "layer pos k"]
     top_strs: list[list[list[str]]]
-    """Top_ids as strings, [layer][pos][k]."""
+    """top_ids as strings, [layer][pos][k]."""
     next_ranks: Int[Tensor, "layer next"]
     """Rank of the actual next token (pos - 1 of them)"""
     next_log_probs: Float[Tensor, "layer next"]
@@ -72,9 +72,9 @@ class LogitLens(Result):
     target_ranks: Int[Tensor, "layer target"]
     """0 = top-1."""
     vocab_size: int
-    """D_vocab of the model, the worst possible rank + 1."""
+    """d_vocab of the model, the worst possible rank + 1."""
     fingerprint: str = ""
-    """Model_fingerprint of the lensed model."""
+    """model_fingerprint of the lensed model."""
 
     @property
     def n_layers(self) -> int:

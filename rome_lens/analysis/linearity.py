@@ -40,7 +40,7 @@ from torch import Tensor
 
 from rome_lens.analysis.states import States, residual_states, text_states
 from rome_lens.core.backend import Model
-from rome_lens.core.cache import CacheError, cache_dir, discard
+from rome_lens.core.cache import cache_dir, cached
 from rome_lens.core.corpus import Corpus, CorpusSource
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.precision import to_host
@@ -189,6 +189,7 @@ def layer_linearity(
     seed: int = 0,
     batch_size: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
     progress: bool = True,
 ) -> LayerLinearity:
     """The linearity of every block over the tokens of a corpus (or of one text).
@@ -200,7 +201,8 @@ def layer_linearity(
         n_tokens: how many tokens (``None``: all of a given corpus).
         seed: seeds a sampled corpus.
         batch_size: windows per forward pass.
-        cache_dir: where the fit is cached.
+        cache_dir: the rome_lens cache folder (the fit is cached there).
+        use_cache: read and write the cached fit.
         progress: show progress bars.
 
     Returns:
@@ -208,7 +210,7 @@ def layer_linearity(
     """
     maps = fit_linear_maps(
         model, corpus, n_tokens=n_tokens, seed=seed, batch_size=batch_size,
-        cache_dir=cache_dir, progress=progress,
+        cache_dir=cache_dir, use_cache=use_cache, progress=progress,
     )  # fmt: skip
     return maps.layer_linearity()
 
@@ -249,24 +251,23 @@ def fit_linear_maps(
     if n_tokens is not None and n_tokens < needed:
         raise ValueError(_too_few(n_tokens, needed, model))
     fingerprint = model_fingerprint(model)
-    path = cache_dir_for(cache_dir) / f"maps-{fingerprint}-{source.id(seed)}-{n_tokens}.st"
-    if use_cache:
-        try:
-            return LinearMaps.load(path, model=model)
-        except FileNotFoundError:
-            pass
-        except (CacheError, ValueError, KeyError, TypeError) as err:
-            discard(path, str(err))
-    states = residual_states(
-        model, source, n_tokens=n_tokens, seed=seed, batch_size=batch_size,
-        cache_dir=cache_dir, progress=progress,
-    )  # fmt: skip
-    if states.n_tokens < needed:
-        raise ValueError(_too_few(states.n_tokens, needed, model))
-    maps = _fit_states(states, fingerprint)
-    if use_cache:
-        maps.save(path)
-    return maps
+
+    def fit() -> LinearMaps:
+        states = residual_states(
+            model, source, n_tokens=n_tokens, seed=seed, batch_size=batch_size,
+            cache_dir=cache_dir, progress=progress,
+        )  # fmt: skip
+        if states.n_tokens < needed:
+            raise ValueError(_too_few(states.n_tokens, needed, model))
+        return _fit_states(states, fingerprint)
+
+    return cached(
+        cache_dir_for(cache_dir) / f"maps-{fingerprint}-{source.id(seed)}-{n_tokens}.st",
+        fit,
+        load=lambda path: LinearMaps.load(path, model=model),
+        save=lambda path, maps: maps.save(path),
+        use_cache=use_cache,
+    )
 
 
 def token_nonlinearity(
@@ -276,7 +277,10 @@ def token_nonlinearity(
     maps: LinearMaps | None = None,
     reference: CorpusSource | Corpus = None,
     n_reference_tokens: int = DEFAULT_REFERENCE_TOKENS,
+    seed: int = 0,
+    batch_size: int = 32,
     cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
     progress: bool = True,
 ) -> TokenNonlinearity:
     """How nonlinear each block is for each token of ``text``.
@@ -288,7 +292,10 @@ def token_nonlinearity(
             on ``reference``.
         reference: the reference corpus (``None``: text sampled from the model).
         n_reference_tokens: reference tokens, when fitting.
+        seed: seeds a sampled reference corpus, when fitting.
+        batch_size: windows per forward pass, when fitting.
         cache_dir: the rome_lens cache folder.
+        use_cache: read and write the cached fit, when fitting.
         progress: show progress bars.
 
     Returns:
@@ -296,8 +303,8 @@ def token_nonlinearity(
     """
     if maps is None:
         maps = fit_linear_maps(
-            model, reference, n_tokens=n_reference_tokens, cache_dir=cache_dir,
-            progress=progress,
+            model, reference, n_tokens=n_reference_tokens, seed=seed, batch_size=batch_size,
+            cache_dir=cache_dir, use_cache=use_cache, progress=progress,
         )  # fmt: skip
     else:
         maps.check_model(model)

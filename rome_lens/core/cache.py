@@ -10,8 +10,14 @@ to store, so both live under one folder:
 Every entry is a safetensors file written atomically (to a temporary name, then
 renamed), with its size, a SHA-256 digest of its bytes and free-form metadata in
 a small JSON sidecar. A file that does not match its sidecar is reported as
-corrupt and rebuilt by the caller, so an interrupted write or a flipped bit never
+corrupt, discarded and rebuilt, so an interrupted write or a flipped bit never
 turns into a silently wrong model.
+
+:func:`cached` is the one cache-or-compute every cached computation goes
+through: each caller says how its entry is named (with :func:`cache_key`), read
+and saved; the helper reads, discards an untrustworthy entry with a warning
+that gives the reason, computes and saves. :func:`read_cached` is its read half,
+for a computation that fills several entries at once.
 
 >>> import tempfile
 >>> from rome_lens.core.cache import cache_dir, load_tensors, save_tensors
@@ -20,6 +26,14 @@ turns into a silently wrong model.
 >>> tensors, meta = load_tensors(root / "demo.safetensors")
 >>> meta
 {'layer': 3}
+>>> def load(path):
+...     return load_tensors(path)[0]["C"]
+>>> def save(path, value):
+...     save_tensors(path, {"C": value}, {})
+>>> cached(root / "eye.st", lambda: torch.eye(3), load=load, save=save).shape  # computed, saved
+torch.Size([3, 3])
+>>> cached(root / "eye.st", lambda: torch.zeros(1), load=load, save=save).shape  # read back
+torch.Size([3, 3])
 """
 
 from __future__ import annotations
@@ -36,6 +50,8 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from rome_lens.core.distributed import Split, all_reduce_sum, is_main
+
 T = TypeVar("T")
 
 __all__ = [
@@ -44,7 +60,9 @@ __all__ = [
     "cached",
     "cache_key",
     "discard",
+    "hit_on_every_rank",
     "load_tensors",
+    "read_cached",
     "save_tensors",
 ]
 
@@ -177,14 +195,40 @@ def cache_key(*parts: object, length: int = 24) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def read_cached(path: Path, load: Callable[[Path], T]) -> T | None:
+    """The entry at ``path`` if it loads and verifies; ``None`` if there is none or it
+    cannot be trusted, in which case it is discarded with a warning that gives the reason.
+
+    The read half of :func:`cached`, for a caller that fills several entries in one
+    computation (one pass over a corpus computes every missing hook's moments).
+
+    Args:
+        path: the entry's file.
+        load: reads and verifies the entry; raises ``FileNotFoundError`` when there is
+            none, and :class:`CacheError` (or ``ValueError``, ``KeyError``,
+            ``TypeError``) when it cannot be trusted.
+
+    Returns:
+        The entry, or ``None``.
+    """
+    try:
+        return load(path)
+    except FileNotFoundError:
+        return None
+    except (CacheError, ValueError, KeyError, TypeError) as err:
+        discard(path, str(err))
+        return None
+
+
 def cached(
     path: Path,
     compute: Callable[[], T],
     *,
     load: Callable[[Path], T],
-    save: Callable[[Path, T], None],
+    save: Callable[[Path, T], object],
     use_cache: bool = True,
     write: bool = True,
+    split: Split | None = None,
 ) -> T:
     """The entry at ``path`` if it loads and verifies; else ``compute()``, saved there.
 
@@ -197,21 +241,40 @@ def cached(
         path: the entry's file.
         compute: makes the value when no usable entry exists.
         load: reads and verifies the entry.
-        save: writes the value (atomically: :func:`save_tensors` does).
+        save: writes the value (atomically, as :func:`save_tensors` does); what it
+            returns is ignored (``Result.save`` returns the path).
         use_cache: ``False`` computes without reading or writing.
         write: ``False`` reads but never writes (on the ranks that do not save).
+        split: the processes of a distributed computation: they all take the same
+            branch (the entry is used only when every rank read it, otherwise every
+            rank computes, so that the collectives in ``compute`` match), and only
+            the main rank writes. ``None``: this process alone.
 
     Returns:
         The loaded or computed value.
     """
-    if use_cache:
-        try:
-            return load(path)
-        except FileNotFoundError:
-            pass
-        except (CacheError, ValueError, KeyError, TypeError) as err:
-            discard(path, str(err))
+    found = read_cached(path, load) if use_cache else None
+    if hit_on_every_rank(found is not None, split) and found is not None:
+        return found
     value = compute()
-    if use_cache and write:
+    if use_cache and write and (split is None or is_main(split)):
         save(path, value)
     return value
+
+
+def hit_on_every_rank(hit: bool, split: Split | None) -> bool:
+    """Whether ``hit`` holds on every rank of ``split`` (on this process alone for ``None``).
+
+    A collective: under a process group every rank must call it.
+
+    Args:
+        hit: this rank's answer (did it read its cache entry?).
+        split: the processes, or ``None``.
+
+    Returns:
+        True only if every rank's ``hit`` is true.
+    """
+    if split is None:
+        return hit
+    misses = all_reduce_sum(torch.tensor([0 if hit else 1]), split)
+    return int(misses) == 0

@@ -14,8 +14,12 @@ residual share). Any key ``k`` in the preserved space has ``k P = 0``, hence
 ``k (P M + l2 I) = l2 k`` and ``k ΔW = k P KᵀR / l2 = 0``: its output is
 exactly unchanged, whatever the batch. ``K_pᵀK_p``, the running sum of
 earlier edits' keys (AlphaEdit's ``cache_c``), keeps each batch from undoing
-the ones before; :class:`~rome_lens.editing.sequential.SequentialEditor`
-keeps it across batches.
+the ones before. Both live in the editor's state, a :class:`NullSpaceState`:
+``start`` builds the projectors from the unedited model's statistics, and
+``state.after(edit)`` adds the edit's keys, which is how
+:class:`~rome_lens.editing.sequential.SequentialEditor` carries them from batch
+to batch. Everything but the solve is the pipeline AlphaEdit shares with MEMIT
+(:mod:`rome_lens.editing.multilayer`).
 
 The threshold is set by energy: the null space is spanned by C's smallest
 eigenvectors whose eigenvalues add up to at most ``null_space_energy`` of C's
@@ -43,40 +47,44 @@ none.) ``docs/mass_editing.md`` gives the measurements behind the default.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from rome_lens.core.backend import Model
-from rome_lens.core.fingerprint import model_fingerprint
-from rome_lens.core.precision import dtype_name, model_dtype
-from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_alphaedit_layers
-from rome_lens.editing.memit import (
-    MEMITHyperParams,
+from rome_lens.editing.editors import EditorState, RunOptions, check_layers, editor_settings
+from rome_lens.editing.multilayer import (
+    LayerSolve,
     MultiLayerEdit,
-    check_layers,
-    check_requests,
-    subject_targets,
-    write_layers,
+    MultiLayerEditor,
+    MultiLayerHyperParams,
 )
-from rome_lens.editing.memory import context_templates
-from rome_lens.editing.outcomes import measure_outcomes, warn_misses
-from rome_lens.editing.requests import EditRequest, check_hparams
-from rome_lens.stats.keys import KeyStats, checked_stats
+from rome_lens.editing.patches import WeightEdit
+from rome_lens.editing.registry import register_editor
+from rome_lens.editing.requests import EditRequest
+from rome_lens.stats.keys import KeyStats
 
-__all__ = ["AlphaEditHyperParams", "alphaedit_edit", "null_space_projector", "null_space_update"]
+__all__ = [
+    "ALPHAEDIT",
+    "AlphaEditEditor",
+    "AlphaEditHyperParams",
+    "NullSpaceState",
+    "alphaedit_edit",
+    "null_space_projector",
+    "null_space_update",
+]
 
 
 @dataclass(frozen=True)
-class AlphaEditHyperParams(MEMITHyperParams):
-    """Settings of :func:`alphaedit_edit`: MEMIT's (its ``mom2_update_weight`` unused) and
-    the fields below."""
+class AlphaEditHyperParams(MultiLayerHyperParams):
+    """Settings of :func:`alphaedit_edit`: the multi-layer settings
+    (:class:`~rome_lens.editing.multilayer.MultiLayerHyperParams`) and those of its solve."""
 
     null_space_energy: float = 0.3
     """The null space: C's smallest eigenvectors holding at most this share of its trace
@@ -91,6 +99,34 @@ class AlphaEditHyperParams(MEMITHyperParams):
             raise ValueError(f"null_space_energy must be in (0, 1), got {self.null_space_energy!r}")
         if not self.l2 > 0:
             raise ValueError(f"l2 must be positive, got {self.l2!r}")
+
+
+@dataclass(frozen=True)
+class NullSpaceState(EditorState):
+    """AlphaEdit's state: each layer's null-space projector, and Σ KᵀK over the keys of
+    the edits applied so far."""
+
+    projectors: Mapping[int, Tensor] = field(default_factory=dict)
+    """Layer -> P, from the unedited model's key statistics."""
+    preserved: Mapping[int, Tensor] = field(default_factory=dict)
+    """Layer -> Σ KᵀK over earlier edits' keys (AlphaEdit's ``cache_c``); empty at first."""
+
+    def after(self, edit: WeightEdit) -> NullSpaceState:
+        """The state once ``edit`` is applied: its keys join those preserved.
+
+        Args:
+            edit: a multi-layer edit made from this state, now applied.
+
+        Returns:
+            The next state.
+        """
+        if not isinstance(edit, MultiLayerEdit):
+            raise TypeError(f"AlphaEdit's state follows multi-layer edits, got {edit!r}")
+        preserved = dict(self.preserved)
+        for layer, keys in edit.keys.items():
+            outer = keys.double().T @ keys.double()
+            preserved[layer] = preserved[layer] + outer if layer in preserved else outer
+        return dataclasses.replace(self, preserved=preserved)
 
 
 def null_space_projector(stats: KeyStats, energy: float) -> Float[Tensor, "d_mlp d_mlp"]:
@@ -110,84 +146,54 @@ def null_space_projector(stats: KeyStats, energy: float) -> Float[Tensor, "d_mlp
     return small @ small.T
 
 
-def alphaedit_edit(
-    model: Model,
-    requests: Sequence[EditRequest],
-    *,
-    layers: Sequence[int] | None = None,
-    hparams: AlphaEditHyperParams | None = None,
-    stats: dict[int, KeyStats] | None = None,
-    preserved: dict[int, Tensor] | None = None,
-    projectors: dict[int, Tensor] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    use_cache: bool = True,
-    progress: bool = True,
-) -> MultiLayerEdit:
-    """One AlphaEdit batch: MEMIT's targets and spreading, each update in the null space.
+class AlphaEditEditor(MultiLayerEditor):
+    """AlphaEdit as an :class:`~rome_lens.editing.editors.Editor`: the multi-layer pipeline
+    with the null-space solve, and a :class:`NullSpaceState` carried from edit to edit."""
 
-    The model is not changed; apply the result with ``edit.apply(model)``. For
-    edits in a row, :class:`~rome_lens.editing.sequential.SequentialEditor` keeps
-    ``preserved`` and the projectors between batches.
+    name = "alphaedit"
+    label = "AlphaEdit"
+    settings_type = AlphaEditHyperParams
 
-    Args:
-        model: any TransformerLens model with MLPs (as earlier edits left it).
-        requests: the facts to write.
-        layers: ascending MLP layers; ``None`` uses :func:`default_alphaedit_layers`.
-        hparams: the settings (``None``: :class:`AlphaEditHyperParams` defaults).
-        stats: key statistics per layer (computed and cached where missing).
-        preserved: per layer, Σ kᵀk over earlier edits' keys (``None``: none yet).
-        projectors: per layer, the null-space projector (``None``: built from ``stats``).
-        cache_dir: the rome_lens cache folder.
-        use_cache: read and write the cached targets z_i.
-        progress: show progress bars.
+    def default_layers(self, model: Model) -> list[int]:
+        """:func:`~rome_lens.editing.defaults.default_alphaedit_layers`."""
+        return default_alphaedit_layers(model)
 
-    Returns:
-        The edit (``method == "alphaedit"``), every request read back on the edited model.
-    """
-    hparams = AlphaEditHyperParams() if hparams is None else hparams
-    check_hparams(hparams, AlphaEditHyperParams)
-    requests = check_requests(model, requests)
-    layers = check_layers(model, default_alphaedit_layers(model) if layers is None else layers)
-    stats_started = time.perf_counter()
-    if projectors is None:
-        given = stats or {}
-        projectors = {
-            layer: null_space_projector(
-                checked_stats(model, layer, given.get(layer), n_tokens=hparams.mom2_n_tokens,
-                              cache_dir=cache_dir, progress=progress),
-                hparams.null_space_energy,
+    def state_from(
+        self,
+        settings: AlphaEditHyperParams,
+        layers: list[int],
+        stats: dict[int, KeyStats],
+        started: float,
+    ) -> NullSpaceState:
+        """The layers, their statistics and null-space projectors; nothing preserved yet."""
+        energy = settings.null_space_energy
+        projectors = {layer: null_space_projector(stats[layer], energy) for layer in layers}
+        base = super().state_from(settings, layers, stats, started)
+        return NullSpaceState(base.layers, base.stats, base.seconds, projectors=projectors)
+
+    def solver(
+        self, model: Model, settings: MultiLayerHyperParams, state: EditorState
+    ) -> LayerSolve:
+        """:func:`null_space_update` per layer, with the state's projectors and preserved keys."""
+        assert isinstance(settings, AlphaEditHyperParams)
+        if not isinstance(state, NullSpaceState):
+            raise TypeError(f"AlphaEdit edits from a NullSpaceState (its start()), got {state!r}")
+        missing = [layer for layer in state.layers if layer not in state.projectors]
+        if missing:
+            raise ValueError(
+                f"projectors has no layer {missing}: give one for each of {list(state.layers)}"
             )
-            for layer in layers
-        }  # fmt: skip
-    missing = [layer for layer in layers if layer not in projectors]
-    if missing:
-        raise ValueError(f"projectors has no layer {missing}: give one for each of {layers}")
-    started = time.perf_counter()
-    templates = context_templates(model, hparams)
-    with frozen(model):
-        targets = subject_targets(
-            model, requests, layers[-1], templates, hparams, cache_dir, use_cache, progress
-        )
-        edit = MultiLayerEdit(
-            requests=requests,
-            layers=layers,
-            delta={},
-            targets=targets,
-            fingerprint=model_fingerprint(model, upto_layer=layers[0]),
-            method="alphaedit",
-            stats_seconds=started - stats_started,
-            weight_dtype=dtype_name(model_dtype(model)),
-        )
+        l2 = settings.l2
 
-        def solve(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
-            earlier = None if preserved is None else preserved.get(layer)
-            return null_space_update(projectors[layer], keys, residual, earlier, hparams.l2)
+        def update(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
+            earlier = state.preserved.get(layer)
+            return null_space_update(state.projectors[layer], keys, residual, earlier, l2)
 
-        edit.keys = write_layers(model, edit, templates, solve, progress, hparams.key_match)
-    edit.seconds = time.perf_counter() - started
-    edit.outcomes = measure_outcomes(model, edit)
-    warn_misses(edit)
-    return edit
+        return LayerSolve(update)
+
+
+ALPHAEDIT = register_editor(AlphaEditEditor())
+"""The registered AlphaEdit editor (``get_editor("alphaedit")``)."""
 
 
 def null_space_update(
@@ -214,3 +220,66 @@ def null_space_update(
     moment = k.T @ k if preserved is None else k.T @ k + preserved.to(k.device, torch.float64)
     system = p @ moment + l2 * torch.eye(len(p), dtype=torch.float64, device=p.device)
     return torch.linalg.solve(system, p @ k.T @ r)
+
+
+def alphaedit_edit(
+    model: Model,
+    requests: Sequence[EditRequest],
+    *,
+    layers: Sequence[int] | None = None,
+    hparams: AlphaEditHyperParams | None = None,
+    stats: dict[int, KeyStats] | None = None,
+    preserved: dict[int, Tensor] | None = None,
+    projectors: dict[int, Tensor] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> MultiLayerEdit:
+    """One AlphaEdit batch: MEMIT's targets and spreading, each update in the null space.
+
+    The model is not changed; apply the result with ``edit.apply(model)``. For
+    edits in a row, :class:`~rome_lens.editing.sequential.SequentialEditor` keeps
+    ``preserved`` and the projectors between batches (in a :class:`NullSpaceState`).
+
+    Args:
+        model: any TransformerLens model with MLPs (as earlier edits left it).
+        requests: the facts to write.
+        layers: ascending MLP layers; ``None`` uses :func:`default_alphaedit_layers`.
+        hparams: the settings (``None``: :class:`AlphaEditHyperParams` defaults).
+        stats: key statistics per layer (computed and cached where missing).
+        preserved: per layer, Σ kᵀk over earlier edits' keys (``None``: none yet).
+        projectors: per layer, the null-space projector (``None``: built from ``stats``).
+        cache_dir: the rome_lens cache folder.
+        use_cache: read and write the cache (key statistics and targets z_i).
+        progress: show progress bars.
+
+    Returns:
+        The edit (``method == "alphaedit"``), every request read back on the edited model.
+    """
+    state = None
+    if projectors is not None or preserved is not None:
+        options = RunOptions(cache_dir, use_cache, progress)
+        state = _given_state(model, hparams, layers, stats, preserved, projectors, options)
+        layers = stats = None  # they are in the state
+    return ALPHAEDIT.edit(model, requests, hparams, layers=layers, stats=stats, state=state,
+                          cache_dir=cache_dir, use_cache=use_cache, progress=progress)  # fmt: skip
+
+
+def _given_state(
+    model: Model,
+    hparams: AlphaEditHyperParams | None,
+    layers: Sequence[int] | None,
+    stats: Mapping[int, KeyStats] | None,
+    preserved: Mapping[int, Tensor] | None,
+    projectors: Mapping[int, Tensor] | None,
+    options: RunOptions,
+) -> NullSpaceState:
+    """The state :func:`alphaedit_edit` edits from when given projectors or preserved keys."""
+    if projectors is not None:
+        chosen = check_layers(model, default_alphaedit_layers(model) if layers is None else layers)
+        return NullSpaceState(tuple(chosen), projectors=projectors, preserved=preserved or {})
+    started = ALPHAEDIT.start(model, editor_settings(ALPHAEDIT, hparams), layers=layers,
+                              stats=stats, cache_dir=options.cache_dir,
+                              use_cache=options.use_cache, progress=options.progress)  # fmt: skip
+    assert isinstance(started, NullSpaceState)
+    return dataclasses.replace(started, preserved=preserved or {})

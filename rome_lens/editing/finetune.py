@@ -26,28 +26,29 @@ edit, with its request read back on the edited model (``patch.outcomes``).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model, forward, mlp_output_hook, weight
-from rome_lens.core.fingerprint import check_layer
 from rome_lens.core.hooks import add_product, attached, record
 from rome_lens.core.precision import model_device
 from rome_lens.core.runtime import frozen, linear_layout, run_to_layer, unembed
-from rome_lens.core.tokens import prompt_tokens, subject_range, target_token_ids
-from rome_lens.editing.defaults import default_layer
-from rome_lens.editing.outcomes import measure_outcomes, warn_misses
+from rome_lens.core.tokens import prompt_tokens, target_token_ids
+from rome_lens.editing.editors import EditorState, RunOptions, SingleLayerEditor
 from rome_lens.editing.patches import WeightPatch
-from rome_lens.editing.requests import EditRequest, check_hparams
+from rome_lens.editing.registry import register_editor
+from rome_lens.editing.requests import EditorSettings, EditRequest
 
-__all__ = ["FTHyperParams", "ft_edit"]
+__all__ = ["FT", "FTEditor", "FTHyperParams", "ft_edit"]
 
 
 @dataclass(frozen=True)
-class FTHyperParams:
+class FTHyperParams(EditorSettings):
     """Settings of :func:`ft_edit` (ROME's FT+L settings for GPT-2 XL)."""
 
     lr: float = 5e-4
@@ -55,37 +56,53 @@ class FTHyperParams:
     steps: int = 25
     """Most optimisation steps."""
     norm_constraint: float = 5e-4
-    """Ε: every entry of ΔW stays in [-ε, ε]."""
+    """ε: every entry of ΔW stays in [-ε, ε]."""
     early_stop_nll: float = 1e-2
     """Stop once the NLL of target_new is below this."""
 
 
-def ft_edit(
-    model: Model,
-    request: EditRequest,
-    *,
-    layer: int | None = None,
-    hparams: FTHyperParams | None = None,
-    progress: bool = True,
-) -> WeightPatch:
-    """Fine-tune ``blocks.{layer}.mlp.W_out`` on the request's prompt (the model is not changed).
+class FTEditor(SingleLayerEditor[WeightPatch]):
+    """FT+L as an :class:`~rome_lens.editing.editors.Editor`: one request, ROME's layer, no
+    key statistics."""
 
-    Args:
-        model: any TransformerLens model with MLPs.
-        request: the fact to write.
-        layer: the MLP layer to train; ``None`` uses ROME's default layer.
-        hparams: the settings (``None``: :class:`FTHyperParams` defaults).
-        progress: show a progress bar.
+    name = "ft"
+    label = "FT+L"
+    settings_type = FTHyperParams
 
-    Returns:
-        The trained ΔW as a patch, with the request read back (``patch.took``);
-        it warns with ``EditMissWarning`` when the new answer did not take.
-    """
-    hparams = FTHyperParams() if hparams is None else hparams
-    check_hparams(hparams, FTHyperParams)
-    layer = default_layer(model) if layer is None else check_layer(model, layer)
-    subject_range(model, request.text, request.subject, start=request.subject_start)
-    started = time.perf_counter()
+    def unread_stats(self, settings: FTHyperParams) -> str | None:
+        """FT+L trains ΔW on the request alone: it reads no key statistics."""
+        return "FT+L reads no key statistics"
+
+    def compute(
+        self,
+        model: Model,
+        requests: list[EditRequest],
+        settings: FTHyperParams,
+        state: EditorState,
+        options: RunOptions,
+    ) -> WeightPatch:
+        """ΔW trained on the one request (see the module docstring); FT+L caches nothing."""
+        (request,), (layer,) = requests, state.layers
+        started = time.perf_counter()
+        delta, losses = _train_delta(model, request, layer, settings, options.progress)
+        return WeightPatch.for_model(
+            model,
+            {f"blocks.{layer}.mlp.W_out": delta.double()},
+            requests=[request],
+            method="ft",
+            losses=losses,
+            seconds=time.perf_counter() - started,
+        )
+
+
+FT = register_editor(FTEditor())
+"""The registered FT+L editor (``get_editor("ft")``)."""
+
+
+def _train_delta(
+    model: Model, request: EditRequest, layer: int, hparams: FTHyperParams, progress: bool
+) -> tuple[Tensor, list[float]]:
+    """ΔW trained with Adam on the target's NLL, clamped to [-ε, ε], and the NLL per step."""
     head = prompt_tokens(model, request.text)[0].tolist()
     answer = target_token_ids(model, request.text, request.target_new)
     tokens = torch.tensor([head + answer[:-1]], device=model_device(model))
@@ -94,7 +111,7 @@ def ft_edit(
     w_out = weight(model, f"blocks.{layer}.mlp.W_out")
     delta = torch.zeros(w_out.shape, device=w_out.device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.lr)
-    keys: list[torch.Tensor] = []
+    keys: list[Tensor] = []
     hooks = [
         (f"blocks.{layer}.mlp.hook_post", record(keys)),
         (mlp_output_hook(model, layer), add_product(keys, delta)),
@@ -118,14 +135,43 @@ def ft_edit(
                 optimizer.step()
                 with torch.no_grad():
                     delta.clamp_(-hparams.norm_constraint, hparams.norm_constraint)
-    patch = WeightPatch.for_model(
+    return delta.detach(), losses
+
+
+def ft_edit(
+    model: Model,
+    request: EditRequest,
+    *,
+    layer: int | None = None,
+    hparams: FTHyperParams | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> WeightPatch:
+    """Fine-tune ``blocks.{layer}.mlp.W_out`` on the request's prompt (the model is not changed).
+
+    The same edit as ``get_editor("ft").edit(model, [request], hparams, ...)``.
+
+    Args:
+        model: any TransformerLens model with MLPs.
+        request: the fact to write.
+        layer: the MLP layer to train; ``None`` uses ROME's default layer.
+        hparams: the settings (``None``: :class:`FTHyperParams` defaults).
+        cache_dir: the rome_lens cache folder; FT+L caches nothing, and takes it
+            as every editor does.
+        use_cache: likewise unused.
+        progress: show a progress bar.
+
+    Returns:
+        The trained ΔW as a patch, with the request read back (``patch.took``);
+        it warns with ``EditMissWarning`` when the new answer did not take.
+    """
+    return FT.edit(
         model,
-        {f"blocks.{layer}.mlp.W_out": delta.detach().double()},
-        requests=[request],
-        method="ft",
-        losses=losses,
-        seconds=time.perf_counter() - started,
+        [request],
+        hparams,
+        layers=None if layer is None else [layer],
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        progress=progress,
     )
-    patch.outcomes = measure_outcomes(model, patch)
-    warn_misses(patch)
-    return patch

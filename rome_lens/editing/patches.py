@@ -63,13 +63,13 @@ class EditOutcome:
     target_new: str
     """The new answer."""
     p_new: float
-    """Exp(−mean NLL) of target_new after the edit."""
+    """exp(−mean NLL) of target_new after the edit."""
     p_new_before: float
     """The same before the edit."""
     rank_new: int
     """Tokens more probable than target_new's first token after the edit (0: top-1)"""
     p_true: float | None = None
-    """Exp(−mean NLL) of target_true after the edit, if known."""
+    """exp(−mean NLL) of target_true after the edit, if known."""
 
     @property
     def took(self) -> bool:
@@ -82,7 +82,7 @@ class WeightEdit(Result):
 
     kind = "weight_edit"
     fingerprint: str
-    """Model_fingerprint(model, upto_layer=base_layer) of the unedited model."""
+    """model_fingerprint(model, upto_layer=base_layer) of the unedited model."""
     base_layer: int
     """First edited layer: the fingerprint covers what feeds its MLP key."""
     requests: list[EditRequest]
@@ -209,7 +209,7 @@ class WeightPatch(WeightEdit):
     delta: dict[str, Tensor]
     """Parameter name -> ΔW, same shape as the weight."""
     fingerprint: str
-    """Model_fingerprint(model, upto_layer=base_layer)"""
+    """model_fingerprint(model, upto_layer=base_layer)"""
     base_layer: int
     """The first edited layer."""
     info: dict[str, Any] = field(default_factory=dict)

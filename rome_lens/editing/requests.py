@@ -1,33 +1,48 @@
-"""What to write into a model: edit requests, and the settings every editor shares.
+"""What to write into a model: edit requests, and the root of every editor's settings.
 
 An :class:`EditRequest` is one fact: a prompt template with ``{}`` where the
 subject goes, the subject, and the new answer (and, if known, the current
-one). :class:`EditHyperParams` holds the settings ROME and MEMIT share: the
-context prefixes an edit is averaged over and the optimisation of the value
-the subject should recall. :func:`check_request` checks a request against a
-model before any work starts, so that a bad request fails in milliseconds
-with a message naming it.
+one). :func:`check_request` checks a request against a model before any work
+starts, so that a bad request fails in milliseconds with a message naming it.
+
+Every editor's settings form one tree of frozen dataclasses, in which each
+class holds only fields that its editors read::
+
+    EditorSettings                  (the root: no field)
+    ├── FTHyperParams               FT+L: learning rate, steps, the L∞ bound
+    └── EditHyperParams             the optimised value δ: contexts, steps, KL, clamp
+        ├── ROMEHyperParams         + key statistics, ridge, C = I or not, key_match
+        └── MultiLayerHyperParams   + key statistics, requests per batch, key_match
+            ├── MEMITHyperParams    + ridge, λ (mom2_update_weight)
+            └── AlphaEditHyperParams + null-space energy, l2
+
+An editor takes settings of exactly its own class (:func:`check_hparams`), so
+MEMIT refuses AlphaEdit's settings instead of ignoring their fields. The
+settings that change δ, and so the cached targets, are named by the settings
+object itself (:meth:`EditHyperParams.value_settings`).
 
 >>> from rome_lens.core.models import tiny_model
->>> from rome_lens.editing.requests import EditRequest, check_request
+>>> from rome_lens.editing.requests import EditHyperParams, EditRequest, check_request
 >>> request = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
 >>> request.text
 'The Eiffel Tower is located in the city of'
 >>> len(check_request(tiny_model(), request))  # the tokens of " Rome"
 1
+>>> sorted(EditHyperParams().value_settings())[:3]
+['clamp_norm_factor', 'context_lengths', 'context_seed']
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from rome_lens.core.backend import Model
 from rome_lens.core.results import register_type
 from rome_lens.core.tokens import prompt_tokens, subject_range, target_token_ids
-from rome_lens.stats.keys import DEFAULT_N_TOKENS
 
-__all__ = ["EditHyperParams", "EditRequest", "check_hparams", "check_request"]
+__all__ = ["EditHyperParams", "EditRequest", "EditorSettings", "check_hparams", "check_request"]
 
 
 @register_type("edit_request")
@@ -71,8 +86,14 @@ class EditRequest:
 
 
 @dataclass(frozen=True)
-class EditHyperParams:
-    """Settings shared by ROME and MEMIT (ROME's defaults for GPT-2 XL unless noted)."""
+class EditorSettings:
+    """The root of every editor's settings: an editor's ``settings_type`` derives from it."""
+
+
+@dataclass(frozen=True)
+class EditHyperParams(EditorSettings):
+    """How the value δ a fact should recall is optimised: the settings ROME, MEMIT and
+    AlphaEdit share (ROME's defaults for GPT-2 XL unless noted)."""
 
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     """Context prefixes to sample, as (tokens in each, how many)."""
@@ -92,16 +113,24 @@ class EditHyperParams:
     """Weight of the KL term."""
     early_stop_nll: float = 5e-2
     """A request stops once the NLL of target_new is below this."""
-    mom2_n_tokens: int = DEFAULT_N_TOKENS
-    """Tokens of key statistics when stats=None."""
-    max_condition: float = 1e10
-    """C above this condition number gets a ridge (and a warning)"""
 
     def __post_init__(self) -> None:
         if "{}" not in self.kl_prompt:
             raise ValueError(
                 f'kl_prompt must contain "{{}}" for the subject, got {self.kl_prompt!r}'
             )
+
+    def value_settings(self) -> dict[str, Any]:
+        """The settings that change the optimised δ (and so a cached target z), by name.
+
+        These are the fields of :class:`EditHyperParams`; what subclasses add (the
+        solve's settings, batch sizes) leaves δ alone. A subclass adding a field
+        that changes δ extends this method.
+
+        Returns:
+            ``{field name: value}``.
+        """
+        return {f.name: getattr(self, f.name) for f in fields(EditHyperParams)}
 
 
 def check_request(model: Model, request: EditRequest) -> list[int]:
@@ -126,14 +155,18 @@ def check_request(model: Model, request: EditRequest) -> list[int]:
 
 
 def check_hparams(hparams: object, expected: type, name: str = "hparams") -> None:
-    """Raise ``TypeError`` unless ``hparams`` is an instance of ``expected``.
+    """Raise ``TypeError`` unless ``hparams`` is of exactly the class ``expected``.
+
+    Not ``isinstance``: settings of a subclass belong to another editor
+    (AlphaEdit's derive from the multi-layer settings MEMIT's do), whose fields
+    this editor would silently ignore.
 
     Args:
         hparams: the settings given.
         expected: the settings class the editor takes.
         name: the argument's name, for the message.
     """
-    if not isinstance(hparams, expected):
+    if type(hparams) is not expected:
         raise TypeError(
             f"{name} must be {expected.__name__}, got {type(hparams).__name__}: {hparams!r}"
         )

@@ -58,18 +58,27 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from rome_lens.core.backend import Model, mlp_output_hook, weight
+from rome_lens.core.backend import Model, weight
 from rome_lens.core.fingerprint import check_layer, model_fingerprint
 from rome_lens.core.precision import dtype_name, model_dtype
 from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_layer
+from rome_lens.editing.editors import EditorState, RunOptions, SingleLayerEditor
 from rome_lens.editing.memory import compute_keys, context_templates, optimise_deltas
-from rome_lens.editing.outcomes import measure_outcomes, warn_misses
 from rome_lens.editing.patches import EditOutcome, WeightEdit
-from rome_lens.editing.requests import EditHyperParams, EditRequest, check_hparams, check_request
-from rome_lens.stats.keys import KeyStats, checked_stats
+from rome_lens.editing.registry import register_editor
+from rome_lens.editing.requests import EditHyperParams, EditRequest
+from rome_lens.stats.keys import DEFAULT_N_TOKENS, KeyStats
 
-__all__ = ["KEY_MATCHES", "KeyMatch", "ROMEHyperParams", "RankOneEdit", "rome_edit"]
+__all__ = [
+    "KEY_MATCHES",
+    "ROME",
+    "KeyMatch",
+    "ROMEEditor",
+    "ROMEHyperParams",
+    "RankOneEdit",
+    "rome_edit",
+]
 
 KeyMatch = Literal["averaged", "bare", "both"]
 KEY_MATCHES: tuple[KeyMatch, ...] = ("averaged", "bare", "both")
@@ -80,6 +89,10 @@ class ROMEHyperParams(EditHyperParams):
     """Settings of :func:`rome_edit`: those of :class:`~rome_lens.editing.requests.EditHyperParams`,
     and:"""
 
+    mom2_n_tokens: int = DEFAULT_N_TOKENS
+    """Tokens of key statistics when none are given."""
+    max_condition: float = 1e10
+    """C above this condition number gets a ridge (and a warning)"""
     mom2_adjustment: bool = True
     """Use C = E[kkᵀ]; False edits with C = I (worse specificity)"""
     key_match: KeyMatch = "both"
@@ -103,11 +116,11 @@ class RankOneEdit(WeightEdit):
     left: Float[Tensor, " d_mlp"]
     """ℓ with k · ℓ = 1 for the keys matched: u / (u · k*), u = C⁻¹ k*, by default (float64)"""
     right: Float[Tensor, " d_model"]
-    """V* − W_outᵀ k* − b_out (float64)"""
+    """v* − W_outᵀ k* − b_out (float64)"""
     key: Float[Tensor, " d_mlp"]
-    """K*, averaged over contexts (float64)"""
+    """k*, averaged over contexts (float64)"""
     value: Float[Tensor, " d_model"]
-    """V*, the MLP output k* maps to after the edit."""
+    """v*, the MLP output k* maps to after the edit."""
     fingerprint: str
     """Of the weights feeding blocks.{layer}.mlp.hook_post."""
     base_layer: int = -1
@@ -160,84 +173,82 @@ class RankOneEdit(WeightEdit):
         return pd.DataFrame([row])
 
 
-def rome_edit(
-    model: Model,
-    request: EditRequest,
-    *,
-    layer: int | None = None,
-    hparams: ROMEHyperParams | None = None,
-    stats: KeyStats | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-) -> RankOneEdit:
-    """Compute the rank-one edit that writes ``request`` into ``blocks.{layer}.mlp.W_out``.
+class ROMEEditor(SingleLayerEditor[RankOneEdit]):
+    """ROME as an :class:`~rome_lens.editing.editors.Editor`: one request, one layer, C
+    from the layer's key statistics."""
 
-    The model is not changed: apply the result with ``edit.apply(model)`` or
-    ``with rome_lens.edited(model, edit): ...``. The first edit at a layer
-    computes its key statistics (about 100 s on the default model and a 2-core
-    CPU, announced on stderr when ``progress`` is on) and caches them.
+    name = "rome"
+    label = "ROME"
+    settings_type = ROMEHyperParams
 
-    Args:
-        model: any TransformerLens model with MLPs.
-        request: the fact to write.
-        layer: the MLP layer to edit; ``None`` uses :func:`default_layer`.
-        hparams: the settings (``None``: :class:`ROMEHyperParams` defaults).
-        stats: key statistics of that layer; ``None`` loads or computes them
-            (cached) with :func:`~rome_lens.stats.keys.key_second_moment`.
-        cache_dir: the rome_lens cache folder for the statistics.
-        progress: show progress bars.
+    def unread_stats(self, settings: ROMEHyperParams) -> str | None:
+        """``None`` with C from the statistics; the reason when ``mom2_adjustment`` is off."""
+        return None if settings.mom2_adjustment else "hparams.mom2_adjustment is False (C = I)"
 
-    Returns:
-        The edit, with ``took`` and ``outcomes`` read on the edited model; it
-        warns with ``EditMissWarning`` when the new answer did not take.
-    """
-    hparams = ROMEHyperParams() if hparams is None else hparams
-    check_hparams(hparams, ROMEHyperParams)
-    layer = default_layer(model) if layer is None else check_layer(model, layer)
-    check_request(model, request)
-    mlp_output_hook(model, layer)  # refuses, before any work, a W_out whose output has no hook
-    stats_started = time.perf_counter()
-    moment = _key_moment(model, layer, hparams, stats, cache_dir, progress)
-    started = time.perf_counter()
-    templates = context_templates(model, hparams)
-    with frozen(model):
-        key = compute_keys(model, [request], layer, templates)[0]
-        w_out, b_out = (p.detach().double() for p in _mlp_out_params(model, layer))
-        v_init = w_out.T @ key + b_out
-        deltas, losses = optimise_deltas(
-            model, [request], layer, templates, v_init.norm()[None], hparams, progress=progress
-        )
-    delta = deltas[0]
-    keys = key[None]
-    if hparams.key_match != "averaged":
+    def compute(
+        self,
+        model: Model,
+        requests: list[EditRequest],
+        settings: ROMEHyperParams,
+        state: EditorState,
+        options: RunOptions,
+    ) -> RankOneEdit:
+        """k*, v* and the rank-one update of the one request (see the module docstring)."""
+        (request,), (layer,) = requests, state.layers
+        moment = state.stats.get(layer)
+        started = time.perf_counter()
+        templates = context_templates(model, settings)
         with frozen(model):
-            bare = compute_keys(model, [request], layer, ["{}"])[0]
-        keys = torch.stack([key, bare]) if hparams.key_match == "both" else bare[None]
-    regularised: Tensor | None = None
-    if moment is None:
-        u, ridge, condition = key, 0.0, 1.0
-    else:
-        ridge, condition = moment.ridge(hparams.max_condition), moment.condition_number
-        regularised = moment.regularised(ridge)
-        u = torch.linalg.solve(regularised, key)
-    edit = RankOneEdit(
-        request=request,
-        layer=layer,
-        left=_left_vector(u, keys, regularised),
-        right=delta.double(),
-        key=key,
-        value=v_init + delta.double(),
-        fingerprint=model_fingerprint(model, upto_layer=layer),
-        ridge=ridge,
-        condition_number=condition,
-        losses=losses[0],
-        seconds=time.perf_counter() - started,
-        stats_seconds=started - stats_started,
-        weight_dtype=dtype_name(model_dtype(model)),
-    )
-    edit.outcomes = measure_outcomes(model, edit)
-    warn_misses(edit)
-    return edit
+            key = compute_keys(model, [request], layer, templates)[0]
+            w_out, b_out = (p.detach().double() for p in _mlp_out_params(model, layer))
+            v_init = w_out.T @ key + b_out
+            deltas, losses = optimise_deltas(
+                model,
+                [request],
+                layer,
+                templates,
+                v_init.norm()[None],
+                settings,
+                progress=options.progress,
+            )
+            matched = _matched_keys(model, request, layer, key, settings.key_match)
+        delta = deltas[0].double()
+        regularised: Tensor | None = None
+        if moment is None:
+            u, ridge, condition = key, 0.0, 1.0
+        else:
+            ridge, condition = moment.ridge(settings.max_condition), moment.condition_number
+            regularised = moment.regularised(ridge)
+            u = torch.linalg.solve(regularised, key)
+        return RankOneEdit(
+            request=request,
+            layer=layer,
+            left=_left_vector(u, matched, regularised),
+            right=delta,
+            key=key,
+            value=v_init + delta,
+            fingerprint=model_fingerprint(model, upto_layer=layer),
+            ridge=ridge,
+            condition_number=condition,
+            losses=losses[0],
+            seconds=time.perf_counter() - started,
+            stats_seconds=state.seconds,
+            weight_dtype=dtype_name(model_dtype(model)),
+        )
+
+
+ROME = register_editor(ROMEEditor())
+"""The registered ROME editor (``get_editor("rome")``)."""
+
+
+def _matched_keys(
+    model: Model, request: EditRequest, layer: int, key: Tensor, key_match: KeyMatch
+) -> Float[Tensor, "n d_mlp"]:
+    """The keys ΔW maps exactly to v*: k* averaged, the bare prompt's, or both."""
+    if key_match == "averaged":
+        return key[None]
+    bare = compute_keys(model, [request], layer, ["{}"])[0]
+    return torch.stack([key, bare]) if key_match == "both" else bare[None]
 
 
 def _left_vector(
@@ -261,23 +272,53 @@ def _left_vector(
     return solved @ weights
 
 
-def _key_moment(
-    model: Model,
-    layer: int,
-    hparams: ROMEHyperParams,
-    stats: KeyStats | None,
-    cache_dir: str | os.PathLike[str] | None,
-    progress: bool,
-) -> KeyStats | None:
-    if not hparams.mom2_adjustment:
-        if stats is not None:
-            raise ValueError("stats were given but hparams.mom2_adjustment is False (C = I)")
-        return None
-    return checked_stats(
-        model, layer, stats, n_tokens=hparams.mom2_n_tokens, cache_dir=cache_dir, progress=progress
-    )
-
-
 def _mlp_out_params(model: Model, layer: int) -> tuple[Tensor, Tensor]:
     """``W_out`` and ``b_out`` of ``layer`` (zeros where the MLP has no bias)."""
     return weight(model, f"blocks.{layer}.mlp.W_out"), weight(model, f"blocks.{layer}.mlp.b_out")
+
+
+def rome_edit(
+    model: Model,
+    request: EditRequest,
+    *,
+    layer: int | None = None,
+    hparams: ROMEHyperParams | None = None,
+    stats: KeyStats | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> RankOneEdit:
+    """Compute the rank-one edit that writes ``request`` into ``blocks.{layer}.mlp.W_out``.
+
+    The model is not changed: apply the result with ``edit.apply(model)`` or
+    ``with rome_lens.edited(model, edit): ...``. The first edit at a layer
+    computes its key statistics (about 100 s on the default model and a 2-core
+    CPU, announced on stderr when ``progress`` is on) and caches them. The
+    same edit as ``get_editor("rome").edit(model, [request], hparams, ...)``.
+
+    Args:
+        model: any TransformerLens model with MLPs.
+        request: the fact to write.
+        layer: the MLP layer to edit; ``None`` uses :func:`default_layer`.
+        hparams: the settings (``None``: :class:`ROMEHyperParams` defaults).
+        stats: key statistics of that layer; ``None`` loads or computes them
+            (cached) with :func:`~rome_lens.stats.keys.key_second_moment`.
+        cache_dir: the rome_lens cache folder for the statistics.
+        use_cache: read and write the cached statistics.
+        progress: show progress bars.
+
+    Returns:
+        The edit, with ``took`` and ``outcomes`` read on the edited model; it
+        warns with ``EditMissWarning`` when the new answer did not take.
+    """
+    layer = default_layer(model) if layer is None else check_layer(model, layer)
+    return ROME.edit(
+        model,
+        [request],
+        hparams,
+        layers=[layer],
+        stats=None if stats is None else {layer: stats},
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        progress=progress,
+    )

@@ -1,19 +1,24 @@
 """Editing in a row: batch after batch written into the model, each undoable exactly.
 
 A :class:`SequentialEditor` holds a model and writes each batch of facts you
-give it, with the editor you chose, on the model as the earlier batches left
-it:
+give it, with any registered editor (:mod:`rome_lens.editing.registry`, or an
+:class:`~rome_lens.editing.editors.Editor` object), on the model as the earlier
+batches left it:
 
 * ``"alphaedit"`` (default): each batch's update lies in the null space of the
   unedited model's keys and respects the keys of every earlier batch, whose
-  Σ KᵀK the editor keeps per layer (:mod:`rome_lens.editing.alphaedit`);
+  Σ KᵀK the editor's state keeps per layer (:mod:`rome_lens.editing.alphaedit`);
 * ``"memit"``: MEMIT, batch by batch;
-* ``"rome"``: ROME, one request at a time.
+* ``"rome"``, ``"ft"`` and any editor that writes one request per edit: one
+  request at a time.
 
-The key statistics C (and AlphaEdit's projectors) come from the unedited model
-and serve every batch, as in the papers. :meth:`~SequentialEditor.revert_last`
-undoes the last batch and :meth:`~SequentialEditor.revert_all` every batch,
-bit for bit (the weights are copied back, not subtracted).
+The editor's state (:class:`~rome_lens.editing.editors.EditorState`) is made
+once, from the unedited model: its key statistics C (and AlphaEdit's
+projectors) serve every batch, as in the papers, and each applied edit makes
+the next state (``state.after(edit)``). :meth:`~SequentialEditor.revert_last`
+undoes the last batch and goes back to the state before it;
+:meth:`~SequentialEditor.revert_all` undoes every batch, bit for bit (the
+weights are copied back, not subtracted).
 
 >>> import tempfile, torch, warnings
 >>> from rome_lens.core.models import tiny_model
@@ -37,33 +42,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import pandas as pd
 from torch import Tensor
 
 from rome_lens.core.backend import Model
-from rome_lens.editing.alphaedit import AlphaEditHyperParams, alphaedit_edit, null_space_projector
-from rome_lens.editing.defaults import (
-    default_alphaedit_layers,
-    default_layer,
-    default_memit_layers,
-)
-from rome_lens.editing.memit import MEMITHyperParams, MultiLayerEdit, check_layers, memit_edit
+from rome_lens.editing.editors import Editor, EditorState, editor_settings
 from rome_lens.editing.patches import AppliedEdit, WeightEdit
-from rome_lens.editing.requests import EditHyperParams, EditRequest, check_hparams
-from rome_lens.editing.rome import ROMEHyperParams, rome_edit
-from rome_lens.stats.keys import KeyStats, checked_stats
+from rome_lens.editing.registry import get_editor
+from rome_lens.editing.requests import EditorSettings, EditRequest
+from rome_lens.stats.keys import KeyStats
 
 __all__ = ["Method", "SequentialEditor"]
 
-Method = Literal["alphaedit", "memit", "rome"]
-_HPARAMS: dict[str, type[EditHyperParams]] = {
-    "alphaedit": AlphaEditHyperParams,
-    "memit": MEMITHyperParams,
-    "rome": ROMEHyperParams,
-}
+Method = Literal["alphaedit", "memit", "rome", "ft"]
+"""The built-in editors' names; any registered name, or an editor, is accepted too."""
 
 
 class SequentialEditor:
@@ -71,63 +66,88 @@ class SequentialEditor:
 
     Args:
         model: the model to edit (changed in place by :meth:`edit`).
-        method: ``"alphaedit"``, ``"memit"`` or ``"rome"``.
-        layers: the MLP layers (``None``: the method's default for the model).
-        hparams: the method's settings (``None``: its defaults).
+        method: a registered editor's name (``"alphaedit"``, ``"memit"``, ``"rome"``,
+            ``"ft"``, or one of your own), or an editor.
+        layers: the MLP layers (``None``: the editor's default for the model).
+        hparams: the editor's settings (``None``: its defaults).
         stats: key statistics of the unedited model per layer (``None``: loaded or
             computed, cached, before the first edit).
         mom2_n_tokens: tokens of key statistics when they are computed (``None``: the
             settings' value).
         cache_dir: the rome_lens cache folder.
+        use_cache: read and write the cache.
         progress: show progress bars.
     """
 
     def __init__(
         self,
         model: Model,
-        method: Method = "alphaedit",
+        method: str | Editor = "alphaedit",
         *,
         layers: Sequence[int] | None = None,
-        hparams: EditHyperParams | None = None,
-        stats: dict[int, KeyStats] | None = None,
+        hparams: EditorSettings | None = None,
+        stats: Mapping[int, KeyStats] | None = None,
         mom2_n_tokens: int | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        use_cache: bool = True,
         progress: bool = True,
     ) -> None:
-        if method not in _HPARAMS:
-            raise ValueError(f"method must be one of {sorted(_HPARAMS)}, got {method!r}")
-        hparams = _HPARAMS[method]() if hparams is None else hparams
-        check_hparams(hparams, _HPARAMS[method])
+        self.editor = get_editor(method)
+        """The editor that computes each edit."""
+        settings = editor_settings(self.editor, hparams)
         if mom2_n_tokens is not None:
-            hparams = dataclasses.replace(hparams, mom2_n_tokens=mom2_n_tokens)
-        if layers is None:
-            defaults = {"memit": default_memit_layers, "alphaedit": default_alphaedit_layers}
-            layers = [default_layer(model)] if method == "rome" else defaults[method](model)
+            settings = _with_n_tokens(settings, mom2_n_tokens)
         self.model = model
-        self.method: Method = method
-        self.hparams = hparams
-        self.layers = check_layers(model, layers)
-        if method == "rome" and len(self.layers) != 1:
-            raise ValueError(f"ROME edits one layer, got layers={self.layers}")
+        self.hparams = settings
+        """The editor's settings."""
         self.cache_dir = cache_dir
+        self.use_cache = use_cache
         self.progress = progress
-        self.stats: dict[int, KeyStats] = {
-            layer: checked_stats(model, layer, (stats or {}).get(layer),
-                                 n_tokens=hparams.mom2_n_tokens, cache_dir=cache_dir,
-                                 progress=progress)
-            for layer in self.layers
-            if method != "rome" or getattr(hparams, "mom2_adjustment", True)
-        }  # fmt: skip
-        self.projectors: dict[int, Tensor] = {}
-        if isinstance(hparams, AlphaEditHyperParams) and method == "alphaedit":
-            self.projectors = {
-                layer: null_space_projector(self.stats[layer], hparams.null_space_energy)
-                for layer in self.layers
-            }
-        self.preserved: dict[int, Tensor] = {}
-        """Per layer, Σ KᵀK over the keys of every batch applied (AlphaEdit's ``cache_c``)."""
+        self.state = self.editor.start(
+            model,
+            settings,
+            layers=layers,
+            stats=stats,
+            cache_dir=cache_dir,
+            use_cache=use_cache,
+            progress=progress,
+        )
+        """What the next batch is edited from (its statistics are the unedited model's)."""
         self.batches: list[list[AppliedEdit]] = []
-        """Each batch's applied edits, in order (one per request for ROME)."""
+        """Each batch's applied edits, in order (one per request for a one-request editor)."""
+        self._earlier: list[EditorState] = []  # the state before each batch, to revert to
+
+    @property
+    def method(self) -> str:
+        """The editor's name."""
+        return self.editor.name
+
+    @property
+    def layers(self) -> list[int]:
+        """The MLP layers edited."""
+        return list(self.state.layers)
+
+    @property
+    def stats(self) -> dict[int, KeyStats]:
+        """The unedited model's key statistics, per layer."""
+        return dict(self.state.stats)
+
+    @property
+    def projectors(self) -> dict[int, Tensor]:
+        """AlphaEdit's null-space projectors per layer (empty for other editors)."""
+        return dict(getattr(self.state, "projectors", {}))
+
+    @property
+    def preserved(self) -> dict[int, Tensor]:
+        """Per layer, Σ KᵀK over the keys of every batch applied (AlphaEdit's ``cache_c``;
+        empty for other editors). Setting it changes what the next batch preserves."""
+        return dict(getattr(self.state, "preserved", {}))
+
+    @preserved.setter
+    def preserved(self, value: Mapping[int, Tensor]) -> None:
+        if not hasattr(self.state, "preserved"):
+            raise AttributeError(f"{self.method} keeps no preserved keys")
+        self.state = dataclasses.replace(self.state, preserved=dict(value))  # type: ignore[call-arg]
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -145,49 +165,46 @@ class SequentialEditor:
     def edit(self, requests: Sequence[EditRequest]) -> list[WeightEdit]:
         """Write a batch into the model as it stands, and keep it applied.
 
-        A batch that fails (bad input, an interrupt) leaves the model as the
-        earlier batches left it.
+        A batch that fails (bad input, an interrupt) leaves the model, and the
+        state, as the earlier batches left them.
 
         Args:
             requests: the facts of this batch.
 
         Returns:
-            The batch's edits: one for AlphaEdit and MEMIT, one per request for ROME.
+            The batch's edits: one for a batched editor (AlphaEdit, MEMIT), one per
+            request for the others (ROME, FT+L).
         """
         requests = list(requests)
         if not requests:
             raise ValueError("a batch needs at least one EditRequest, got none")
+        chunks = [requests] if self.editor.batched else [[request] for request in requests]
         applied: list[AppliedEdit] = []
+        state = self.state
         try:
-            if self.method == "rome":
-                assert isinstance(self.hparams, ROMEHyperParams)
-                layer = self.layers[0]
-                for request in requests:
-                    edit = rome_edit(
-                        self.model,
-                        request,
-                        layer=layer,
-                        hparams=self.hparams,
-                        stats=self._stats(layer),
-                        cache_dir=self.cache_dir,
-                        progress=self.progress,
-                    )
-                    applied.append(edit.apply(self.model))
-            else:
-                applied.append(self._multi_layer(requests).apply(self.model))
+            for chunk in chunks:
+                edit = self.editor.edit(
+                    self.model,
+                    chunk,
+                    self.hparams,
+                    state=state.carried_to(self.model),
+                    cache_dir=self.cache_dir,
+                    use_cache=self.use_cache,
+                    progress=self.progress,
+                )
+                applied.append(edit.apply(self.model))
+                state = state.after(edit)
         except BaseException:
             for handle in reversed(applied):
                 handle.revert()
             raise
         self.batches.append(applied)
-        for layer, outer in self._key_outer(applied).items():
-            self.preserved[layer] = (
-                self.preserved[layer] + outer if layer in self.preserved else outer
-            )
+        self._earlier.append(self.state)
+        self.state = state
         return [handle.edit for handle in applied]
 
     def revert_last(self) -> list[WeightEdit]:
-        """Undo the last batch, bit for bit.
+        """Undo the last batch, bit for bit, and go back to the state before it.
 
         Returns:
             The batch's edits.
@@ -197,7 +214,7 @@ class SequentialEditor:
         batch = self.batches.pop()
         for handle in reversed(batch):
             handle.revert()
-        self.preserved = self._key_outer([h for earlier in self.batches for h in earlier])
+        self.state = self._earlier.pop()
         return [handle.edit for handle in batch]
 
     def revert_all(self) -> None:
@@ -214,45 +231,11 @@ class SequentialEditor:
                     rows.append({"batch": number} | dataclasses.asdict(outcome))
         return pd.DataFrame(rows)
 
-    def _multi_layer(self, requests: list[EditRequest]) -> MultiLayerEdit:
-        if self.method == "alphaedit":
-            assert isinstance(self.hparams, AlphaEditHyperParams)
-            return alphaedit_edit(
-                self.model,
-                requests,
-                layers=self.layers,
-                hparams=self.hparams,
-                preserved=self.preserved or None,
-                projectors=self.projectors,
-                cache_dir=self.cache_dir,
-                progress=self.progress,
-            )
-        assert isinstance(self.hparams, MEMITHyperParams)
-        stats = {layer: s for layer in self.layers if (s := self._stats(layer)) is not None}
-        return memit_edit(
-            self.model,
-            requests,
-            layers=self.layers,
-            hparams=self.hparams,
-            stats=stats,
-            cache_dir=self.cache_dir,
-            progress=self.progress,
+
+def _with_n_tokens(settings: Any, n_tokens: int) -> Any:
+    """``settings`` with ``mom2_n_tokens`` replaced, for an editor that reads statistics."""
+    if not any(f.name == "mom2_n_tokens" for f in dataclasses.fields(settings)):
+        raise ValueError(
+            f"mom2_n_tokens was given, but {type(settings).__name__} has no statistics"
         )
-
-    def _stats(self, layer: int) -> KeyStats | None:
-        """The unedited model's statistics, vouched for as the edited model's."""
-        stats = self.stats.get(layer)
-        return None if stats is None else stats.carried_to(self.model)
-
-    def _key_outer(self, handles: list[AppliedEdit]) -> dict[int, Tensor]:
-        """Σ KᵀK per layer over the keys of ``handles`` (AlphaEdit only; recomputed rather
-        than subtracted on revert, so nothing is left over)."""
-        totals: dict[int, Tensor] = {}
-        if self.method != "alphaedit":
-            return totals
-        for handle in handles:
-            assert isinstance(handle.edit, MultiLayerEdit)
-            for layer, keys in handle.edit.keys.items():
-                outer = keys.double().T @ keys.double()
-                totals[layer] = totals[layer] + outer if layer in totals else outer
-        return totals
+    return dataclasses.replace(settings, mom2_n_tokens=n_tokens)

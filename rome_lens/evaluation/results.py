@@ -34,7 +34,7 @@ class Evaluation(Result):
 
     kind = "evaluation"
     rows: list[dict[str, Any]]
-    """Case_id, method, edit_seconds, pre_* and post_* metrics."""
+    """case_id, method, edit_seconds, pre_* and post_* metrics."""
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (case, method)."""

@@ -8,7 +8,8 @@ curvature approximated by EK-FAC. The room is itself callable:
 points that carry their inputs and gradients (:mod:`~rome_lens.influence.weights`),
 the fitted factors (:mod:`~rome_lens.influence.factors`, built on
 :func:`rome_lens.stats.moments.accumulate_moments`), the scores and their
-splits by layer and token (:mod:`~rome_lens.influence.scores`), and a BM25
+splits by layer and token (:mod:`~rome_lens.influence.scores`), how they are
+scored (:class:`~rome_lens.influence.settings.ScoreSettings`), and a BM25
 prefilter (:mod:`~rome_lens.influence.prefilter`), and fine-tuning on a corpus
 you know, to check the scores against the texts that really taught a fact
 (:mod:`~rome_lens.influence.training`). It imports
@@ -29,7 +30,6 @@ you know, to check the scores against the texts that really taught a fact
 
 import sys
 import types
-from typing import Any
 
 from rome_lens.influence.factors import (
     STRATEGIES,
@@ -47,15 +47,16 @@ from rome_lens.influence.scores import (
     query_gradients,
     score_texts,
 )
+from rome_lens.influence.settings import ScoreSettings
 from rome_lens.influence.training import FineTuneConfig, FineTuned, fine_tune
 from rome_lens.influence.weights import MLPWeight, mlp_weights
 
 
 class _CallableRoom(types.ModuleType):
-    """This module, callable as its main function (``rome_lens.influence(...)``)."""
+    """This module, callable as its main function (``rome_lens.influence(...)``): the
+    function itself, so that its warnings point at the caller's line."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> InfluenceResult:
-        return influence(*args, **kwargs)
+    __call__ = staticmethod(influence)
 
 
 sys.modules[__name__].__class__ = _CallableRoom
@@ -67,6 +68,7 @@ __all__ = [
     "InfluenceFactors",
     "InfluenceResult",
     "MLPWeight",
+    "ScoreSettings",
     "Strategy",
     "TextScores",
     "bm25_top",

@@ -30,8 +30,6 @@ fingerprint, layers, corpus, token count and Fisher.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
-from rome_lens.core.cache import CacheError, cache_dir, discard
+from rome_lens.core.cache import cache_dir, cache_key, cached
 from rome_lens.core.corpus import Batch, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
 from rome_lens.core.fingerprint import model_fingerprint
@@ -220,99 +218,154 @@ def fit_influence_factors(
     names = [w.name for w in chosen]
     path = _cache_path(fingerprint, names, source, n_tokens, strategy, fisher, seed, cache_dir)
     split = Split.of(distributed)
-    loaded = _load(path) if use_cache else None
-    if int(all_reduce_sum(torch.tensor([loaded is None]), split)) == 0:
-        assert loaded is not None
-        return loaded
-    progress = progress and is_main(split)
-    started = time.perf_counter()
-    factors = InfluenceFactors(
-        layers=layers,
-        names=[w.name for w in chosen],
-        input_vectors={},
-        input_values={},
-        output_vectors={},
-        output_values={},
-        eigen_lambda={},
-        diagonal={},
-        strategy=strategy,
-        fisher=fisher,
-        n_tokens=0,
-        n_sequences=0,
-        corpus=source.name,
-        fingerprint=fingerprint,
+    run = _Run(source, n_tokens, fisher, seed, batch_size, cache_dir, use_cache,
+               progress and is_main(split), split)  # fmt: skip
+
+    def fit() -> InfluenceFactors:
+        started = time.perf_counter()
+        fitted = _fit_passes(model, chosen, strategy, run, layers_per_pass)
+        return InfluenceFactors(
+            layers=layers,
+            names=names,
+            **fitted.tables,
+            strategy=strategy,
+            fisher=fisher,
+            n_tokens=fitted.n_tokens,
+            n_sequences=fitted.n_sequences,
+            corpus=source.name,
+            fingerprint=fingerprint,
+            seconds=time.perf_counter() - started,
+        )
+
+    return cached(
+        path,
+        fit,
+        load=InfluenceFactors.load,
+        save=lambda path, factors: factors.save(path),
+        use_cache=use_cache,
+        split=split,
     )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How a fit reads its corpus: what :func:`fit_influence_factors` was given."""
+
+    source: Corpus
+    """The fitting text."""
+    n_tokens: int
+    """Tokens the factors average over."""
+    fisher: Labels
+    """Sampled or empirical labels."""
+    seed: int
+    """Seeds a sampled corpus and the sampled labels."""
+    batch_size: int
+    """Sequences per forward and backward pass."""
+    cache_dir: str | os.PathLike[str] | None
+    """The rome_lens cache folder."""
+    use_cache: bool
+    """Read and write the cache (the moments W_out shares with ROME)."""
+    progress: bool
+    """Show progress bars (on the main rank)."""
+    split: Split
+    """This process's share of the corpus."""
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """The factors of some weights, gathered over passes before the result is built."""
+
+    tables: dict[str, dict[str, Tensor]]
+    """Each of InfluenceFactors' per-weight tables (``_TABLES``), by weight name."""
+    n_tokens: int
+    """Tokens the factors average over."""
+    n_sequences: int
+    """Sequences Λ averages over (0 without a second pass)."""
+
+
+def _fit_passes(
+    model: Model,
+    chosen: Sequence[MLPWeight],
+    strategy: str,
+    run: _Run,
+    layers_per_pass: int | None,
+) -> _Fitted:
+    """Every chosen weight's factors, a group of layers per pass over the corpus.
+
+    With several passes the device holds one pass's factors at a time: each
+    pass's go to the CPU before the next begins.
+    """
+    tables: dict[str, dict[str, Tensor]] = {table: {} for table in _TABLES}
+    n_tokens = n_sequences = 0
     passes = layer_passes(model, chosen, layers_per_pass)
     for group in passes:
-        in_pass = [w for w in chosen if w.layer in group]
-        moments = accumulate_moments(
-            model,
-            forward=sorted({w.input_hook for w in in_pass}),
-            backward=sorted({w.output_hook for w in in_pass}),
-            corpus=source,
-            n_tokens=n_tokens,
-            labels=fisher,
-            seed=seed,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
-            use_cache=use_cache,
-            cache_hooks=[w.input_hook for w in in_pass if w.short == "W_out"],  # shared with ROME
-            progress=progress,
-            announce=f"influence factors of layers {group}",
-            distributed=split.active,
-        )
-        factors.n_tokens = moments[in_pass[0].input_hook, "forward"].count
-        for weight in tqdm(in_pass, desc="eigendecomposing", disable=not progress):
-            _eigendecompose(model, factors, weight, moments)
-        del moments  # the eigenvalue pass and the next layers need the room
-        if strategy in _NEEDS_SECOND_PASS:
-            _refit_eigenvalues(model, factors, in_pass, source, n_tokens, seed, batch_size,
-                               cache_dir, progress, split)  # fmt: skip
-        if len(passes) > 1:  # the device holds one pass's factors at a time
-            _to_host(factors, in_pass)
-    factors.seconds = time.perf_counter() - started
-    if use_cache and is_main(split):
-        factors.save(path)
-    return factors
+        fitted = _fit_pass(model, [w for w in chosen if w.layer in group], group, strategy, run)
+        if len(passes) > 1:
+            fitted = _to_host(fitted)
+        for table, values in fitted.tables.items():
+            tables[table].update(values)
+        n_tokens, n_sequences = fitted.n_tokens, fitted.n_sequences
+    return _Fitted(tables, n_tokens, n_sequences)
 
 
-def _eigendecompose(
-    model: Model, factors: InfluenceFactors, weight: MLPWeight, moments: dict[MomentKey, Moments]
-) -> None:
-    """Store the eigenbases of one weight's two Kronecker factors.
+def _fit_pass(
+    model: Model, in_pass: list[MLPWeight], group: list[int], strategy: str, run: _Run
+) -> _Fitted:
+    """The factors of the weights of one group of layers: their moments in one pass, the
+    eigenbases, then (EK-FAC, diagonal) the eigenvalues refitted in a second pass."""
+    moments = accumulate_moments(
+        model,
+        forward=sorted({w.input_hook for w in in_pass}),
+        backward=sorted({w.output_hook for w in in_pass}),
+        corpus=run.source,
+        n_tokens=run.n_tokens,
+        labels=run.fisher,
+        seed=run.seed,
+        batch_size=run.batch_size,
+        cache_dir=run.cache_dir,
+        use_cache=run.use_cache,
+        cache_hooks=[w.input_hook for w in in_pass if w.short == "W_out"],  # shared with ROME
+        progress=run.progress,
+        announce=f"influence factors of layers {group}",
+        distributed=run.split.active,
+    )
+    n_tokens = moments[in_pass[0].input_hook, "forward"].count
+    tables: dict[str, dict[str, Tensor]] = {table: {} for table in _TABLES}
+    for weight in tqdm(in_pass, desc="eigendecomposing", disable=not run.progress):
+        for table, value in _eigenbases(model, weight, moments).items():
+            tables[table][weight.name] = value
+    del moments  # the eigenvalue pass and the next layers need the room
+    n_sequences = 0
+    if strategy in _NEEDS_SECOND_PASS:
+        refitted, n_sequences = _refit_eigenvalues(model, in_pass, tables, strategy, run)
+        tables["diagonal" if strategy == "diagonal" else "eigen_lambda"] = refitted
+    return _Fitted(tables, n_tokens, n_sequences)
+
+
+def _eigenbases(
+    model: Model, weight: MLPWeight, moments: dict[MomentKey, Moments]
+) -> dict[str, Tensor]:
+    """The eigenvalues and eigenvectors of one weight's two Kronecker factors, by table.
 
     A function of its own so that the float64 factor matrices are freed when it returns,
     before the next pass's moments are gathered.
     """
     a = input_factor(model, weight, moments[weight.input_hook, "forward"])
     s = moments[weight.output_hook, "backward"].second_moment
-    for values, vectors, matrix in (
-        (factors.input_values, factors.input_vectors, a),
-        (factors.output_values, factors.output_vectors, s),
-    ):
-        found_values, found_vectors = torch.linalg.eigh(matrix)
-        values[weight.name] = found_values.float()
-        vectors[weight.name] = found_vectors.float()
+    found: dict[str, Tensor] = {}
+    for side, matrix in (("input", a), ("output", s)):
+        values, vectors = torch.linalg.eigh(matrix)
+        found[f"{side}_values"], found[f"{side}_vectors"] = values.float(), vectors.float()
+    return found
 
 
-def _to_host(factors: InfluenceFactors, weights: Sequence[MLPWeight]) -> None:
-    """Move the factors of ``weights`` to the CPU, where they wait for the scan."""
-    for table in _TABLES:
-        found = getattr(factors, table)
-        for weight in weights:
-            if weight.name in found:
-                found[weight.name] = to_host(found[weight.name])
-
-
-def _load(path: Path) -> InfluenceFactors | None:
-    """The cached factors, or ``None`` (a damaged file is reported and removed)."""
-    try:
-        return InfluenceFactors.load(path)
-    except FileNotFoundError:
-        return None
-    except (CacheError, ValueError, KeyError, TypeError) as err:
-        discard(path, str(err))
-        return None
+def _to_host(fitted: _Fitted) -> _Fitted:
+    """The same factors on the CPU, where they wait for the scan."""
+    tables = {
+        table: {name: to_host(value) for name, value in values.items()}
+        for table, values in fitted.tables.items()
+    }
+    return _Fitted(tables, fitted.n_tokens, fitted.n_sequences)
 
 
 def moment_bytes(model: Model, weights: Sequence[MLPWeight]) -> int:
@@ -426,44 +479,50 @@ def sequence_gradients(
 
 def _refit_eigenvalues(
     model: Model,
-    factors: InfluenceFactors,
     weights: list[MLPWeight],
-    source: Corpus,
-    n_tokens: int,
-    seed: int,
-    batch_size: int,
-    cache_root: str | os.PathLike[str] | None,
-    progress: bool,
-    split: Split,
-) -> None:
+    bases: dict[str, dict[str, Tensor]],
+    strategy: str,
+    run: _Run,
+) -> tuple[dict[str, Tensor], int]:
     """EK-FAC's Λ (or, for ``"diagonal"``, E[G²]) of ``weights`` from per-sequence gradients
-    (a second pass; this rank's share of the sequences, then summed over the ranks)."""
-    chunks = source.chunks(
-        model, n_tokens=n_tokens, seed=seed, cache_dir=cache_root, progress=False
+    (a second pass; this rank's share of the sequences, then summed over the ranks).
+
+    Args:
+        model: the model.
+        weights: the weights of this pass.
+        bases: their eigenbases, by table (``input_values``, ``input_vectors``, ...).
+        strategy: ``"ekfac"`` or ``"diagonal"``.
+        run: how the corpus is read.
+
+    Returns:
+        The refitted values by weight name, and the sequences they average over.
+    """
+    chunks = run.source.chunks(
+        model, n_tokens=run.n_tokens, seed=run.seed, cache_dir=run.cache_dir, progress=False
     )
-    budgets = token_budgets(chunks, n_tokens, len(bos_tokens(model)))
-    mine = shard([i for i, budget in enumerate(budgets) if budget > 0], split)
-    diagonal = factors.strategy == "diagonal"
+    budgets = token_budgets(chunks, run.n_tokens, len(bos_tokens(model)))
+    mine = shard([i for i, budget in enumerate(budgets) if budget > 0], run.split)
+    diagonal = strategy == "diagonal"
     device = model_device(model)
     squares = {  # float32: a sum over sequences, hundreds of terms, not tokens
-        w.name: torch.zeros(len(factors.input_values[w.name]), w.d_out, device=device)
+        w.name: torch.zeros(len(bases["input_values"][w.name]), w.d_out, device=device)
         for w in weights
     }
     rotations = {
         w.name: (
-            factors.input_vectors[w.name].to(device),
-            factors.output_vectors[w.name].to(device),
+            bases["input_vectors"][w.name].to(device),
+            bases["output_vectors"][w.name].to(device),
         )
         for w in weights
     }
-    bar = tqdm(total=len(mine), desc="EK-FAC eigenvalues", unit="seq", disable=not progress)
+    bar = tqdm(total=len(mine), desc="EK-FAC eigenvalues", unit="seq", disable=not run.progress)
     with bar, frozen(model), linear_layout(model):
-        for batch in token_batches(model, [chunks[i] for i in mine], batch_size):
+        for batch in token_batches(model, [chunks[i] for i in mine], run.batch_size):
             rows = [mine[j] for j in batch.indices]
-            generators = label_generators(seed, rows)  # the same labels as the first pass
+            generators = label_generators(run.seed, rows)  # the same labels as the first pass
 
             def loss(logits: Tensor, batch: Batch = batch, generators: list = generators) -> Tensor:
-                return next_token_loss(logits, batch.tokens, batch.real, factors.fisher, generators)  # type: ignore[arg-type]
+                return next_token_loss(logits, batch.tokens, batch.real, run.fisher, generators)
 
             counted = within_budgets(batch.counted, [budgets[i] for i in rows])
             found = sequence_gradients(model, batch.tokens, counted, weights, loss)
@@ -475,10 +534,9 @@ def _refit_eigenvalues(
                     gradient = a_seq.T @ g_seq  # [d_in d_out]
                     total.addcmul_(gradient, gradient)
             bar.update(len(batch.indices))
-    sequences = int(all_reduce_sum(torch.tensor([len(mine)]), split))
-    factors.n_sequences = sequences
-    means = {name: all_reduce_sum(value, split) / sequences for name, value in squares.items()}
-    (factors.diagonal if diagonal else factors.eigen_lambda).update(means)
+    sequences = int(all_reduce_sum(torch.tensor([len(mine)]), run.split))
+    means = {name: all_reduce_sum(value, run.split) / sequences for name, value in squares.items()}
+    return means, sequences
 
 
 def _cache_path(
@@ -491,8 +549,8 @@ def _cache_path(
     seed: int,
     root: str | os.PathLike[str] | None,
 ) -> Path:
+    """The file of the factors fitted with these settings (any of them changes the factors)."""
     fitted = strategy if strategy in _NEEDS_SECOND_PASS else "kfac"
     labels = f"{fisher}-{LABEL_SAMPLER}" if fisher == "sampled" else fisher
-    key = json.dumps([names, corpus.id(seed), n_tokens, fitted, labels, seed])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    digest = cache_key(names, corpus.id(seed), n_tokens, fitted, labels, seed, length=16)
     return cache_dir(root) / "influence" / f"factors-{fingerprint}-{digest}.st"

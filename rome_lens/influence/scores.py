@@ -18,9 +18,12 @@ dotted with every query's ``P`` for one batch of texts at a time. The split by
 layer (Eq. 30) is kept for every text, the split by token (Eq. 31,
 ``Σ_w ā_tᵀ P g_t``) for the top texts; a text whose token scores are
 concentrated (``‖c‖₂ / ‖c‖₁ > 2/3``) is flagged, as the paper does, as likely
-spurious. With ``query_rank``, ``P`` is cut to that rank (the paper's 32) and
-kept as factors ``L Rᵀ``: a text then costs ``Σ_t (ā_tᵀ L)(Rᵀ g_t)`` per
-query and weight, and neither ``P`` nor the text's gradient is ever formed.
+spurious. How texts are scored travels as one
+:class:`~rome_lens.influence.settings.ScoreSettings`; the run options
+(``batch_size``, ``progress``, ``distributed``) stay keywords. With
+``query_rank``, ``P`` is cut to that rank (the paper's 32) and kept as factors
+``L Rᵀ``: a text then costs ``Σ_t (ā_tᵀ L)(Rᵀ g_t)`` per query and weight,
+and neither ``P`` nor the text's gradient is ever formed.
 With ``normalize=True`` every score is divided by the norms of both vectors,
 ``‖P‖`` and ``‖∇ log p(chunk)‖`` over the scored weights, chunk by chunk (a
 text longer than one window sums its chunks' scores): with ``"identity"`` this
@@ -29,7 +32,7 @@ and TrackStar, which stops long or high-loss texts from outranking the rest.
 
 >>> import tempfile
 >>> from rome_lens.core.models import tiny_model
->>> from rome_lens.influence import fit_influence_factors, influence
+>>> from rome_lens.influence import ScoreSettings, fit_influence_factors, influence
 >>> model = tiny_model()
 >>> texts = ["The Eiffel Tower is in Paris.", "The Louvre is a museum.", "Berlin is in Germany."]
 >>> factors = fit_influence_factors(model, texts * 4, layers=[1, 2], n_tokens=200,
@@ -38,6 +41,11 @@ and TrackStar, which stops long or high-loss texts from outranking the rest.
 ...                    progress=False)
 >>> result.to_dataframe()[["rank", "text_id"]].shape, result.text_ids[0]  # the fact itself first
 ((2, 2), 0)
+>>> cosine = influence(model, factors, "The Eiffel Tower is in", " Paris", texts, top_k=2,
+...                    settings=ScoreSettings(strategy="identity", normalize=True),
+...                    progress=False)
+>>> cosine.strategy, cosine.normalized, bool(cosine.scores.abs().max() <= 1)
+('identity', True, True)
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -62,12 +70,14 @@ from rome_lens.core.runtime import frozen, linear_layout, pad
 from rome_lens.core.tokens import prompt_tokens, target_token_ids
 from rome_lens.influence.factors import STRATEGIES, InfluenceFactors, Strategy, sequence_gradients
 from rome_lens.influence.prefilter import bm25_top
+from rome_lens.influence.settings import ScoreSettings, settings_from_keywords
 from rome_lens.influence.weights import MLPWeight, mlp_weights
 from rome_lens.stats.moments import next_token_loss
 
 __all__ = [
     "SPURIOUS_RATIO",
     "InfluenceResult",
+    "ScoreSettings",
     "TextScores",
     "influence",
     "influence_many",
@@ -140,16 +150,11 @@ def influence(
     corpus: CorpusSource | Corpus,
     *,
     top_k: int = 20,
-    prefilter: int | None = None,
-    layers: Sequence[int] | None = None,
-    weights: Sequence[str] | None = None,
-    strategy: Strategy | None = None,
-    damping: float = 0.1,
-    query_rank: int | None = None,
-    normalize: bool = False,
+    settings: ScoreSettings | None = None,
     batch_size: int = 8,
     progress: bool = True,
     distributed: bool | None = None,
+    **deprecated: Any,
 ) -> InfluenceResult:
     """The ``top_k`` texts of ``corpus`` that most raise ``p(completion | prompt)``.
 
@@ -160,28 +165,22 @@ def influence(
         completion: its completion (a leading space is added as the tokenizer expects).
         corpus: the training texts: strings, a ``.txt``/``.jsonl`` path or a :class:`Corpus`.
         top_k: how many texts to return.
-        prefilter: score only the texts BM25 ranks in the top ``prefilter`` for the
-            query (``None``: every text).
-        layers: score these MLP layers only (``None``: every layer of the factors).
-        weights: score these of ``"W_in"``, ``"W_gate"``, ``"W_out"`` only (``None``: the
-            factors' weights).
-        strategy: the curvature approximation (``None``: the factors').
-        damping: λ as a share of the mean eigenvalue.
-        query_rank: cut each preconditioned query gradient to this rank (``None``: full).
-        normalize: divide each score by the query's and the text chunk's gradient norms
-            (with ``"identity"``: the gradients' cosine).
+        settings: how the texts are scored: layers, weights, strategy, damping,
+            query rank, normalisation, prefilter (``None``: ``ScoreSettings()``).
         batch_size: texts per forward and backward pass.
         progress: show a progress bar.
         distributed: split the texts over the ranks of the process group
             (``None``: when one is initialised).
+        deprecated: the fields of ``settings`` as keywords (``damping=0.1``), as before
+            ``ScoreSettings``; accepted for one release, with a ``DeprecationWarning``.
 
     Returns:
         The top texts, their scores, and the splits by layer and by token.
     """
+    settings = settings_from_keywords(settings, deprecated, "influence")
     (result,) = influence_many(
-        model, factors, [(prompt, completion)], corpus, top_k=top_k, prefilter=prefilter,
-        layers=layers, weights=weights, strategy=strategy, damping=damping, query_rank=query_rank,
-        normalize=normalize, batch_size=batch_size, progress=progress, distributed=distributed,
+        model, factors, [(prompt, completion)], corpus, top_k=top_k, settings=settings,
+        batch_size=batch_size, progress=progress, distributed=distributed,
     )  # fmt: skip
     return result
 
@@ -193,16 +192,11 @@ def influence_many(
     corpus: CorpusSource | Corpus,
     *,
     top_k: int = 20,
-    prefilter: int | None = None,
-    layers: Sequence[int] | None = None,
-    weights: Sequence[str] | None = None,
-    strategy: Strategy | None = None,
-    damping: float = 0.1,
-    query_rank: int | None = None,
-    normalize: bool = False,
+    settings: ScoreSettings | None = None,
     batch_size: int = 8,
     progress: bool = True,
     distributed: bool | None = None,
+    **deprecated: Any,
 ) -> list[InfluenceResult]:
     """:func:`influence` for several ``(prompt, completion)`` queries in one pass over the texts.
 
@@ -212,97 +206,206 @@ def influence_many(
         queries: ``(prompt, completion)`` pairs.
         corpus: the training texts.
         top_k: how many texts to return per query.
-        prefilter: score only the union of each query's BM25 top ``prefilter`` texts.
-        layers: score these MLP layers only (``None``: every layer of the factors).
-        weights: score these of ``"W_in"``, ``"W_gate"``, ``"W_out"`` only (``None``: the
-            factors' weights).
-        strategy: the curvature approximation (``None``: the factors').
-        damping: λ as a share of the mean eigenvalue.
-        query_rank: cut each preconditioned query gradient to this rank.
-        normalize: divide each score by the query's and the text chunk's gradient norms.
+        settings: how the texts are scored (``None``: ``ScoreSettings()``); its
+            ``prefilter`` keeps the union of each query's BM25 top texts.
         batch_size: texts per forward and backward pass.
         progress: show a progress bar.
         distributed: split the texts over the ranks of the process group and merge
             (``None``: when one is initialised; see :mod:`rome_lens.core.distributed`).
+        deprecated: the fields of ``settings`` as keywords, accepted for one release
+            with a ``DeprecationWarning``.
 
     Returns:
         One result per query, in order.
     """
     started = time.perf_counter()
-    chosen: str = strategy or factors.strategy
-    _check(model, factors, queries, top_k, prefilter, chosen, query_rank)
-    texts = Corpus.read(corpus)
-    if texts.documents is None or not texts.documents:
-        raise ValueError("corpus must hold texts to score, got an empty or sampled corpus")
-    documents = list(texts.documents)
-    layers = list(factors.layers) if layers is None else sorted(set(layers))
+    settings = settings_from_keywords(settings, deprecated, "influence_many")
+    _check_queries(queries, top_k)
+    scoring = _scoring(model, factors, settings)
+    texts = _read_texts(corpus)
+    ids = _prefiltered(texts, queries, settings.prefilter)
+    preconditioned = _preconditioned_queries(model, factors, scoring, queries)
+    split = Split.of(distributed)
+    chunks = _chunks(model, texts, ids)
+    local, squared_norms, owners = _scan(
+        model, scoring, chunks, preconditioned, batch_size, progress, split
+    )
+    if settings.normalize:
+        local = _normalized(local, squared_norms, preconditioned)
+    totals = _text_totals(local, owners, len(ids), split)
+    orders = _top_orders(totals, top_k)
+    tops = _top_layer_scores(local, owners, orders, len(ids), split)
+    ranking = _Ranking(ids, totals, orders, tops)
+    return [
+        _query_result(model, factors, query, q, texts, scoring, preconditioned, ranking, started)
+        for q, query in enumerate(queries)
+    ]
+
+
+class _Scoring(NamedTuple):
+    """What a scan scores: the settings, the curvature approximation and the weights."""
+
+    settings: ScoreSettings  # as given
+    strategy: str  # the settings' strategy, or the factors'
+    layers: list[int]  # the MLP layers scored, in the factors' order when not chosen
+    weights: list[MLPWeight]  # their weights that are scored
+
+
+class _Ranking(NamedTuple):
+    """Every scanned text's total score, and each query's top texts with their layer split."""
+
+    ids: list[int]  # the scanned texts' indices in the corpus
+    totals: Float[Tensor, "scanned query"]  # every scanned text's score for every query
+    orders: list[list[int]]  # each query's top texts, as rows of totals, best first
+    tops: Float[Tensor, "query top layer"]  # their scores split by layer
+
+
+def _check_queries(queries: Sequence[tuple[str, str]], top_k: int) -> None:
+    """Raise, naming the bad value, unless every query is a usable ``(prompt, completion)``."""
+    if not queries:
+        raise ValueError("name at least one (prompt, completion) query")
+    for prompt, completion in queries:
+        if not isinstance(completion, str) or not completion.strip():
+            raise ValueError(f"completion must be a non-empty string, got {completion!r}")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+
+
+def _checked_strategy(model: Model, factors: InfluenceFactors, strategy: str | None) -> str:
+    """The strategy to precondition with (``None``: the factors'), once ``factors`` are known
+    to be fitted on ``model`` and to serve it."""
+    if not isinstance(factors, InfluenceFactors):
+        raise TypeError(f"factors must be InfluenceFactors, got {type(factors).__name__}")
+    factors.check_model(model)
+    strategy = strategy or factors.strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    factors.eigenvalues(factors.names[0], strategy)  # raises if the factors lack it
+    return strategy
+
+
+def _scoring(model: Model, factors: InfluenceFactors, settings: ScoreSettings) -> _Scoring:
+    """The strategy, layers and weights ``settings`` score, checked against the factors."""
+    strategy = _checked_strategy(model, factors, settings.strategy)
+    layers = list(factors.layers) if settings.layers is None else list(settings.layers)
     missing = [layer for layer in layers if layer not in factors.layers]
     if missing or not layers:
         raise ValueError(f"the factors cover layers {factors.layers}, not {missing or layers}")
     fitted = sorted({name.rsplit(".", 1)[-1] for name in factors.names})
-    scored = mlp_weights(model, layers, fitted if weights is None else weights)
-    unfitted = [w.name for w in scored if w.name not in factors.names]
+    weights = mlp_weights(model, layers, fitted if settings.weights is None else settings.weights)
+    unfitted = [w.name for w in weights if w.name not in factors.names]
     if unfitted:
         raise ValueError(f"the factors hold {factors.names}, not {unfitted}: fit them too")
-    preconditioned = _preconditioned_queries(
-        model, factors, scored, queries, chosen, damping, query_rank
-    )
-    ids = list(range(len(documents)))
-    if prefilter is not None:
-        kept = bm25_top(documents, [f"{p} {c.strip()}" for p, c in queries], prefilter)
-        ids = sorted({i for row in kept for i in row})
-    chunks = Corpus(tuple(documents[i] for i in ids), texts.name).chunks(
-        model, max_length=model.cfg.n_ctx
-    )
-    split = Split.of(distributed)
-    local, squared_norms, owners = _scan(
-        model, scored, chunks, preconditioned, layers, batch_size, progress, split
-    )
-    if normalize:
-        local /= squared_norms.clamp_min(1e-30).sqrt()[:, None, None]
-        local /= _query_norms(preconditioned).to(local.device)[None, :, None]
-    totals = torch.zeros(len(ids), len(queries), dtype=torch.float64)
+    return _Scoring(settings, strategy, layers, weights)
+
+
+def _read_texts(corpus: CorpusSource | Corpus) -> Corpus:
+    """The texts to score, read once; a sampled or empty corpus has none to score."""
+    texts = Corpus.read(corpus)
+    if texts.documents is None or not texts.documents:
+        raise ValueError("corpus must hold texts to score, got an empty or sampled corpus")
+    return texts
+
+
+def _prefiltered(
+    texts: Corpus, queries: Sequence[tuple[str, str]], prefilter: int | None
+) -> list[int]:
+    """The texts worth a gradient pass: every one, or the union of the queries' BM25 tops."""
+    documents = list(texts.documents or ())
+    if prefilter is None:
+        return list(range(len(documents)))
+    kept = bm25_top(documents, [f"{p} {c.strip()}" for p, c in queries], prefilter)
+    return sorted({i for row in kept for i in row})
+
+
+def _chunks(model: Model, texts: Corpus, ids: list[int]) -> list[Chunk]:
+    """The texts ``ids`` in windows of the model's context; a chunk knows its text's row."""
+    documents = texts.documents or ()
+    chosen = Corpus(tuple(documents[i] for i in ids), texts.name)
+    return chosen.chunks(model, max_length=model.cfg.n_ctx)
+
+
+def _normalized(
+    local: Float[Tensor, "mine query layer"],
+    squared_norms: Float[Tensor, " mine"],
+    preconditioned: dict[str, Preconditioned],
+) -> Float[Tensor, "mine query layer"]:
+    """Chunk scores divided by both gradients' norms (in place): the cosine for identity."""
+    local /= squared_norms.clamp_min(1e-30).sqrt()[:, None, None]
+    local /= _query_norms(preconditioned).to(local.device)[None, :, None]
+    return local
+
+
+def _text_totals(
+    local: Float[Tensor, "mine query layer"], owners: Int[Tensor, " mine"], n_texts: int,
+    split: Split,
+) -> Float[Tensor, "text query"]:  # fmt: skip
+    """Every text's score for every query: its chunks' and layers' summed, on every rank."""
+    totals = torch.zeros(n_texts, local.shape[1], dtype=torch.float64)
     totals.index_add_(0, owners, local.sum(-1))
-    totals = all_reduce_sum(totals, split)  # [text query], every text's score on every rank
-    orders = [totals[:, q].argsort(descending=True)[:top_k].tolist() for q in range(len(queries))]
-    tops = torch.zeros(len(queries), len(orders[0]), len(layers), dtype=torch.float64)
-    for q, order in enumerate(orders):  # the top texts' layer splits, from the ranks that hold them
-        place = torch.full((len(ids),), -1, dtype=torch.long)
+    return all_reduce_sum(totals, split)
+
+
+def _top_orders(totals: Float[Tensor, "text query"], top_k: int) -> list[list[int]]:
+    """Each query's ``top_k`` texts, as rows of ``totals``, best first."""
+    return [totals[:, q].argsort(descending=True)[:top_k].tolist() for q in range(totals.shape[1])]
+
+
+def _top_layer_scores(
+    local: Float[Tensor, "mine query layer"], owners: Int[Tensor, " mine"],
+    orders: list[list[int]], n_texts: int, split: Split,
+) -> Float[Tensor, "query top layer"]:  # fmt: skip
+    """The top texts' scores split by layer, gathered from the ranks that hold them."""
+    tops = torch.zeros(len(orders), len(orders[0]), local.shape[2], dtype=torch.float64)
+    for q, order in enumerate(orders):
+        place = torch.full((n_texts,), -1, dtype=torch.long)
         place[order] = torch.arange(len(order))
         rank_of = place[owners]
         held = rank_of >= 0
         tops[q].index_add_(0, rank_of[held], local[held, q])
-    tops = all_reduce_sum(tops, split)
-    results = []
-    for q, (prompt, completion) in enumerate(queries):
-        order = orders[q]
-        top_ids = [ids[i] for i in order]
-        token_scores, str_tokens = _token_scores(
-            model,
-            scored,
-            [documents[i] for i in top_ids],
-            {n: _dense(_one(p, q)) for n, p in preconditioned.items()},
-        )
-        results.append(
-            InfluenceResult(
-                prompt=prompt,
-                completion=completion,
-                strategy=chosen,
-                layers=layers,
-                text_ids=top_ids,
-                texts=[documents[i] for i in top_ids],
-                scores=totals[order, q],
-                layer_scores=tops[q],
-                token_scores=token_scores,
-                str_tokens=str_tokens,
-                all_ids=ids,
-                all_scores=totals[:, q],
-                fingerprint=factors.fingerprint,
-                seconds=time.perf_counter() - started,
-                normalized=normalize,
-            )
-        )
-    return results
+    return all_reduce_sum(tops, split)
+
+
+def _query_result(
+    model: Model,
+    factors: InfluenceFactors,
+    query: tuple[str, str],
+    q: int,
+    texts: Corpus,
+    scoring: _Scoring,
+    preconditioned: dict[str, Preconditioned],
+    ranking: _Ranking,
+    started: float,
+) -> InfluenceResult:
+    """Query ``q``'s result: its top texts, their splits by layer and by token."""
+    documents = texts.documents or ()
+    order = ranking.orders[q]
+    top_ids = [ranking.ids[i] for i in order]
+    token_scores, str_tokens = _token_scores(
+        model,
+        scoring.weights,
+        [documents[i] for i in top_ids],
+        {n: _dense(_one(p, q)) for n, p in preconditioned.items()},
+    )
+    return InfluenceResult(
+        prompt=query[0],
+        completion=query[1],
+        strategy=scoring.strategy,
+        layers=scoring.layers,
+        text_ids=top_ids,
+        texts=[documents[i] for i in top_ids],
+        scores=ranking.totals[order, q],
+        layer_scores=ranking.tops[q],
+        token_scores=token_scores,
+        str_tokens=str_tokens,
+        all_ids=ranking.ids,
+        all_scores=ranking.totals[:, q],
+        fingerprint=factors.fingerprint,
+        seconds=time.perf_counter() - started,
+        normalized=scoring.settings.normalize,
+    )
 
 
 class TextScores(NamedTuple):
@@ -321,18 +424,19 @@ def score_texts(
     corpus: CorpusSource | Corpus,
     *,
     strategies: Sequence[Strategy] = ("ekfac",),
-    damping: float = 0.1,
-    query_rank: int | None = None,
+    settings: ScoreSettings | None = None,
     batch_size: int = 8,
     progress: bool = True,
     distributed: bool | None = None,
+    **deprecated: Any,
 ) -> TextScores:
     """Every text's score under several curvature approximations, from one pass over the texts.
 
     Comparing strategies costs one forward and backward pass per text, not one
     per strategy: the queries of every strategy are scored together. Dividing
     a strategy's scores by ``text_norms[:, None] * query_norms[strategy][None]``
-    gives what ``normalize=True`` gives (for ``"identity"``, the gradients' cosine).
+    gives what ``ScoreSettings(normalize=True)`` gives (for ``"identity"``, the
+    gradients' cosine).
 
     Args:
         model: the model the factors were fitted on (not changed).
@@ -342,16 +446,65 @@ def score_texts(
         queries: ``(prompt, completion)`` pairs.
         corpus: the training texts.
         strategies: the curvature approximations to score with.
-        damping: λ as a share of the mean eigenvalue.
-        query_rank: cut each preconditioned query gradient to this rank.
+        settings: the layers, weights, damping and query rank (``None``:
+            ``ScoreSettings()``); its strategy, normalisation and prefilter must stay
+            unset, as ``strategies``, the norms and every text's score replace them.
         batch_size: texts per forward and backward pass.
         progress: show a progress bar.
         distributed: split the texts over the ranks of the process group (``None``:
             when one is initialised).
+        deprecated: ``damping`` or ``query_rank`` as keywords, accepted for one release
+            with a ``DeprecationWarning``.
 
     Returns:
         The scores ``[text query]`` by strategy, and the norms.
     """
+    settings = settings_from_keywords(settings, deprecated, "score_texts")
+    _check_text_settings(settings)
+    _check_queries(queries, 1)
+    chosen = _factors_by_strategy(model, factors, strategies)
+    texts = _read_texts(corpus)
+    scoring = _scoring(model, chosen[strategies[0]], settings)
+    each = {
+        strategy: _preconditioned_queries(model, fit, scoring._replace(strategy=strategy), queries)
+        for strategy, fit in chosen.items()
+    }
+    joined = {w.name: _join([each[s][w.name] for s in strategies]) for w in scoring.weights}
+    chunks = texts.chunks(model, max_length=model.cfg.n_ctx)
+    split = Split.of(distributed)
+    local, squared, owners = _scan(model, scoring, chunks, joined, batch_size, progress, split)
+    n_texts = len(texts.documents or ())
+    totals = _text_totals(local, owners, n_texts, split)
+    norms = torch.zeros(n_texts, dtype=torch.float64).index_add_(0, owners, squared)
+    parts = totals.split(len(queries), dim=1)
+    return TextScores(
+        scores=dict(zip(strategies, parts, strict=True)),
+        text_norms=all_reduce_sum(norms, split).sqrt(),
+        query_norms={s: to_host(_query_norms(each[s])) for s in strategies},  # with the scores
+    )
+
+
+def _check_text_settings(settings: ScoreSettings) -> None:
+    """Raise if ``settings`` ask :func:`score_texts` for what it gives another way."""
+    replaced = {
+        "strategy": "strategies=",
+        "normalize": "its text_norms and query_norms",
+        "prefilter": "scoring every text",
+    }
+    for name, instead in replaced.items():
+        value = getattr(settings, name)
+        if value not in (None, False):
+            raise ValueError(
+                f"score_texts takes no settings.{name} (got {value!r}): it uses {instead}"
+            )
+
+
+def _factors_by_strategy(
+    model: Model,
+    factors: InfluenceFactors | Sequence[InfluenceFactors],
+    strategies: Sequence[Strategy],
+) -> dict[str, InfluenceFactors]:
+    """For each strategy, the first of the fits that supports it (all cover the same weights)."""
     fits = [factors] if isinstance(factors, InfluenceFactors) else list(factors)
     if not strategies or not fits:
         raise ValueError("name at least one strategy and one set of factors")
@@ -359,39 +512,12 @@ def score_texts(
         raise ValueError(
             "the factors must cover the same weights, got " + ", ".join(map(repr, fits))
         )
-    chosen = {}
+    chosen: dict[str, InfluenceFactors] = {}
     for strategy in strategies:
         usable = [f for f in fits if strategy in STRATEGIES and f.supports(strategy)]
         chosen[strategy] = usable[0] if usable else fits[0]
-        _check(model, chosen[strategy], queries, 1, None, strategy, query_rank)
-    texts = Corpus.read(corpus)
-    if texts.documents is None or not texts.documents:
-        raise ValueError("corpus must hold texts to score, got an empty or sampled corpus")
-    layers = list(fits[0].layers)
-    fitted = sorted({name.rsplit(".", 1)[-1] for name in fits[0].names})
-    scored = mlp_weights(model, layers, fitted)
-    each = {
-        strategy: _preconditioned_queries(
-            model, chosen[strategy], scored, queries, strategy, damping, query_rank
-        )
-        for strategy in strategies
-    }
-    joined = {w.name: _join([each[s][w.name] for s in strategies]) for w in scored}
-    chunks = texts.chunks(model, max_length=model.cfg.n_ctx)
-    split = Split.of(distributed)
-    local, squared, owners = _scan(
-        model, scored, chunks, joined, layers, batch_size, progress, split
-    )
-    totals = torch.zeros(len(texts.documents), len(strategies) * len(queries), dtype=torch.float64)
-    totals.index_add_(0, owners, local.sum(-1))
-    norms = torch.zeros(len(texts.documents), dtype=torch.float64).index_add_(0, owners, squared)
-    totals, norms = all_reduce_sum(totals, split), all_reduce_sum(norms, split)
-    parts = totals.split(len(queries), dim=1)
-    return TextScores(
-        scores=dict(zip(strategies, parts, strict=True)),
-        text_norms=norms.sqrt(),
-        query_norms={s: to_host(_query_norms(each[s])) for s in strategies},  # with the scores
-    )
+        _checked_strategy(model, chosen[strategy], strategy)
+    return chosen
 
 
 def _join(pieces: list[Preconditioned]) -> Preconditioned:
@@ -514,13 +640,7 @@ def _precondition(
 
 
 def _preconditioned_queries(
-    model: Model,
-    factors: InfluenceFactors,
-    weights: list[MLPWeight],
-    queries: Sequence[tuple[str, str]],
-    strategy: str,
-    damping: float,
-    query_rank: int | None,
+    model: Model, factors: InfluenceFactors, scoring: _Scoring, queries: Sequence[tuple[str, str]]
 ) -> dict[str, Preconditioned]:
     """Every query's preconditioned gradient, dense or as rank-``query_rank`` factors.
 
@@ -529,10 +649,12 @@ def _preconditioned_queries(
     ``query × rank × (d_in + d_out)`` numbers per weight, never every query's
     dense ``d_in × d_out`` gradient at once.
     """
+    strategy, damping = scoring.strategy, scoring.settings.damping
+    query_rank = scoring.settings.query_rank
     group = len(queries) if query_rank is None else _QUERY_GROUP
     parts: dict[str, list[Preconditioned]] = {}
     for start in range(0, len(queries), group):
-        gradients = query_gradients(model, weights, queries[start : start + group])
+        gradients = query_gradients(model, scoring.weights, queries[start : start + group])
         for name in list(gradients):
             p = _precondition(factors, name, gradients.pop(name), strategy, damping)
             parts.setdefault(name, []).append(p if query_rank is None else low_rank(p, query_rank))
@@ -546,16 +668,16 @@ def _one(p: Preconditioned, q: int) -> Preconditioned:
 
 def _scan(
     model: Model,
-    weights: list[MLPWeight],
+    scoring: _Scoring,
     chunks: list[Chunk],
     preconditioned: dict[str, Preconditioned],
-    layers: list[int],
     batch_size: int,
     progress: bool,
     split: Split,
 ) -> tuple[Float[Tensor, "mine query layer"], Float[Tensor, " mine"], Int[Tensor, " mine"]]:
     """For this rank's share of the chunks: every chunk's score for every query, split by
     layer, its ``‖∇ log p(chunk)‖²``, and the document it belongs to."""
+    weights, layers = scoring.weights, scoring.layers
     mine = shard(range(len(chunks)), split)
     owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
     chunks = [chunks[i] for i in mine]
@@ -665,33 +787,3 @@ def _token_scores(
             token_scores.append(to_host(torch.cat(pieces)))
             str_tokens.append(labels)
     return token_scores, str_tokens
-
-
-def _check(
-    model: Model,
-    factors: InfluenceFactors,
-    queries: Sequence[tuple[str, str]],
-    top_k: int,
-    prefilter: int | None,
-    strategy: str,
-    query_rank: int | None,
-) -> None:
-    if not isinstance(factors, InfluenceFactors):
-        raise TypeError(f"factors must be InfluenceFactors, got {type(factors).__name__}")
-    factors.check_model(model)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    factors.eigenvalues(factors.names[0], strategy)  # raises if the factors lack it
-    if not queries:
-        raise ValueError("name at least one (prompt, completion) query")
-    for prompt, completion in queries:
-        if not isinstance(completion, str) or not completion.strip():
-            raise ValueError(f"completion must be a non-empty string, got {completion!r}")
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    if prefilter is not None and (not isinstance(prefilter, int) or prefilter < 1):
-        raise ValueError(f"prefilter must be a positive integer or None, got {prefilter!r}")
-    if query_rank is not None and (not isinstance(query_rank, int) or query_rank < 1):
-        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank!r}")

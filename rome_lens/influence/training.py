@@ -38,12 +38,11 @@ method ranks first, and see whether the fact goes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -52,7 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model, parameter
-from rome_lens.core.cache import CacheError, cache_dir, discard
+from rome_lens.core.cache import cache_dir, cache_key, cached
 from rome_lens.core.corpus import Chunk, Corpus, CorpusSource
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.precision import compute_dtype, model_device
@@ -126,6 +125,7 @@ def fine_tune(
     *,
     exclude: Sequence[int] = (),
     cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
     progress: bool = True,
 ) -> FineTuned:
     """Train ``config``'s MLP weights on ``corpus`` (next-token loss, Adam), or load them.
@@ -136,6 +136,7 @@ def fine_tune(
         config: which weights train, and how.
         exclude: indices of texts to leave out; the others keep their relative order.
         cache_dir: where trained weights are cached (see :mod:`rome_lens.core.cache`).
+        use_cache: read and write the cached weights.
         progress: show a progress bar.
 
     Returns:
@@ -145,25 +146,28 @@ def fine_tune(
     if texts.documents is None or not texts.documents:
         raise ValueError("fine_tune needs texts to train on, got an empty or sampled corpus")
     left_out = _check(config, exclude, len(texts.documents))
-    weights = mlp_weights(model, config.layers, config.kinds)
-    described = f"{texts.id()} less {len(left_out)} texts"
+    names = [w.name for w in mlp_weights(model, config.layers, config.kinds)]
+
+    def train() -> FineTuned:
+        started = time.perf_counter()
+        params = {name: parameter(model, name) for name in names}
+        losses, trained = _train(model, texts, params, config, left_out, progress)
+        return FineTuned(
+            weights=trained, losses=losses, seconds=time.perf_counter() - started,
+            corpus=f"{texts.id()} less {len(left_out)} texts", config=_jsonable(config),
+            fingerprint=model_fingerprint(model),
+        )  # fmt: skip
+
+    def load(path: Path) -> FineTuned:
+        found = FineTuned.load(path, model=model)
+        if sorted(found.weights) != sorted(names):
+            raise ValueError(f"it holds {sorted(found.weights)}, not the weights {sorted(names)}")
+        return replace(found, cached=True)
+
     path = _cache_path(model, texts, config, left_out, cache_dir)
-    if path.exists():
-        with contextlib.suppress(CacheError, ValueError, FileNotFoundError):
-            found = FineTuned.load(path, model=model)
-            if sorted(found.weights) == sorted(w.name for w in weights):
-                found.cached = True
-                return found
-        discard(path, "it is damaged or does not match this model and settings")
-    started = time.perf_counter()
-    params = {w.name: parameter(model, w.name) for w in weights}
-    losses, trained = _train(model, texts, params, config, left_out, progress)
-    result = FineTuned(
-        weights=trained, losses=losses, seconds=time.perf_counter() - started,
-        corpus=described, config=_jsonable(config), fingerprint=model_fingerprint(model),
-    )  # fmt: skip
-    result.save(path)
-    return result
+    return cached(
+        path, train, load=load, save=lambda path, tuned: tuned.save(path), use_cache=use_cache
+    )
 
 
 def _train(
@@ -295,7 +299,7 @@ def _cache_path(
     left_out: set[int],
     override: str | os.PathLike[str] | None,
 ) -> Path:
-    key = json.dumps([_FORMAT, texts.id(), sorted(left_out), _jsonable(config)], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The file of the weights trained from ``model`` on these texts with these settings."""
+    digest = cache_key(_FORMAT, texts.id(), sorted(left_out), _jsonable(config), length=16)
     name = f"{model_fingerprint(model)[:16]}-{digest}.safetensors"
     return cache_dir(override) / "fine_tuned" / name

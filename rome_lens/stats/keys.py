@@ -245,6 +245,7 @@ def checked_stats(
     *,
     n_tokens: int = DEFAULT_N_TOKENS,
     cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True,
     progress: bool = True,
 ) -> KeyStats:
     """``stats`` after checking they belong to ``model`` at ``layer``; if ``None``, the cached
@@ -256,6 +257,7 @@ def checked_stats(
         stats: statistics given by the caller, or ``None``.
         n_tokens: tokens to compute them over when ``stats`` is ``None``.
         cache_dir: the rome_lens cache folder.
+        use_cache: read and write the cached statistics, when computing them.
         progress: show progress bars.
 
     Returns:
@@ -263,8 +265,9 @@ def checked_stats(
     """
     if stats is None:
         return key_second_moment(
-            model, layer, n_tokens=n_tokens, cache_dir=cache_dir, progress=progress
-        )
+            model, layer, n_tokens=n_tokens, cache_dir=cache_dir, use_cache=use_cache,
+            progress=progress,
+        )  # fmt: skip
     if not isinstance(stats, KeyStats):
         raise TypeError(f"stats must be KeyStats, got {type(stats).__name__}")
     stats.check(model, layer)

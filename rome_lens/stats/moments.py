@@ -49,7 +49,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
-from rome_lens.core.cache import CacheError, cache_dir, discard
+from rome_lens.core.cache import cache_dir, hit_on_every_rank, read_cached
 from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_max, all_reduce_sum, is_main, shard
 from rome_lens.core.fingerprint import hook_fingerprint, hook_scope, model_fingerprint
@@ -196,40 +196,31 @@ def accumulate_moments(
     if unknown:
         raise ValueError(f"the model has no hook point {unknown[0]!r}")
     source = Corpus.read(corpus)
-    corpus_id = source.id(seed)
     label_id = f"{labels}{seed}"
-    found: dict[MomentKey, Moments] = {}
     paths = {
-        key: _cache_path(model, key, corpus_id, n_tokens, label_id, cache_dir)
+        key: _cache_path(model, key, source.id(seed), n_tokens, label_id, cache_dir)
         for key in wanted
         if use_cache and (cache_hooks is None or key[0] in cache_hooks)
     }
-    if paths:
-        for key, path in paths.items():
-            cached = _load(path)
-            if cached is not None:
-                found[key] = cached.to(model_device(model))
     split = Split.of(distributed)
-    missing = [key for key in wanted if key not in found]
-    if int(all_reduce_sum(torch.tensor([len(missing)]), split)) > 0:
-        missing = wanted  # every rank computes, so the collectives match
-        progress = progress and is_main(split)
-        if progress:
-            what = announce or ", ".join(f"{h} ({d})" for h, d in missing)
-            where = f"; cached in {next(iter(paths.values())).parent}" if paths else ""
-            tqdm.write(
-                f"computing {what} once: {n_tokens:,} tokens of {source.name}{where}",
-                file=sys.stderr,
-            )
-        computed = _accumulate(
-            model, source, missing, n_tokens, labels, seed, batch_size, cache_dir, progress, split
+    loaded = _read(paths, wanted)
+    if hit_on_every_rank(loaded is not None, split) and loaded is not None:
+        return {key: loaded[key].to(model_device(model)) for key in wanted}
+    progress = progress and is_main(split)  # every rank computes, so the collectives match
+    if progress:
+        what = announce or ", ".join(f"{h} ({d})" for h, d in wanted)
+        where = f"; cached in {next(iter(paths.values())).parent}" if paths else ""
+        tqdm.write(
+            f"computing {what} once: {n_tokens:,} tokens of {source.name}{where}", file=sys.stderr
         )
-        for key, moments in computed.items():
-            moments.labels = label_id if key[1] == "backward" else ""
-            found[key] = moments
-            if key in paths and is_main(split):
-                moments.save(paths[key])
-    return {key: found[key] for key in wanted}
+    computed = _accumulate(
+        model, source, wanted, n_tokens, labels, label_id, seed, batch_size, cache_dir, progress,
+        split,
+    )  # fmt: skip
+    if is_main(split):
+        for key, path in paths.items():
+            computed[key].save(path)
+    return computed
 
 
 def next_token_loss(
@@ -330,6 +321,7 @@ def _accumulate(
     keys: list[MomentKey],
     n_tokens: int,
     labels: Labels,
+    label_id: str,
     seed: int,
     batch_size: int,
     cache_root: str | os.PathLike[str] | None,
@@ -337,7 +329,7 @@ def _accumulate(
     split: Split,
 ) -> dict[MomentKey, Moments]:
     """Sum x and x xᵀ over the first ``n_tokens`` counted tokens (this rank's share,
-    then summed over the ranks)."""
+    then summed over the ranks); gradients' moments record ``label_id``."""
     chunks = corpus.chunks(
         model, n_tokens=n_tokens, seed=seed, cache_dir=cache_root, progress=progress
     )
@@ -378,6 +370,7 @@ def _accumulate(
             count=count,
             corpus=corpus.name,
             fingerprint=prints[scopes[key]],
+            labels=label_id if key[1] == "backward" else "",
         )
     return moments
 
@@ -479,11 +472,18 @@ def _cache_path(
     return cache_dir(root) / "moments" / name
 
 
-def _load(path: Path) -> Moments | None:
-    try:
-        return Moments.load(path)
-    except FileNotFoundError:
+def _read(paths: dict[MomentKey, Path], wanted: list[MomentKey]) -> dict[MomentKey, Moments] | None:
+    """Every wanted hook's cached moments, or ``None`` unless all of them are cached and sound.
+
+    The hooks are summed together in one pass, so a single missing one means
+    that pass, and the pass gives them all.
+    """
+    if len(paths) < len(wanted):
         return None
-    except (CacheError, ValueError, KeyError, TypeError) as err:
-        discard(path, str(err))
-        return None
+    found = {}
+    for key, path in paths.items():
+        moments = read_cached(path, Moments.load)
+        if moments is None:
+            return None  # the rest are read no further: the pass rewrites them
+        found[key] = moments
+    return found

@@ -270,6 +270,7 @@ def average_causal_effects(
     window: int = 10,
     seed: int = 0,
     prepend_bos: bool | None = None,
+    batch_size: int = 256,
     progress: bool = True,
     distributed: bool | None = None,
 ) -> AverageEffects:
@@ -290,6 +291,7 @@ def average_causal_effects(
         window: layers restored together for ``"mlp"`` and ``"attn"``.
         seed: seeds the noise of every trace.
         prepend_bos: as in TransformerLens (``None``: the model's default).
+        batch_size: most sequences in one forward pass, as in :func:`trace_fact`.
         progress: show a progress bar.
         distributed: split the facts over the ranks of the process group and gather
             the traces (``None``: when one is initialised; see
@@ -303,6 +305,7 @@ def average_causal_effects(
     facts = list(facts)
     if not facts:
         raise ValueError("facts is empty: need at least one fact to average")
+    _check_positive(samples=samples, window=window, batch_size=batch_size)
     if noise_scale is None:
         noise_scale = embedding_noise_scale(model, [f["subject"] for f in facts])
     split = Split.of(distributed)
@@ -322,6 +325,7 @@ def average_causal_effects(
                 window=window,
                 seed=seed,
                 prepend_bos=prepend_bos,
+                batch_size=batch_size,
                 progress=False,
             )
             for f in bar
@@ -329,23 +333,7 @@ def average_causal_effects(
     if split.active:
         gathered = gather_bytes([trace.to_bytes() for trace in traces], split)
         traces = [CausalTrace.from_bytes(b) for b in gathered]
-    per_group: list[list[Tensor]] = [[] for _ in TOKEN_GROUPS]
-    for trace in traces:
-        effect = trace.indirect_effect()
-        for g, positions in enumerate(_token_groups(trace.subject_range, len(trace.str_tokens))):
-            if positions:
-                per_group[g].append(effect[:, positions].mean(dim=1))
-    shape = (len(traces[0].kinds), model.cfg.n_layers)
-    mean, ci95 = zip(*(_mean_ci(values, shape) for values in per_group), strict=True)
-    return AverageEffects(
-        kinds=traces[0].kinds,
-        groups=TOKEN_GROUPS,
-        mean=torch.stack(mean, dim=1),
-        ci95=torch.stack(ci95, dim=1),
-        counts=torch.tensor([len(v) for v in per_group]),
-        n_facts=len(traces),
-        traces=traces,
-    )
+    return _averaged(traces, model.cfg.n_layers)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -387,9 +375,9 @@ class _Run:
     clean_prob: float
     corrupted_prob: float
     clean_resid: Float[Tensor, "layer pos d_model"]
-    """Hook_resid_post."""
+    """hook_resid_post."""
     clean_out: dict[str, Float[Tensor, "layer pos d_model"]]
-    """Hook_{mlp,attn}_out."""
+    """hook_{mlp,attn}_out."""
     corrupted_resid: Float[Tensor, "layer_plus_1 sample pos d_model"]
     """Before each layer, final."""
     corrupted_out: dict[str, Float[Tensor, "layer sample pos d_model"]]
@@ -633,6 +621,27 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _averaged(traces: list[CausalTrace], n_layers: int) -> AverageEffects:
+    """The traces' indirect effects averaged within each of ROME's token groups."""
+    per_group: list[list[Tensor]] = [[] for _ in TOKEN_GROUPS]
+    for trace in traces:
+        effect = trace.indirect_effect()
+        for g, positions in enumerate(_token_groups(trace.subject_range, len(trace.str_tokens))):
+            if positions:
+                per_group[g].append(effect[:, positions].mean(dim=1))
+    shape = (len(traces[0].kinds), n_layers)
+    mean, ci95 = zip(*(_mean_ci(values, shape) for values in per_group), strict=True)
+    return AverageEffects(
+        kinds=traces[0].kinds,
+        groups=TOKEN_GROUPS,
+        mean=torch.stack(mean, dim=1),
+        ci95=torch.stack(ci95, dim=1),
+        counts=torch.tensor([len(v) for v in per_group]),
+        n_facts=len(traces),
+        traces=traces,
+    )
 
 
 def _token_groups(subject: tuple[int, int], n_pos: int) -> list[list[int]]:

@@ -112,7 +112,7 @@ class CausalTrace(Result):
     window: int
     """Layers restored together for "mlp" and "attn"."""
     fingerprint: str = ""
-    """Model_fingerprint of the traced model."""
+    """model_fingerprint of the traced model."""
 
     def indirect_effect(self) -> Float[Tensor, "kind pos layer"]:
         """How much probability each restoration brings back: ``scores - corrupted_prob``."""
@@ -194,7 +194,7 @@ class SeveredTrace(Result):
     samples: int
     """Noise draws averaged per score."""
     fingerprint: str = ""
-    """Model_fingerprint of the traced model."""
+    """model_fingerprint of the traced model."""
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per layer, with and without the severed path."""
