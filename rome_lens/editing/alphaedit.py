@@ -153,10 +153,7 @@ class AlphaEditEditor(MultiLayerEditor):
     name = "alphaedit"
     label = "AlphaEdit"
     settings_type = AlphaEditHyperParams
-
-    def default_layers(self, model: Model) -> list[int]:
-        """:func:`~rome_lens.editing.defaults.default_alphaedit_layers`."""
-        return default_alphaedit_layers(model)
+    layers_by_default = staticmethod(default_alphaedit_layers)
 
     def state_from(
         self,

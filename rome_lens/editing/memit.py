@@ -98,10 +98,7 @@ class MEMITEditor(MultiLayerEditor):
     name = "memit"
     label = "MEMIT"
     settings_type = MEMITHyperParams
-
-    def default_layers(self, model: Model) -> list[int]:
-        """:func:`~rome_lens.editing.defaults.default_memit_layers`."""
-        return default_memit_layers(model)
+    layers_by_default = staticmethod(default_memit_layers)
 
     def solver(
         self, model: Model, settings: MultiLayerHyperParams, state: EditorState

@@ -197,10 +197,16 @@ class LayerWrites:
 
 class MultiLayerEditor(BaseEditor[MultiLayerEdit]):
     """The shared pipeline (see the module docstring); subclasses give :meth:`solver`, and
-    ``default_layers``."""
+    ``layers_by_default``."""
 
     batched = True
     settings_type: type[MultiLayerHyperParams]
+    layers_by_default: Callable[[Model], list[int]]
+    """The layers it edits in a model when none are given, e.g. ``default_memit_layers``."""
+
+    def default_layers(self, model: Model) -> list[int]:
+        """``layers_by_default(model)``."""
+        return self.layers_by_default(model)
 
     @abstractmethod
     def solver(
