@@ -67,18 +67,38 @@ def model_device(model: nn.Module) -> torch.device:
 
     Read from the weights rather than ``cfg.device``, which ``model.cuda()`` or
     a bridge's ``.to()`` may leave stale.
+
+    Args:
+        model: any TransformerLens model (or torch module).
+
+    Returns:
+        The device of its first parameter.
     """
     return next(model.parameters()).device
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's floating-point weights."""
+    """The dtype of the model's floating-point weights.
+
+    Args:
+        model: any TransformerLens model (or torch module).
+
+    Returns:
+        The dtype of its first floating-point parameter.
+    """
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a tensor of ``dtype`` is promoted to before it is summed, solved or optimised:
-    float32 for half precision (8 or 11 bits of mantissa lose a sum over a corpus), else itself.
+    """The dtype a tensor of ``dtype`` is promoted to before it is summed, solved or optimised.
+
+    Half precision's 8 or 11 bits of mantissa lose a sum over a corpus.
+
+    Args:
+        dtype: the model's or the activations' dtype.
+
+    Returns:
+        ``torch.float32`` for float16 and bfloat16, else ``dtype`` itself.
     """
     return torch.float32 if dtype in _HALF else dtype
 
@@ -122,12 +142,26 @@ def available_memory(device: torch.device | str) -> int:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``"bfloat16"`` for ``torch.bfloat16``: how saved results record a dtype."""
+    """How saved results record a dtype.
+
+    Args:
+        dtype: the dtype.
+
+    Returns:
+        Its name without the ``torch.`` prefix (``"bfloat16"`` for ``torch.bfloat16``).
+    """
     return str(dtype).removeprefix("torch.")
 
 
 def to_host(tensor: Tensor) -> Tensor:
-    """The tensor on the CPU, detached: the one move a result makes, when saved or shown."""
+    """The one move a result makes, when it is saved or shown.
+
+    Args:
+        tensor: a result on any device.
+
+    Returns:
+        The tensor on the CPU, detached.
+    """
     return tensor.detach().cpu()
 
 
