@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 import rome_lens
-from rome_lens.core.cache import save_tensors
 from rome_lens.core.backend import Model
+from rome_lens.core.cache import save_tensors
 from rome_lens.editing import EditRequest, alphaedit_edit, memit_edit, rome_edit
 from rome_lens.evaluation import load_counterfact_sample
 from rome_lens.tracing import trace_fact
