@@ -54,7 +54,7 @@ _EXPORTS = {
         "representation_geometry",
         "token_nonlinearity",
     ],
-    "core": ["DEFAULT_MODEL", "load_model", "tiny_model"],
+    "core": ["Cost", "DEFAULT_MODEL", "estimate_cost", "load_model", "tiny_model"],
     "editing": [
         "AppliedEdit",
         "EditMissWarning",
@@ -98,6 +98,7 @@ __all__ = [
     "AppliedEdit",
     "AverageEffects",
     "CausalTrace",
+    "Cost",
     "DEFAULT_MODEL",
     "EditMissWarning",
     "EditRequest",
@@ -119,6 +120,7 @@ __all__ = [
     "contextualisation",
     "edited",
     "embedding_noise_scale",
+    "estimate_cost",
     "evaluate_edits",
     "fit_influence_factors",
     "ft_edit",
@@ -169,7 +171,7 @@ if TYPE_CHECKING:
         representation_geometry,
         token_nonlinearity,
     )
-    from rome_lens.core import DEFAULT_MODEL, load_model, tiny_model
+    from rome_lens.core import DEFAULT_MODEL, Cost, estimate_cost, load_model, tiny_model
     from rome_lens.editing import (
         AppliedEdit,
         EditMissWarning,
