@@ -19,7 +19,7 @@ TL3_TESTS := tests/test_backends.py tests/test_runtime.py tests/test_models.py \
 	tests/test_stats.py tests/test_influence.py tests/test_influence_training.py \
 	tests/test_influence_retraining.py tests/test_microscope.py tests/test_lens.py
 
-.PHONY: setup browser demo test test-tl3 lint docs bench fresh-test
+.PHONY: setup browser demo test test-tl3 lint docs bench gpu-check fresh-test
 
 # torch first, from the local CPU wheel: a bare `torch` requirement would pull CUDA builds.
 setup:
@@ -49,6 +49,7 @@ docs:
 
 test: setup browser lint docs
 	$(PYTHON) -m pytest -rs --doctest-modules rome_lens tests
+	$(PYTHON) bench/gpu_check.py --device cpu --model tiny --out "$$(mktemp -d)/gpu_check.csv"
 	$(MAKE) test-tl3
 
 # The same package on TransformerLens 3's HookedTransformer.
@@ -61,6 +62,12 @@ bench: setup
 	$(PYTHON) bench/bench_trace.py
 	$(PYTHON) bench/bench_rome.py
 	$(PYTHON) bench/bench_memit.py
+
+# On a CUDA machine: every piece in float32 and bfloat16 against the CPU's float32, with the
+# time, peak memory and difference of each (bench/results/gpu_check_cuda.csv). `make test`
+# runs the same script on the CPU with the tiny model, so that it cannot rot.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
 
 # A new venv with nothing cached from this checkout's installs: catches a missing install
 # step, or a new release of a dependency, before CI does.

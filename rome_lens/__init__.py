@@ -56,7 +56,7 @@ _EXPORTS = {
         "representation_geometry",
         "token_nonlinearity",
     ],
-    "core": ["DEFAULT_MODEL", "load_model", "tiny_model"],
+    "core": ["Cost", "DEFAULT_MODEL", "estimate_cost", "load_model", "tiny_model"],
     "editing": [
         "AlphaEditHyperParams",
         "AppliedEdit",
@@ -108,6 +108,7 @@ __all__ = [
     "AppliedEdit",
     "AverageEffects",
     "CausalTrace",
+    "Cost",
     "DEFAULT_MODEL",
     "EditMissWarning",
     "EditRequest",
@@ -134,6 +135,7 @@ __all__ = [
     "edited",
     "editors",
     "embedding_noise_scale",
+    "estimate_cost",
     "evaluate_edits",
     "fit_influence_factors",
     "ft_edit",
@@ -186,7 +188,7 @@ if TYPE_CHECKING:
         representation_geometry,
         token_nonlinearity,
     )
-    from rome_lens.core import DEFAULT_MODEL, load_model, tiny_model
+    from rome_lens.core import DEFAULT_MODEL, Cost, estimate_cost, load_model, tiny_model
     from rome_lens.editing import (
         AlphaEditHyperParams,
         AppliedEdit,

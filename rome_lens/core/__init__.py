@@ -13,7 +13,9 @@ nothing else of rome_lens. It holds:
   seeded sampling and batched next-token predictions;
 * :mod:`~rome_lens.core.cache`, :mod:`~rome_lens.core.fingerprint` and
   :mod:`~rome_lens.core.results`: the checked on-disk cache, model
-  fingerprints, and the interface every result shares.
+  fingerprints, and the interface every result shares;
+* :mod:`~rome_lens.core.cost`: what the heavy pieces of rome_lens cost (FLOPs,
+  memory, disk) on a model of any size, from its shape alone.
 
 >>> from rome_lens.core import predict_next, tiny_model
 >>> model = tiny_model()
@@ -24,6 +26,7 @@ torch.Size([1])
 
 from rome_lens.core.cache import CacheError, cache_dir
 from rome_lens.core.corpus import Corpus
+from rome_lens.core.cost import Cost, ModelShape, estimate_cost
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.models import (
     DEFAULT_MODEL,
@@ -41,9 +44,12 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "CacheError",
     "Corpus",
+    "Cost",
+    "ModelShape",
     "NextTokenPredictions",
     "Result",
     "cache_dir",
+    "estimate_cost",
     "known_facts",
     "load_model",
     "load_model_path",

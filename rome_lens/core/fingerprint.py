@@ -59,6 +59,7 @@ _CONFIG_FIELDS = (
     "dtype",
     "default_prepend_bos",  # a BOS before every prompt changes every activation after it
 )
+_SUM_BLOCK = 2**20  # entries of a weight summed at once in float64
 _SAMPLES_PER_WEIGHT = 2048
 # Hook points of block L whose activations no weight after blocks.{L}.mlp's input changes.
 _BEFORE_MLP_OUT = re.compile(
@@ -157,13 +158,27 @@ def _summary(model: Model, name: str, param: torch.Tensor, sample: bytes) -> byt
     remembered = summaries.get(name)
     if remembered is not None and remembered[0] == state:
         return remembered[1]
-    with torch.no_grad():
-        flat = _flat(param)  # row-major whatever the layout, so the sums round alike
-        total = flat.sum(dtype=torch.float64).item()
-        norm = torch.linalg.vector_norm(flat, dtype=torch.float64).item()
+    total, norm = _sum_and_norm(_flat(param))  # row-major whatever the layout: alike sums
     line = f"{name}|{tuple(param.shape)}|{param.dtype}|{total:.17g}|{norm:.17g}".encode()
     summaries[name] = (state, line)
     return line
+
+
+def _sum_and_norm(flat: torch.Tensor) -> tuple[float, float]:
+    """A weight's sum and Euclidean norm in float64, a block at a time.
+
+    Summing the whole weight with ``dtype=torch.float64`` first copies it to
+    float64: for an embedding the size of Llama-3-8B's that copy is 4 GiB, the
+    largest tensor rome_lens would form. Blocks of fixed size keep it to 8 MiB
+    and round the same way on every call.
+    """
+    sums, squares = [], []
+    with torch.no_grad():
+        for block in flat.split(_SUM_BLOCK):
+            wide = block.double()
+            sums.append(wide.sum())
+            squares.append(wide.square().sum())
+    return torch.stack(sums).sum().item(), torch.stack(squares).sum().sqrt().item()
 
 
 def _flat(param: torch.Tensor) -> torch.Tensor:
