@@ -20,7 +20,7 @@ less those that rewrite an earlier case's subject and prompt to another target):
   picked the defaults; z is computed once per last layer and reused. A sweep
   over other than 100 cases writes ``memit_sweep_{cases}.csv``;
 * ``batching``: the δ optimisation behind z for the same requests, batched in
-  file order (as before) and by suffix length (``optimise_deltas`` now): time,
+  file order (as before) and by suffix length (``optimize_deltas`` now): time,
   the share of recomputed positions that are padding, and the largest change
   of δ between the two.
 
@@ -52,7 +52,7 @@ from rome_lens.editing.memory import (
     _optimise_batch,
     _ValueProblem,
     context_templates,
-    optimise_deltas,
+    optimize_deltas,
 )
 from rome_lens.editing.multilayer import subject_residuals
 from rome_lens.evaluation import (
@@ -214,10 +214,10 @@ def batching(model, cases: list[CounterFactCase], layer: int) -> pd.DataFrame:
         return torch.cat(chunks)
 
     def by_suffix_length() -> Tensor:
-        return optimise_deltas(model, requests, layer, templates, norms, hparams,
+        return optimize_deltas(model, requests, layer, templates, norms, hparams,
                                batch_size=size, progress=False)[0]  # fmt: skip
 
-    optimise_deltas(model, requests[:1], layer, templates, norms[:1], hparams, progress=False)
+    optimize_deltas(model, requests[:1], layer, templates, norms[:1], hparams, progress=False)
     rows, deltas = [], []  # after one untimed warm-up request
     file_order = list(range(len(problems)))
     by_length = sorted(file_order, key=lambda i: max(problems[i].suffix_lengths))

@@ -12,8 +12,8 @@ Phases (results in ``--out``, figures and numbers in docs/figures):
   ``--their-limit`` seconds);
 * ``linearity``: each block's linearity with and without the residual stream
   over 5,000 tokens sampled from the model;
-* ``context``: contextualisation adapters trained with the frozen and the full
-  decoder; their agreement on the same tokens (Spearman); contextualisation by
+* ``context``: contextualization adapters trained with the frozen and the full
+  decoder; their agreement on the same tokens (Spearman); contextualization by
   word class with bootstrap 95% intervals; its correlation with token
   nonlinearity (Pearson); the frozen adapter is saved for the notebook;
 * ``removal``: how many of ROME's known facts the model still answers top-1
@@ -43,7 +43,7 @@ import rome_lens
 from rome_lens.analysis import (
     ContextHyperParams,
     anisotropy_of,
-    contextualisation,
+    contextualization,
     fit_linear_maps,
     linearity_score,
     residual_states,
@@ -255,8 +255,8 @@ def context(model, args) -> list[str]:
     maps = fit_linear_maps(model, n_tokens=5000)
     rows = []
     for i, text in enumerate(texts):
-        frozen = contextualisation(model, text, adapters["frozen"], progress=False)
-        full = contextualisation(model, text, adapters["full"], progress=False)
+        frozen = contextualization(model, text, adapters["frozen"], progress=False)
+        full = contextualization(model, text, adapters["full"], progress=False)
         nonlinear = token_nonlinearity(model, text, maps=maps, progress=False)
         for t, token in enumerate(frozen.str_tokens):
             rows.append({
@@ -285,13 +285,13 @@ def context(model, args) -> list[str]:
     report(args.out, "microscope_adapter_losses", losses.iloc[:: max(1, len(losses) // 20)])
     per_step = {d: seconds[d] / args.steps for d in seconds}
     lines = [
-        f"contextualisation: {len(table):,} tokens of {len(texts)} fact paragraphs; "
+        f"contextualization: {len(table):,} tokens of {len(texts)} fact paragraphs; "
         f"{args.steps} steps each; frozen {seconds['frozen']:.0f} s "
         f"({per_step['frozen']:.2f} s/step), full {seconds['full']:.0f} s "
         f"({per_step['full']:.2f} s/step); final loss frozen "
         f"{losses.frozen.tail(50).mean():.2f}, full {losses.full.tail(50).mean():.2f}",
-        f"contextualisation agreement frozen vs full: Spearman {spearman:.3f}",
-        f"nonlinearity vs contextualisation: Pearson r = {r_frozen:.3f} (p = {p_frozen:.2g}) "
+        f"contextualization agreement frozen vs full: Spearman {spearman:.3f}",
+        f"nonlinearity vs contextualization: Pearson r = {r_frozen:.3f} (p = {p_frozen:.2g}) "
         f"frozen, {r_full:.3f} (p = {p_full:.2g}) full",
     ]
     for decoder in ("frozen", "full"):

@@ -187,7 +187,7 @@ def key_match_variants(
     from rome_lens.editing.rome import KEY_MATCHES, _left_vector
 
     stats = key_second_moment(model, layer, progress=False)
-    moment = stats.regularised(stats.ridge(1e10))
+    moment = stats.regularized(stats.ridge(1e10))
     frames: dict[str, list[pd.DataFrame]] = {name: [] for name in ("unedited", *KEY_MATCHES)}
     seconds = []
     for case in cases:

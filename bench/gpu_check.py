@@ -24,9 +24,9 @@ the float32 weights each time), with the same seeds and the same text:
   both Kronecker factors, and the corrected ones as a sorted spectrum), fitted
   with empirical labels, then an influence scan of CounterFact texts for the
   demo fact (every text's score);
-* ``linearity``, ``nonlinearity``, ``contextualisation``, ``predictions``: the
+* ``linearity``, ``nonlinearity``, ``contextualization``, ``predictions``: the
   LLM-Microscope metrics (layer linearity on the corpus, then token
-  nonlinearity, contextualisation and the logit lens's losses on one text).
+  nonlinearity, contextualization and the logit lens's losses on one text).
 
 No compared result depends on what a model samples. The corpus (key
 statistics, factors, linear maps, the context adapter) is the CounterFact
@@ -74,7 +74,7 @@ from torch import Tensor
 import rome_lens
 from rome_lens.analysis import (
     ContextHyperParams,
-    contextualisation,
+    contextualization,
     fit_linear_maps,
     intermediate_predictions,
     token_nonlinearity,
@@ -170,7 +170,7 @@ TOLERANCES: dict[str, tuple[str, dict[str, float]]] = {
     "scan scores": ("relative", {"float32": 1e-3, "bfloat16": 0.25}),
     "layer linearity": ("max abs", {"float32": 1e-4, "bfloat16": 5e-2}),
     "token nonlinearity": ("relative", {"float32": 1e-4, "bfloat16": 5e-2}),
-    "contextualisation": ("relative", {"float32": 1e-3, "bfloat16": 0.25}),
+    "contextualization": ("relative", {"float32": 1e-3, "bfloat16": 0.25}),
     "predictions loss": ("relative", {"float32": 1e-4, "bfloat16": 5e-2}),
 }
 for _measure, _by_dtype in TOLERANCES.values():
@@ -196,7 +196,7 @@ class Plan:
     reference_tokens: int
     """Tokens of the Microscope's linear maps (at least 2 × d_model)."""
     context: ContextHyperParams = field(default_factory=ContextHyperParams)
-    """The contextualisation adapter."""
+    """The contextualization adapter."""
     trace_samples: int = 10
     """Noise draws of the causal trace."""
 
@@ -408,13 +408,13 @@ def run_nonlinearity(setting: Setting) -> Outputs:
     return {"token nonlinearity": one(found.errors)}
 
 
-def run_contextualisation(setting: Setting) -> Outputs:
+def run_contextualization(setting: Setting) -> Outputs:
     adapter = train_context_adapter(
         setting.model, setting.corpus, hparams=setting.plan.context,
         cache_dir=setting.cache_dir, progress=False,
     )  # fmt: skip
-    found = contextualisation(setting.model, MICROSCOPE_TEXT, adapter, progress=False)
-    return {"contextualisation": {"scores": found.scores, "depth weights": found.depth_weights}}
+    found = contextualization(setting.model, MICROSCOPE_TEXT, adapter, progress=False)
+    return {"contextualization": {"scores": found.scores, "depth weights": found.depth_weights}}
 
 
 def run_predictions(setting: Setting) -> Outputs:
@@ -433,7 +433,7 @@ PIECES: dict[str, Callable[[Setting], Outputs]] = {
     "scan": run_scan,
     "linearity": run_linearity,
     "nonlinearity": run_nonlinearity,
-    "contextualisation": run_contextualisation,
+    "contextualization": run_contextualization,
     "predictions": run_predictions,
 }
 NEEDS = {"scan": "factors", "nonlinearity": "linearity"}  # pieces that read another's result

@@ -6,7 +6,7 @@ AlphaEdit (:func:`alphaedit_edit`), batch after batch with any editor
 (:class:`SequentialEditor`, :func:`get_editor`, :func:`register_editor`), check it
 with CounterFact (:func:`evaluate_edits`), watch it layer by layer with the
 logit lens (:func:`logit_lens`), look inside with LLM-Microscope's metrics
-(:func:`token_nonlinearity`, :func:`contextualisation`, ...), ask which
+(:func:`token_nonlinearity`, :func:`contextualization`, ...), ask which
 training texts drive an answer (:func:`influence`), undo an edit exactly
 (:func:`edited`, ``edit.apply(model).revert()``), and see every result in a
 notebook or an offline page (:mod:`rome_lens.viz`).
@@ -31,6 +31,7 @@ The names below load their room on first use, so ``import rome_lens`` (and the
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
@@ -49,7 +50,7 @@ _ROOMS = (
 _EXPORTS = {
     "analysis": [
         "LogitLens",
-        "contextualisation",
+        "contextualization",
         "intermediate_predictions",
         "layer_linearity",
         "logit_lens",
@@ -131,7 +132,7 @@ __all__ = [
     "WeightPatch",
     "alphaedit_edit",
     "average_causal_effects",
-    "contextualisation",
+    "contextualization",
     "edited",
     "editors",
     "embedding_noise_scale",
@@ -162,7 +163,16 @@ __all__ = [
 ]
 
 
+# Names renamed in 0.3 to TransformerLens's (American) spelling: they still resolve, with a
+# DeprecationWarning, until 0.4.
+_RENAMED = {"contextualisation": "contextualization"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"rome_lens.{name} is now rome_lens.{new}", DeprecationWarning, stacklevel=2)
+        return __getattr__(new)
     if name in _ROOM_OF:
         return getattr(importlib.import_module(f"rome_lens.{_ROOM_OF[name]}"), name)
     if name in _ROOMS:
@@ -181,7 +191,7 @@ if TYPE_CHECKING:
     )
     from rome_lens.analysis import (
         LogitLens,
-        contextualisation,
+        contextualization,
         intermediate_predictions,
         layer_linearity,
         logit_lens,

@@ -2,7 +2,7 @@
 
     rome-lens trace PROMPT --subject S [--target T] [--kinds resid mlp attn] --out DIR
     rome-lens edit PROMPT_TEMPLATE --subject S --new T [--method M] [--layer L | --layers L ...]
-                   [--neighbour P ...] --out DIR
+                   [--neighbor P ...] --out DIR
     rome-lens lens PROMPT [--targets T ...] --out DIR
     rome-lens microscope TEXT_OR_FILE [--adapter PATH] --out DIR
     rome-lens influence PROMPT --completion C --corpus FILE [--layers L ...] --out DIR
@@ -57,7 +57,7 @@ DEMO_NEW = "Rome"
 DEMO_PROMPTS = {
     "edit": DEMO_PROMPT,
     "paraphrase": "Where is the Eiffel Tower? It is in the city of",
-    "neighbour": "The Louvre is located in the city of",
+    "neighbor": "The Louvre is located in the city of",
 }
 SCIENCE_FAILED = 1
 BAD_INPUT = 2
@@ -119,7 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--layers", type=int, nargs="+", default=None, help="MLP layers, for memit and alphaedit"
     )
-    edit.add_argument("--neighbour", nargs="*", default=[], help="prompts that must not change")
+    edit.add_argument(
+        "--neighbor", "--neighbour", dest="neighbors", nargs="*", default=[],
+        help="prompts that must not change (--neighbour: the flag's name before 0.3)",
+    )  # fmt: skip
     edit.add_argument(
         "--allow-miss",
         action="store_true",
@@ -143,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
         help="tokens sampled from the model to fit the linear maps on (default: 5000)",
     )
     micro.add_argument(
-        "--adapter", type=Path, default=None, help="a contextualisation adapter saved earlier"
+        "--adapter", type=Path, default=None, help="a contextualization adapter saved earlier"
     )
     micro.add_argument(
         "--context-steps",
@@ -151,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         default=100,
         help="training steps of a new adapter when --adapter is not given (default: 100)",
     )
-    micro.add_argument("--no-context", action="store_true", help="skip contextualisation")
+    micro.add_argument("--no-context", action="store_true", help="skip contextualization")
     _common(micro, "rome_lens_microscope")
 
     infl = commands.add_parser("influence", help="which texts of a corpus drive a completion")
@@ -311,7 +314,7 @@ def _edit(model: Model, args: argparse.Namespace, failures: list[str]) -> list[W
         template = template.replace(args.subject, "{}", 1)
         print(f"note: the template had no {{}}; using {template!r} ({{}} for the subject)")
     prompts = {"edit": template.replace("{}", args.subject, 1)}
-    prompts |= {f"neighbour {i + 1}": p for i, p in enumerate(args.neighbour)}
+    prompts |= {f"neighbor {i + 1}": p for i, p in enumerate(args.neighbors)}
     return _edit_and_lens(model, template, args.subject, args.new, prompts, args, failures)
 
 
@@ -426,11 +429,11 @@ def _lens(model: Model, args: argparse.Namespace, failures: list[str]) -> list[W
 
 
 def _microscope(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
-    """Token nonlinearity, intermediate predictions, contextualisation, linearity, geometry."""
+    """Token nonlinearity, intermediate predictions, contextualization, linearity, geometry."""
     from rome_lens.analysis import (
         ContextAdapter,
         ContextHyperParams,
-        contextualisation,
+        contextualization,
         fit_linear_maps,
         intermediate_predictions,
         representation_geometry,
@@ -452,7 +455,7 @@ def _microscope(model: Model, args: argparse.Namespace, failures: list[str]) -> 
         else:
             hparams = ContextHyperParams(steps=args.context_steps)
             adapter = train_context_adapter(model, hparams=hparams, progress=progress)
-        results.append(contextualisation(model, text, adapter, progress=progress))
+        results.append(contextualization(model, text, adapter, progress=progress))
     results.append(maps)
     results.append(
         representation_geometry(model, n_tokens=min(args.reference_tokens, 2048), progress=progress)

@@ -147,7 +147,7 @@ class TestMicroscopePage:
 
     def test_summary_card_has_a_sentence_per_metric(self, microscope_page):
         summary = microscope_page.layout["summary"]
-        for heading in ("Token nonlinearity.", "Intermediate predictions.", "Contextualisation.",
+        for heading in ("Token nonlinearity.", "Intermediate predictions.", "Contextualization.",
                         "Layer linearity.", "Geometry."):  # fmt: skip
             assert heading in summary
 

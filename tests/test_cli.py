@@ -46,12 +46,12 @@ class TestCommandLineOnAnyModel:
     def test_edit_saves_a_loadable_edit(self, tiny, tiny_path, tmp_path, capsys):
         """`rome-lens edit` prints before/after for each prompt and saves the edit."""
         args = ["edit", "{} is located in", "--subject", SUBJECT, "--new", "Rome", "--layer", "1"]
-        args += ["--neighbour", "The Louvre is located in", "--model-path", tiny_path]
+        args += ["--neighbor", "The Louvre is located in", "--model-path", tiny_path]
         code = main([*args, "--allow-miss", "--no-progress", "--out", str(tmp_path)])
         out = capsys.readouterr().out
         assert code == 0
         assert "edited blocks.1.mlp.W_out" in out
-        assert "neighbour 1: 'The Louvre is located in': before" in out
+        assert "neighbor 1: 'The Louvre is located in': before" in out
         edit = RankOneEdit.load(tmp_path / "edit.safetensors", model=tiny)
         assert edit.layer == 1 and edit.request.target_new == "Rome"
         assert "Logit lens" in (tmp_path / "index.html").read_text()
@@ -63,7 +63,7 @@ class TestCommandLineOnAnyModel:
         def no_change(model, requests, *args, **kwargs):
             return torch.zeros(len(requests), model.cfg.d_model), [[0.0] for _ in requests]
 
-        monkeypatch.setattr(rome_module, "optimise_deltas", no_change)
+        monkeypatch.setattr(rome_module, "optimize_deltas", no_change)
         args = ["edit", "{} is located in", "--subject", SUBJECT, "--new", "guitar", "--layer", "1"]
         args += ["--model-path", tiny_path, "--no-progress", "--out", str(tmp_path)]
         assert main(args) == 1
@@ -122,8 +122,8 @@ class TestMicroscope:
         args = ["microscope", str(text), "--reference-tokens", "200", "--context-steps", "2"]
         assert main([*args, "--model-path", tiny_path, "--no-progress", "--out", str(out)]) == 0
         printed = capsys.readouterr().out
-        assert "Token nonlinearity." in printed and "Contextualisation." in printed
-        names = ["token_nonlinearity", "intermediate_predictions", "contextualisation",
+        assert "Token nonlinearity." in printed and "Contextualization." in printed
+        names = ["token_nonlinearity", "intermediate_predictions", "contextualization",
                  "linear_maps", "representation_geometry"]  # fmt: skip
         for name in names:
             assert (out / f"{name}.csv").exists() and (out / f"{name}.png").exists()

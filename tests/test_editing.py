@@ -160,7 +160,7 @@ class TestOutcomes:
         def no_change(model, requests, *args, **kwargs):
             return torch.zeros(len(requests), model.cfg.d_model), [[0.0] for _ in requests]
 
-        monkeypatch.setattr(rome_module, "optimise_deltas", no_change)
+        monkeypatch.setattr(rome_module, "optimize_deltas", no_change)
         words = ["Paris", "Rome", "Berlin", "France", "Italy", "Seattle", "Apple", "guitar"]
         nll = target_nll(tiny, [REQUEST.text] * len(words), words)
         worst, best = words[int(nll.argmax())], words[int(nll.argmin())]

@@ -22,7 +22,7 @@ from rome_lens.editing import (
     memory,
     multilayer,
 )
-from rome_lens.editing.memory import compute_keys, optimise_deltas
+from rome_lens.editing.memory import compute_keys, optimize_deltas
 from rome_lens.stats import key_second_moment
 
 from .conftest import assert_same_weights, hooks_left, weights
@@ -140,11 +140,11 @@ class TestBatchedValues:
         templates = memory.context_templates(tiny, hparams)
         requests = REQUESTS[::-1]  # longest suffix first, so batching reorders them
         norms = torch.tensor([3.0, 5.0, 4.0])
-        together, losses = optimise_deltas(
+        together, losses = optimize_deltas(
             tiny, requests, 1, templates, norms, hparams, batch_size=batch_size, progress=False
         )
         for i, request in enumerate(requests):
-            alone, alone_losses = optimise_deltas(
+            alone, alone_losses = optimize_deltas(
                 tiny, [request], 1, templates, norms[i : i + 1], hparams, progress=False
             )
             torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-4)
@@ -153,7 +153,7 @@ class TestBatchedValues:
     def test_targets_are_cached_per_request(self, tiny, stats, z_cache, edit, monkeypatch):
         """A second edit with the same requests reads every z from the cache."""
         monkeypatch.setattr(
-            multilayer, "optimise_deltas", lambda *a, **k: pytest.fail("recomputed")
+            multilayer, "optimize_deltas", lambda *a, **k: pytest.fail("recomputed")
         )
         again = edit_tiny(tiny, stats, z_cache)
         assert torch.equal(again.targets, edit.targets)

@@ -14,7 +14,7 @@ from rome_lens.analysis import (
     ContextHyperParams,
     LinearMaps,
     anisotropy_of,
-    contextualisation,
+    contextualization,
     fit_linear_maps,
     intermediate_predictions,
     layer_linearity,
@@ -237,10 +237,10 @@ def adapter(tiny, tmp_path_factory):
     return train_context_adapter(tiny, hparams=QUICK, cache_dir=folder, progress=False)
 
 
-class TestContextualisation:
+class TestContextualization:
     def test_scores_are_the_prefix_cross_entropy(self, tiny, adapter):
         """C_i is the mean NLL of the 3 tokens before i, read by the model after e_i and BOS."""
-        result = contextualisation(tiny, TEXT, adapter, progress=False)
+        result = contextualization(tiny, TEXT, adapter, progress=False)
         f_and_g, decoder = adapter.modules(tiny)
         tokens = tiny.to_tokens(TEXT)[0]
         states = text_states(tiny, TEXT).states  # [depth token d]
@@ -273,7 +273,7 @@ class TestContextualisation:
         with pytest.raises(ValueError, match="another model"):
             ContextAdapter.load(path, model=rome_lens.tiny_model(seed=1))
         with pytest.raises(ValueError, match="another model"):
-            contextualisation(rome_lens.tiny_model(seed=1), TEXT, adapter, progress=False)
+            contextualization(rome_lens.tiny_model(seed=1), TEXT, adapter, progress=False)
 
     def test_full_decoder_trains_a_copy_and_leaves_the_model(self, tiny):
         """decoder="full" trains a copy of the model; the model's weights stay as they were."""
@@ -284,7 +284,7 @@ class TestContextualisation:
         )  # fmt: skip
         assert all(torch.equal(p, before[n]) for n, p in tiny.state_dict().items())
         assert any(not torch.equal(full.decoder[n], before[n]) for n in before if n in full.decoder)
-        result = contextualisation(tiny, TEXT, full, progress=False)
+        result = contextualization(tiny, TEXT, full, progress=False)
         assert result.decoder == "full" and bool(torch.isfinite(result.scores[3:]).all())
 
     def test_a_failure_mid_training_leaves_no_hook(self, tiny, monkeypatch):
@@ -307,16 +307,16 @@ class TestContextualisation:
 
     def test_batch_size_is_sequences_per_forward_pass(self, tiny, adapter):
         """Scoring two prefixes at a time gives the scores of scoring them all at once."""
-        whole = contextualisation(tiny, TEXT, adapter, batch_size=64, progress=False)
-        pairs = contextualisation(tiny, TEXT, adapter, batch_size=2, progress=False)
+        whole = contextualization(tiny, TEXT, adapter, batch_size=64, progress=False)
+        pairs = contextualization(tiny, TEXT, adapter, batch_size=2, progress=False)
         torch.testing.assert_close(pairs.scores, whole.scores, equal_nan=True)
 
     def test_use_cache_decides_whether_the_adapter_is_kept(self, tiny, tmp_path):
         """Training on demand keeps the adapter only with use_cache; then it is read back."""
         kwargs = {"hparams": QUICK, "cache_dir": tmp_path, "progress": False}
-        fresh = contextualisation(tiny, TEXT, use_cache=False, **kwargs)
+        fresh = contextualization(tiny, TEXT, use_cache=False, **kwargs)
         assert not list(tmp_path.rglob("context-*.st"))
-        kept = contextualisation(tiny, TEXT, **kwargs)
+        kept = contextualization(tiny, TEXT, **kwargs)
         (path,) = tmp_path.rglob("context-*.st")
         torch.testing.assert_close(kept.scores, fresh.scores, equal_nan=True)
         assert ContextAdapter.load(path, model=tiny).settings == QUICK

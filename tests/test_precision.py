@@ -13,7 +13,7 @@ from rome_lens.analysis.states import residual_states
 from rome_lens.core.backend import weight
 from rome_lens.core.generation import sample_text
 from rome_lens.core.precision import RunningSum, accumulator_dtype, compute_dtype, dtype_name
-from rome_lens.editing.memory import optimise_deltas
+from rome_lens.editing.memory import optimize_deltas
 from rome_lens.editing.rome import ROMEHyperParams
 from rome_lens.stats import moments as moments_module
 from rome_lens.stats.moments import accumulate_moments
@@ -198,7 +198,7 @@ class TestNoCopiesPerBatch:
 
         def run(steps: int) -> None:
             hparams = ROMEHyperParams(v_steps=steps, early_stop_nll=0.0)
-            optimise_deltas(tiny, [REQUEST], 1, templates, torch.ones(1), hparams, progress=False)
+            optimize_deltas(tiny, [REQUEST], 1, templates, torch.ones(1), hparams, progress=False)
 
         few, more = copies_for(run, (2, 8))
         assert few == more

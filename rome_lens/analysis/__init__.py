@@ -24,9 +24,15 @@ torch.Size([3, 5])
 from rome_lens.analysis.context import (
     ContextAdapter,
     ContextHyperParams,
-    Contextualisation,
-    contextualisation,
+    Contextualization,
+    contextualization,
     train_context_adapter,
+)
+from rome_lens.analysis.context import (  # the names before 0.3 (see the CHANGELOG)
+    Contextualisation as Contextualisation,
+)
+from rome_lens.analysis.context import (
+    contextualisation as contextualisation,
 )
 from rome_lens.analysis.geometry import (
     Geometry,
@@ -52,7 +58,7 @@ from rome_lens.analysis.states import States, residual_states, text_states
 __all__ = [
     "ContextAdapter",
     "ContextHyperParams",
-    "Contextualisation",
+    "Contextualization",
     "Geometry",
     "IntermediatePredictions",
     "LayerLinearity",
@@ -62,7 +68,7 @@ __all__ = [
     "TokenNonlinearity",
     "anisotropy",
     "anisotropy_of",
-    "contextualisation",
+    "contextualization",
     "fit_linear_maps",
     "intermediate_predictions",
     "intrinsic_dimension",

@@ -1,4 +1,4 @@
-"""How much of its context does each token carry? Contextualisation (arXiv 2502.15007, §3.2).
+"""How much of its context does each token carry? Contextualization (arXiv 2502.15007, §3.2).
 
 LLM-Microscope measures it by reconstruction. From token i's residual streams
 at every depth, ``[h_i^0 … h_i^L]``, an adapter builds one vector
@@ -27,13 +27,13 @@ rankings of tokens agree.
 
 >>> import tempfile
 >>> from rome_lens.core.models import tiny_model
->>> from rome_lens.analysis.context import (ContextHyperParams, contextualisation,
+>>> from rome_lens.analysis.context import (ContextHyperParams, contextualization,
 ...                                                   train_context_adapter)
 >>> model = tiny_model()
 >>> hparams = ContextHyperParams(prefix_length=2, steps=3, n_tokens=200)
 >>> adapter = train_context_adapter(model, hparams=hparams, cache_dir=tempfile.mkdtemp(),
 ...                                 progress=False)
->>> result = contextualisation(model, "The Eiffel Tower is in Paris.", adapter, progress=False)
+>>> result = contextualization(model, "The Eiffel Tower is in Paris.", adapter, progress=False)
 >>> len(result.scores) == len(result.str_tokens), bool(result.scores[:2].isnan().all())
 (True, True)
 """
@@ -65,14 +65,14 @@ from rome_lens.core.corpus import Chunk, Corpus, CorpusSource, bos_tokens, token
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.hooks import Hook, attached
 from rome_lens.core.precision import compute_dtype, model_device, model_dtype, to_host
-from rome_lens.core.results import Result
+from rome_lens.core.results import Result, register_type
 from rome_lens.core.runtime import capture, frozen, linear_layout, run_to_layer, unembed
 
 __all__ = [
     "ContextAdapter",
     "ContextHyperParams",
-    "Contextualisation",
-    "contextualisation",
+    "Contextualization",
+    "contextualization",
     "train_context_adapter",
 ]
 
@@ -230,10 +230,10 @@ class ContextAdapter(Result):
 
 
 @dataclass
-class Contextualisation(Result):
-    """Each token's contextualisation score: how badly its prefix is reconstructed from it."""
+class Contextualization(Result):
+    """Each token's contextualization score: how badly its prefix is reconstructed from it."""
 
-    kind = "contextualisation"
+    kind = "contextualization"
     text: str  # the text read
     str_tokens: list[str]  # its tokens (BOS excluded)
     scores: Float[Tensor, " token"]  # C_i, mean cross-entropy of the prefix; nan without one
@@ -248,7 +248,7 @@ class Contextualisation(Result):
             {
                 "token": range(len(self.str_tokens)),
                 "str_token": self.str_tokens,
-                "contextualisation": self.scores.tolist(),
+                "contextualization": self.scores.tolist(),
             }
         )
 
@@ -355,7 +355,7 @@ def _train_adapter(
 
 
 @torch.no_grad()
-def contextualisation(
+def contextualization(
     model: Model,
     text: str,
     adapter: ContextAdapter | None = None,
@@ -365,8 +365,8 @@ def contextualisation(
     use_cache: bool = True,
     batch_size: int = 64,
     progress: bool = True,
-) -> Contextualisation:
-    """The contextualisation score of every token of ``text``.
+) -> Contextualization:
+    """The contextualization score of every token of ``text``.
 
     Args:
         model: any TransformerLens model.
@@ -412,7 +412,7 @@ def contextualisation(
                 chunk_scores[k:] = to_host(torch.cat(found))  # once per window, to be shown
             scores.append(chunk_scores)
             tokens.append(chunk.tokens[skip:])
-    return Contextualisation(
+    return Contextualization(
         text=text,
         str_tokens=[model.to_single_str_token(t) for t in torch.cat(tokens).tolist()],
         scores=torch.cat(scores),
@@ -421,6 +421,12 @@ def contextualisation(
         prefix_length=k,
         fingerprint=adapter.fingerprint,
     )
+
+
+# The names before 0.3, in British spelling: kept as aliases (see the CHANGELOG).
+Contextualisation = Contextualization
+contextualisation = contextualization
+register_type("contextualisation")(Contextualization)  # results saved before 0.3 still load
 
 
 def _examples(

@@ -204,15 +204,16 @@ def representation_geometry(
 def anisotropy(
     model: Model, corpus: CorpusSource | Corpus = None, **kwargs: object
 ) -> Float[Tensor, " depth"]:
-    """The anisotropy of the residual stream at every depth.
+    """The anisotropy of the residual stream at every depth: the share of its centred
+    covariance's variance along the top direction, ``λ_max / Σλ``.
 
     Args:
         model: any TransformerLens model.
-        corpus: as in :func:`representation_geometry`.
+        corpus: the texts, as :func:`representation_geometry` takes them.
         **kwargs: the other arguments of :func:`representation_geometry`.
 
     Returns:
-        One value per depth.
+        One value per depth, in (0, 1]: near 1 when the states share one direction.
     """
     return representation_geometry(model, corpus, dimension=False, **kwargs).anisotropy  # type: ignore[arg-type]
 
@@ -220,14 +221,15 @@ def anisotropy(
 def intrinsic_dimension(
     model: Model, corpus: CorpusSource | Corpus = None, **kwargs: object
 ) -> Float[Tensor, " depth"]:
-    """TwoNN's intrinsic dimension of the residual stream at every depth.
+    """TwoNN's intrinsic dimension of the residual stream at every depth (Facco et al.
+    2017), from the ratios of each state's second to first nearest-neighbour distance.
 
     Args:
         model: any TransformerLens model.
-        corpus: as in :func:`representation_geometry`.
-        **kwargs: the other arguments of :func:`representation_geometry`.
+        corpus: the texts (see :func:`representation_geometry`).
+        **kwargs: what else :func:`representation_geometry` takes, except ``dimension``.
 
     Returns:
-        One value per depth.
+        One dimension per depth; far below ``d_model`` for states on a thin manifold.
     """
     return representation_geometry(model, corpus, **kwargs).intrinsic_dimension  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -44,7 +45,7 @@ from rome_lens.core.cache import cache_dir, cached
 from rome_lens.core.corpus import Corpus, CorpusSource
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.precision import to_host
-from rome_lens.core.results import Result
+from rome_lens.core.results import Result, layer_token_frame
 
 __all__ = [
     "DEFAULT_REFERENCE_TOKENS",
@@ -152,19 +153,7 @@ class TokenNonlinearity(Result):
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (layer, token)."""
-        layers, tokens = self.errors.shape
-        return pd.DataFrame(
-            [
-                {
-                    "layer": layer,
-                    "token": t,
-                    "str_token": self.str_tokens[t],
-                    "nonlinearity": float(self.errors[layer, t]),
-                }
-                for layer in range(layers)
-                for t in range(tokens)
-            ]
-        )
+        return layer_token_frame(self.str_tokens, nonlinearity=self.errors)
 
 
 def linearity_score(x: Float[Tensor, "n d"], y: Float[Tensor, "n d"]) -> float:
@@ -182,37 +171,22 @@ def linearity_score(x: Float[Tensor, "n d"], y: Float[Tensor, "n d"]) -> float:
 
 
 def layer_linearity(
-    model: Model,
-    corpus: CorpusSource | Corpus = None,
-    *,
-    n_tokens: int | None = DEFAULT_REFERENCE_TOKENS,
-    seed: int = 0,
-    batch_size: int = 32,
-    cache_dir: str | os.PathLike[str] | None = None,
-    use_cache: bool = True,
-    progress: bool = True,
+    model: Model, corpus: CorpusSource | Corpus = None, **kwargs: Any
 ) -> LayerLinearity:
-    """The linearity of every block over the tokens of a corpus (or of one text).
+    """The linearity of every block over the tokens of a corpus (or of one text):
+    :func:`fit_linear_maps`, summarised.
 
     Args:
         model: any TransformerLens model.
         corpus: strings (one text is a list of one), a ``.txt``/``.jsonl`` path, a
             :class:`Corpus`, or ``None`` to sample text from the model.
-        n_tokens: how many tokens (``None``: all of a given corpus).
-        seed: seeds a sampled corpus.
-        batch_size: windows per forward pass.
-        cache_dir: the rome_lens cache folder (the fit is cached there).
-        use_cache: read and write the cached fit.
-        progress: show progress bars.
+        **kwargs: the other arguments of :func:`fit_linear_maps` (``n_tokens``,
+            ``seed``, ``batch_size``, ``cache_dir``, ``use_cache``, ``progress``).
 
     Returns:
         Scores with and without the residual stream, one per block.
     """
-    maps = fit_linear_maps(
-        model, corpus, n_tokens=n_tokens, seed=seed, batch_size=batch_size,
-        cache_dir=cache_dir, use_cache=use_cache, progress=progress,
-    )  # fmt: skip
-    return maps.layer_linearity()
+    return fit_linear_maps(model, corpus, **kwargs).layer_linearity()
 
 
 def fit_linear_maps(

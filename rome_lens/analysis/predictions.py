@@ -34,7 +34,7 @@ from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Corpus
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.precision import to_host
-from rome_lens.core.results import Result
+from rome_lens.core.results import Result, layer_token_frame
 
 __all__ = ["IntermediatePredictions", "intermediate_predictions"]
 
@@ -52,20 +52,7 @@ class IntermediatePredictions(Result):
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (layer, token)."""
-        layers, tokens = self.losses.shape
-        return pd.DataFrame(
-            [
-                {
-                    "layer": layer,
-                    "token": t,
-                    "str_token": self.str_tokens[t],
-                    "loss": float(self.losses[layer, t]),
-                    "top_1": self.top_tokens[layer][t],
-                }
-                for layer in range(layers)
-                for t in range(tokens)
-            ]
-        )
+        return layer_token_frame(self.str_tokens, loss=self.losses, top_1=self.top_tokens)
 
 
 @torch.no_grad()

@@ -92,6 +92,7 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model, named_weights, weight
 from rome_lens.core.corpus import DEFAULT_MAX_LENGTH, SAMPLE_LENGTH
+from rome_lens.core.layers import default_layers_for
 from rome_lens.core.models import DEFAULT_MODEL, DEFAULT_MODEL_NAME, PREPEND_BOS
 
 __all__ = [
@@ -144,21 +145,6 @@ EKFAC_BATCH_SIZE = 16  # fit_influence_factors(batch_size=)
 SCAN_BATCH_SIZE = 8  # influence(batch_size=)
 SCAN_TOP_K = 20  # influence(top_k=)
 TOKEN_FORM_LIMIT = 32  # influence.scores._TOKEN_FORM_LIMIT: positions × queries
-# ROME's layer and MEMIT's layers by model_name (editing.defaults.DEFAULT_LAYERS and
-# DEFAULT_MEMIT_LAYERS); other models: a third of the way in, and the four before it.
-ROME_LAYERS = {
-    "gpt2-medium": 8,
-    "gpt2-large": 12,
-    "gpt2-xl": 17,
-    "gpt-j-6B": 5,
-    "gpt-neox-20b": 15,
-    DEFAULT_MODEL_NAME: 2,
-}
-MEMIT_LAYERS = {
-    "gpt2-xl": (13, 14, 15, 16, 17),
-    "gpt-j-6B": (3, 4, 5, 6, 7, 8),
-    DEFAULT_MODEL_NAME: (1, 2, 3, 4),
-}
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 _EIGH = 9  # eigenvalues and eigenvectors of a symmetric n × n matrix: about 9n³ FLOPs
 _EIGVALSH = 4 / 3  # eigenvalues only: the tridiagonal reduction, 4n³/3
@@ -417,13 +403,13 @@ class Throughput:
     model: float
     """Matmuls in the model's dtype."""
     float32: float | None = None
-    """Float32 (None: model, as for a float32 model)"""
+    """Matmuls in float32 (None: ``model``, as for a float32 model)."""
     float64: float | None = None
-    """Float64 matmuls (None: half of float32, as on CPUs)"""
+    """Matmuls in float64 (None: half of ``float32``, as on CPUs)."""
     lapack: float | None = None
-    """Float64 solves and eigendecompositions, slower than matmuls (None: float64)"""
+    """Solves and eigendecompositions in float64, slower than matmuls (None: ``float64``)."""
     seconds_per_block_call: float = 0.0
-    """Fixed cost of calling one transformer block (Python, hooks, dispatch)"""
+    """The fixed cost of calling one transformer block (Python, hooks, dispatch)."""
 
     def rate(self, step: Step) -> float:
         """The rate ``step`` runs at, from its precision and kind, in FLOP/s.
@@ -994,7 +980,7 @@ def _layer_groups(layers: tuple[int, ...], per_pass: int | None) -> list[tuple[i
 
 
 def _factor_bytes(weights: Sequence[_Weight]) -> int:
-    """Float32 factors of ``weights``: Q_A, Q_S, their eigenvalues, and EK-FAC's Λ."""
+    """The float32 factors of ``weights``: Q_A, Q_S, their eigenvalues, and EK-FAC's Λ."""
     return sum((w.d_in**2 + w.d_out**2 + w.d_in + w.d_out + w.d_in * w.d_out) * 4 for w in weights)
 
 
@@ -1317,7 +1303,9 @@ def _settings(shape: ModelShape, work: str, sizes: dict[str, Any]) -> CostSettin
         raise ValueError(f"accumulator must be 'float64' or 'float32', got {s.accumulator!r}")
     if s.layers_per_pass is not None and s.layers_per_pass < 1:
         raise ValueError(f"layers_per_pass must be >= 1, got {s.layers_per_pass}")
-    layer = _rome_layer(shape) if s.layer is None else s.layer
+    layer = (
+        default_layers_for("rome", shape.name, shape.n_layers)[0] if s.layer is None else s.layer
+    )
     layers = s.layers or _default_layers(shape, work)
     for checked in (layer, *layers):
         if not 0 <= checked < shape.n_layers:
@@ -1340,21 +1328,11 @@ def _settings(shape: ModelShape, work: str, sizes: dict[str, Any]) -> CostSettin
     )
 
 
-def _rome_layer(shape: ModelShape) -> int:
-    """ROME's default layer (editing.defaults.default_layer)"""
-    listed = ROME_LAYERS.get(shape.name)
-    return listed if listed is not None and listed < shape.n_layers else round(shape.n_layers / 3)
-
-
 def _default_layers(shape: ModelShape, work: str) -> tuple[int, ...]:
     """MEMIT's default layers, or every layer for influence functions."""
     if not work.startswith("memit"):
         return tuple(range(shape.n_layers))
-    listed = MEMIT_LAYERS.get(shape.name)
-    if listed is not None and listed[-1] < shape.n_layers:
-        return listed
-    last = _rome_layer(shape)
-    return tuple(range(max(0, last - 4), last + 1))
+    return tuple(default_layers_for("memit", shape.name, shape.n_layers))
 
 
 def _default_batch_size(work: str) -> int:

@@ -36,7 +36,13 @@ import torch
 
 from rome_lens.core.backend import Model, named_weights
 
-__all__ = ["check_layer", "hook_fingerprint", "hook_scope", "model_fingerprint"]
+__all__ = [
+    "check_fingerprint",
+    "check_layer",
+    "hook_fingerprint",
+    "hook_scope",
+    "model_fingerprint",
+]
 
 _CONFIG_FIELDS = (
     "n_layers",
@@ -189,6 +195,24 @@ def _sample(flat: torch.Tensor) -> bytes:
     """About 2,048 evenly spaced entries of a flattened weight, as bytes."""
     step = max(1, flat.numel() // _SAMPLES_PER_WEIGHT)
     return flat[::step].float().cpu().numpy().tobytes()
+
+
+def check_fingerprint(found: str, expected: str, what: str) -> None:
+    """Refuse a result made on another model: the one check every saved result runs.
+
+    Args:
+        found: the fingerprint of the model at hand.
+        expected: the fingerprint the result recorded.
+        what: the result, as the message names it (e.g. ``"this edit"``).
+
+    Raises:
+        ValueError: the fingerprints differ; the message gives both.
+    """
+    if found != expected:
+        raise ValueError(
+            f"{what} was computed on another model (fingerprint {expected}; "
+            f"this model's is {found})"
+        )
 
 
 def hook_fingerprint(model: Model, hook: str, direction: str = "forward") -> str:

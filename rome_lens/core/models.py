@@ -84,6 +84,10 @@ _PROCESSING = {"fold_ln": True, "center_writing_weights": False, "center_unembed
 PREPEND_BOS = {DEFAULT_MODEL: False}
 
 
+# The tiny model's d_model, n_heads, d_mlp, n_ctx and activation, on either TransformerLens.
+_TINY_SHAPE = (64, 4, 256, 64, "gelu_new")
+
+
 def tiny_model(seed: int = 0, *, n_layers: int = 3) -> Model:
     """A small random GPT-2-style model (3 layers) with a tiny BPE tokenizer.
 
@@ -107,19 +111,12 @@ def tiny_model(seed: int = 0, *, n_layers: int = 3) -> Model:
     from transformer_lens import HookedTransformerConfig
 
     with _caller_rng_kept():  # TransformerLens seeds torch, numpy and random with cfg.seed
+        width, heads, mlp, context, act = _TINY_SHAPE
         cfg = HookedTransformerConfig(
-            n_layers=n_layers,
-            d_model=64,
-            d_head=16,
-            n_heads=4,
-            d_mlp=256,
-            d_vocab=len(tokenizer),
-            n_ctx=64,
-            act_fn="gelu_new",
-            normalization_type="LN",
-            seed=seed,
-            device="cpu",
-        )
+            n_layers=n_layers, d_model=width, d_head=width // heads, n_heads=heads, d_mlp=mlp,
+            d_vocab=len(tokenizer), n_ctx=context, act_fn=act, normalization_type="LN",
+            seed=seed, device="cpu",
+        )  # fmt: skip
         model = _hooked_transformer(cfg, tokenizer=tokenizer)
         # Random init leaves biases at zero; give them values so tests see them.
         with torch.no_grad():
@@ -133,19 +130,15 @@ def _tiny_bridge(seed: int, n_layers: int, tokenizer: PreTrainedTokenizerFast) -
     """``tiny_model`` on TransformerLens 4: the same shapes, as a bridge over GPT-2."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    width, heads, mlp, context, act = _TINY_SHAPE
     config = GPT2Config(
-        n_layer=n_layers,
-        n_embd=64,
-        n_head=4,
-        n_inner=256,
-        vocab_size=len(tokenizer),
-        n_positions=64,
-        activation_function="gelu_new",
-        initializer_range=0.8 / 64**0.5,  # TransformerLens's default, so both tiny models are alike
+        n_layer=n_layers, n_embd=width, n_head=heads, n_inner=mlp, vocab_size=len(tokenizer),
+        n_positions=context, activation_function=act,
+        initializer_range=0.8 / width**0.5,  # TransformerLens's default: both tiny models alike
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )
+    )  # fmt: skip
     with _caller_rng_kept():
         torch.manual_seed(seed)
         hf_model = GPT2LMHeadModel(config)

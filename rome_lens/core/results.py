@@ -35,7 +35,7 @@ import dataclasses
 import importlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -47,7 +47,14 @@ from rome_lens.core.backend import Model
 from rome_lens.core.cache import load_tensors, save_tensors
 from rome_lens.core.fingerprint import model_fingerprint
 
-__all__ = ["FORMAT", "Result", "register_type", "register_view", "view"]
+__all__ = [
+    "FORMAT",
+    "Result",
+    "layer_token_frame",
+    "register_type",
+    "register_view",
+    "view",
+]
 
 FORMAT = 2  # version of the saved layout; bump when it changes
 R = TypeVar("R", bound="Result")
@@ -182,6 +189,35 @@ class Result:
         if model is not None:
             result.check_model(model)
         return result
+
+
+def layer_token_frame(str_tokens: Sequence[str], **columns: Any) -> pd.DataFrame:
+    """One row per (layer, token) of values read at every layer for every token.
+
+    Args:
+        str_tokens: the tokens, one per column of the grids.
+        **columns: each a ``[layer, token]`` grid (a tensor or nested lists), by the
+            name of its column in the table.
+
+    Returns:
+        Columns ``layer``, ``token``, ``str_token``, then one per grid; tensors'
+        values as Python floats.
+    """
+    grids = {name: _as_rows(grid) for name, grid in columns.items()}
+    n_layers = len(next(iter(grids.values())))
+    return pd.DataFrame(
+        [
+            {"layer": layer, "token": t, "str_token": token}
+            | {name: grid[layer][t] for name, grid in grids.items()}
+            for layer in range(n_layers)
+            for t, token in enumerate(str_tokens)
+        ]
+    )
+
+
+def _as_rows(grid: Any) -> list[list[Any]]:
+    """A ``[layer, token]`` grid as nested lists (a tensor's values as floats)."""
+    return grid.double().tolist() if isinstance(grid, Tensor) else [list(row) for row in grid]
 
 
 def register_type(name: str) -> Callable[[T], T]:

@@ -1,5 +1,8 @@
 """Per-model defaults of the editors: which layers to edit, and MEMIT's λ.
 
+The layer tables and their rules live in :mod:`rome_lens.core.layers`, which
+the cost model reads too; they are re-exported here.
+
 The values for GPT-2 and GPT-J are the papers'; those for the default model
 (SmolLM2-135M-Instruct) were chosen by causal tracing and by the benchmarks in
 ``bench/`` (see ``docs/editing.md`` and ``docs/mass_editing.md``). A model
@@ -17,6 +20,12 @@ way in, and MEMIT that layer and up to four before it.
 from __future__ import annotations
 
 from rome_lens.core.backend import Model
+from rome_lens.core.layers import (
+    DEFAULT_ALPHAEDIT_LAYERS,
+    DEFAULT_LAYERS,
+    DEFAULT_MEMIT_LAYERS,
+    default_layers_for,
+)
 from rome_lens.core.models import DEFAULT_MODEL_NAME
 
 __all__ = [
@@ -31,25 +40,6 @@ __all__ = [
     "default_mom2_update_weight",
 ]
 
-# Layers ROME edits by default, by model_name.
-DEFAULT_LAYERS: dict[str, int] = {
-    "gpt2-medium": 8,
-    "gpt2-large": 12,
-    "gpt2-xl": 17,
-    "gpt-j-6B": 5,
-    "gpt-neox-20b": 15,
-    DEFAULT_MODEL_NAME: 2,
-}
-# Layers MEMIT edits by default, by model_name.
-DEFAULT_MEMIT_LAYERS: dict[str, list[int]] = {
-    "gpt2-xl": [13, 14, 15, 16, 17],
-    "gpt-j-6B": [3, 4, 5, 6, 7, 8],
-    DEFAULT_MODEL_NAME: [1, 2, 3, 4],
-}
-# Layers AlphaEdit edits by default, by model_name (a model missing here: MEMIT's).
-DEFAULT_ALPHAEDIT_LAYERS: dict[str, list[int]] = {
-    DEFAULT_MODEL_NAME: [1, 2, 3, 4, 5, 6, 7, 8],
-}
 # MEMIT's λ (mom2_update_weight), by model_name.
 DEFAULT_MOM2_UPDATE_WEIGHTS: dict[str, float] = {
     "gpt2-xl": 20_000.0,
@@ -68,10 +58,7 @@ def default_layer(model: Model) -> int:
     Returns:
         The layer.
     """
-    name = model.cfg.model_name
-    if name in DEFAULT_LAYERS and DEFAULT_LAYERS[name] < model.cfg.n_layers:
-        return DEFAULT_LAYERS[name]
-    return round(model.cfg.n_layers / 3)
+    return default_layers_for("rome", model.cfg.model_name, model.cfg.n_layers)[0]
 
 
 def default_memit_layers(model: Model) -> list[int]:
@@ -83,9 +70,7 @@ def default_memit_layers(model: Model) -> list[int]:
     Returns:
         The layers, ascending.
     """
-    last = default_layer(model)
-    fallback = list(range(max(0, last - 4), last + 1))
-    return _listed(DEFAULT_MEMIT_LAYERS, model) or fallback
+    return default_layers_for("memit", model.cfg.model_name, model.cfg.n_layers)
 
 
 def default_alphaedit_layers(model: Model) -> list[int]:
@@ -97,13 +82,7 @@ def default_alphaedit_layers(model: Model) -> list[int]:
     Returns:
         The layers, ascending (see :func:`default_memit_layers` for a model not listed).
     """
-    return _listed(DEFAULT_ALPHAEDIT_LAYERS, model) or default_memit_layers(model)
-
-
-def _listed(table: dict[str, list[int]], model: Model) -> list[int] | None:
-    """``model``'s layers in ``table``, if listed and all within the model."""
-    layers = table.get(model.cfg.model_name)
-    return list(layers) if layers is not None and layers[-1] < model.cfg.n_layers else None
+    return default_layers_for("alphaedit", model.cfg.model_name, model.cfg.n_layers)
 
 
 def default_mom2_update_weight(model: Model) -> float:

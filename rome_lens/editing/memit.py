@@ -8,7 +8,7 @@ layers ``L_1 < … < L_last``:
    ``blocks.{L_last}.hook_resid_post`` at the subject's last token that makes
    the model say the new target: ``z_i = h_i + δ_i``, with δ_i optimised
    exactly as ROME's v* is (NLL over context prompts, KL on "{subject} is a",
-   decay, norm clamp), by :func:`rome_lens.editing.memory.optimise_deltas`, many
+   decay, norm clamp), by :func:`rome_lens.editing.memory.optimize_deltas`, many
    requests per batch. The z_i are cached on disk per request.
 2. **Layers, in ascending order.** At layer ``L_j``, with the updates of the
    earlier layers in place, each request's remaining residual
@@ -112,7 +112,7 @@ class MEMITEditor(MultiLayerEditor):
 
         def update(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
             moment = state.stats[layer]
-            regularised = moment.regularised(moment.ridge(max_condition))
+            regularised = moment.regularized(moment.ridge(max_condition))
             return _solve_update(regularised, keys, residual, weight)
 
         return LayerSolve(update, mom2_update_weight=weight)

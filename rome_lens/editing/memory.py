@@ -10,7 +10,7 @@ fact they write (an :class:`EditRequest`) they need the same three things:
   over the contexts (:func:`compute_keys`);
 * **a target**: the vector δ that, added after layer ``L``'s MLP at the
   subject's last token, makes the model say ``target_new``
-  (:func:`optimise_deltas`). ROME adds it to ``blocks.{L}.hook_mlp_out`` and
+  (:func:`optimize_deltas`). ROME adds it to ``blocks.{L}.hook_mlp_out`` and
   calls ``v* = v_init + δ``; MEMIT calls it ``z = h + δ`` at
   ``blocks.{L}.hook_resid_post``. That is the same place, since
   ``hook_resid_post = hook_resid_mid + hook_mlp_out``, except in families that
@@ -29,7 +29,7 @@ the batch once its NLL falls below ``early_stop_nll``.
 
 >>> import torch
 >>> from rome_lens.core.models import tiny_model
->>> from rome_lens.editing.memory import compute_keys, optimise_deltas
+>>> from rome_lens.editing.memory import compute_keys, optimize_deltas
 >>> from rome_lens.editing.requests import EditHyperParams, EditRequest
 >>> model = tiny_model()
 >>> requests = [EditRequest("{} is located in", "The Eiffel Tower", "Rome"),
@@ -38,7 +38,7 @@ the batch once its NLL falls below ``early_stop_nll``.
 >>> templates = ["{}", "A cat. {}"]
 >>> compute_keys(model, requests, 1, templates).shape  # (request, d_mlp)
 torch.Size([2, 256])
->>> deltas, losses = optimise_deltas(model, requests, 1, templates, torch.ones(2), hparams,
+>>> deltas, losses = optimize_deltas(model, requests, 1, templates, torch.ones(2), hparams,
 ...                                  progress=False)
 >>> deltas.shape, len(losses)
 (torch.Size([2, 64]), 2)
@@ -70,7 +70,7 @@ __all__ = [
     "context_templates",
     "encode",
     "in_contexts",
-    "optimise_deltas",
+    "optimize_deltas",
     "subject_activations",
 ]
 
@@ -380,7 +380,7 @@ class _ValueBatch:
         return sums / self.counts, log_probs[self.kl_reads]
 
 
-def optimise_deltas(
+def optimize_deltas(
     model: Model,
     requests: Sequence[EditRequest],
     layer: int,
@@ -497,3 +497,6 @@ def _losses_by_request(history: list[tuple[Tensor, Tensor]], n: int) -> list[lis
     for request, value in zip(owners, values, strict=True):
         losses[request].append(value)
     return losses
+
+
+optimise_deltas = optimize_deltas  # its name before 0.3 (see the CHANGELOG)

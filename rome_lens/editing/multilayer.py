@@ -72,7 +72,7 @@ from rome_lens.editing.memory import (
     compute_keys,
     context_templates,
     in_contexts,
-    optimise_deltas,
+    optimize_deltas,
     subject_activations,
 )
 from rome_lens.editing.patches import EditOutcome, WeightEdit, WeightPatch, edited
@@ -355,7 +355,7 @@ def subject_targets(
     targets = [read_cached(path, load) if options.use_cache else None for path in paths]
     missing = [i for i, z in enumerate(targets) if z is None]
     if missing:
-        deltas, _ = optimise_deltas(
+        deltas, _ = optimize_deltas(
             model,
             [requests[i] for i in missing],
             layer,

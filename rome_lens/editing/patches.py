@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from rome_lens.core.backend import Model, weight
-from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.fingerprint import check_fingerprint, model_fingerprint
 from rome_lens.core.precision import accumulator_dtype, dtype_name, model_dtype
 from rome_lens.core.results import Result, register_type
 from rome_lens.editing.requests import EditRequest
@@ -140,11 +140,7 @@ class WeightEdit(Result):
     def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` unless ``model`` is the one this edit was computed on."""
         found = model_fingerprint(model, upto_layer=self.base_layer)
-        if found != self.fingerprint:
-            raise ValueError(
-                f"this edit was computed on another model (fingerprint {self.fingerprint} "
-                f"up to layer {self.base_layer}; this model's is {found})"
-            )
+        check_fingerprint(found, self.fingerprint, f"this edit (up to layer {self.base_layer})")
 
     def apply(self, model: Model) -> AppliedEdit:
         """Add every ΔW to the model's weights; the handle's ``revert()`` undoes it exactly.

@@ -64,7 +64,7 @@ from rome_lens.core.precision import dtype_name, model_dtype
 from rome_lens.core.runtime import frozen
 from rome_lens.editing.defaults import default_layer
 from rome_lens.editing.editors import EditorState, RunOptions, SingleLayerEditor
-from rome_lens.editing.memory import compute_keys, context_templates, optimise_deltas
+from rome_lens.editing.memory import compute_keys, context_templates, optimize_deltas
 from rome_lens.editing.patches import EditOutcome, WeightEdit
 from rome_lens.editing.registry import register_editor
 from rome_lens.editing.requests import EditHyperParams, EditRequest
@@ -202,7 +202,7 @@ class ROMEEditor(SingleLayerEditor[RankOneEdit]):
             key = compute_keys(model, [request], layer, templates)[0]
             w_out, b_out = (p.detach().double() for p in _mlp_out_params(model, layer))
             v_init = w_out.T @ key + b_out
-            deltas, losses = optimise_deltas(
+            deltas, losses = optimize_deltas(
                 model,
                 [request],
                 layer,
@@ -218,7 +218,7 @@ class ROMEEditor(SingleLayerEditor[RankOneEdit]):
             u, ridge, condition = key, 0.0, 1.0
         else:
             ridge, condition = moment.ridge(settings.max_condition), moment.condition_number
-            regularised = moment.regularised(ridge)
+            regularised = moment.regularized(ridge)
             u = torch.linalg.solve(regularised, key)
         return RankOneEdit(
             request=request,

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Corpus, CorpusSource
-from rome_lens.core.fingerprint import check_layer, model_fingerprint
+from rome_lens.core.fingerprint import check_fingerprint, check_layer, model_fingerprint
 from rome_lens.core.precision import model_device
 from rome_lens.core.results import Result
 from rome_lens.stats.moments import Moments, accumulate_moments
@@ -127,11 +127,7 @@ class KeyStats(Result):
     def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` unless these statistics were computed on ``model``."""
         found = model_fingerprint(model, upto_layer=self.layer)
-        if found != self.fingerprint:
-            raise ValueError(
-                f"statistics were computed on another model (fingerprint {self.fingerprint}, "
-                f"this model's is {found} at layer {self.layer})"
-            )
+        check_fingerprint(found, self.fingerprint, f"the key statistics of layer {self.layer}")
 
     def carried_to(self, model: Model) -> KeyStats:
         """These statistics, vouched for as ``model``'s: for a model edited since they were
@@ -166,11 +162,13 @@ class KeyStats(Result):
         )
         return ridge
 
-    def regularised(self, ridge: float) -> Float[Tensor, "d_mlp d_mlp"]:
+    def regularized(self, ridge: float) -> Float[Tensor, "d_mlp d_mlp"]:
         """C + ridge · I (float64)."""
         return self.moment + ridge * torch.eye(
             len(self.moment), dtype=self.moment.dtype, device=self.moment.device
         )
+
+    regularised = regularized  # its name before 0.3 (see the CHANGELOG)
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row: layer, token count, corpus and conditioning."""

@@ -52,7 +52,12 @@ from rome_lens.core.backend import Model
 from rome_lens.core.cache import cache_dir, hit_on_every_rank, read_cached
 from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_max, all_reduce_sum, is_main, shard
-from rome_lens.core.fingerprint import hook_fingerprint, hook_scope, model_fingerprint
+from rome_lens.core.fingerprint import (
+    check_fingerprint,
+    hook_fingerprint,
+    hook_scope,
+    model_fingerprint,
+)
 from rome_lens.core.precision import RunningSum, accumulator_dtype, model_device
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import capture, capture_with_gradients, frozen, linear_layout
@@ -122,11 +127,7 @@ class Moments(Result):
     def check_model(self, model: Model) -> None:
         """Raise ``ValueError`` unless these moments belong to ``model``."""
         found = hook_fingerprint(model, self.hook, self.direction)
-        if found != self.fingerprint:
-            raise ValueError(
-                f"moments of {self.hook} were computed on another model "
-                f"(fingerprint {self.fingerprint}, this model's is {found})"
-            )
+        check_fingerprint(found, self.fingerprint, f"the moments of {self.hook}")
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row: the hook, direction, count, corpus and trace of E[x xᵀ]."""

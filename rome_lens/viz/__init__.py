@@ -24,8 +24,11 @@ and ``result.plot()`` work without the results importing this room.
 
 from rome_lens.viz.html import Widget, page, report
 from rome_lens.viz.influence import factors_widget, influence_widget, plot_factors, plot_influence
+from rome_lens.viz.microscope import (  # noqa: I001
+    contextualisation_widget as contextualisation_widget,  # its name before 0.3
+)
 from rome_lens.viz.microscope import (
-    contextualisation_widget,
+    contextualization_widget,
     geometry_widget,
     linearity_widget,
     token_layer_widget,
@@ -51,7 +54,7 @@ from rome_lens.viz.widgets import (
 
 __all__ = [
     "Widget",
-    "contextualisation_widget",
+    "contextualization_widget",
     "geometry_widget",
     "linearity_widget",
     "token_layer_widget",

@@ -35,7 +35,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-__all__ = ["CircuitsvisPart", "Widget", "code", "page", "report", "write"]
+__all__ = ["CircuitsvisPart", "Widget", "code", "output_path", "page", "report", "write"]
 
 _CSS = """
 .rome-lens{font-family:system-ui,sans-serif;font-size:14px;color:#222;line-height:1.4}
@@ -243,11 +243,26 @@ def write(path: str | os.PathLike[str], document: str) -> Path:
     Returns:
         The path written.
     """
+    path = output_path(path, ".html")
+    path.write_text(document, encoding="utf-8")
+    return path
+
+
+def output_path(path: str | os.PathLike[str], default_suffix: str) -> Path:
+    """Where to write a page or a figure: ``default_suffix`` added to a path without
+    one, and its folder made.
+
+    Args:
+        path: the path given.
+        default_suffix: e.g. ``".html"``.
+
+    Returns:
+        The path.
+    """
     path = Path(path)
     if not path.suffix:
-        path = path.with_suffix(".html")
+        path = path.with_suffix(default_suffix)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(document, encoding="utf-8")
     return path
 
 

@@ -3,8 +3,8 @@
 * :func:`token_layer_widget`: a (layer × token) heatmap of token nonlinearity
   or the logit lens's loss, tokens along the bottom, hover for values, and
   circuitsvis ``ColoredTokens`` of one layer at a time (a slider picks it);
-* :func:`contextualisation_widget`: the text coloured by each token's
-  contextualisation (circuitsvis), the scores as a heatmap row, and the
+* :func:`contextualization_widget`: the text coloured by each token's
+  contextualization (circuitsvis), the scores as a heatmap row, and the
   adapter's weights over depths;
 * :func:`linearity_widget`: each block's linearity, with and without the
   residual stream, as a line chart;
@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from rome_lens.analysis import (
     ContextAdapter,
-    Contextualisation,
+    Contextualization,
     Geometry,
     IntermediatePredictions,
     LayerLinearity,
@@ -48,11 +48,11 @@ from rome_lens.viz.svg import PALETTE, Heatmap, Series, heatmap_panels, line_cha
 
 __all__ = [
     "adapter_widget",
-    "contextualisation_widget",
+    "contextualization_widget",
     "geometry_widget",
     "linearity_widget",
     "plot_adapter",
-    "plot_contextualisation",
+    "plot_contextualization",
     "plot_geometry",
     "plot_linearity",
     "plot_token_layer",
@@ -152,8 +152,8 @@ def _token_layer_summary(result: TokenNonlinearity | IntermediatePredictions) ->
     ]
 
 
-def contextualisation_widget(result: Contextualisation) -> Widget:
-    """The text coloured by each token's contextualisation, and the adapter's depth weights.
+def contextualization_widget(result: Contextualization) -> Widget:
+    """The text coloured by each token's contextualization, and the adapter's depth weights.
 
     Args:
         result: the result of :func:`rome_lens.analysis.context`.
@@ -167,7 +167,7 @@ def contextualisation_widget(result: Contextualisation) -> Widget:
     # Strong context is a *low* score: colour by how far below the worst each token is.
     strength = torch.where(torch.isfinite(scores), high - scores, torch.zeros_like(scores))
     panel = Heatmap(
-        title="Contextualisation C (lower: more context; grey: no full prefix)",
+        title="Contextualization C (lower: more context; grey: no full prefix)",
         values=[scores.tolist()],
         low=low,
         high=max(high, low + 1e-9),
@@ -209,11 +209,11 @@ def contextualisation_widget(result: Contextualisation) -> Widget:
     order = torch.argsort(scores.nan_to_num(float("inf")))
     best = [code(result.str_tokens[int(i)]) for i in order[: min(3, len(finite))]]
     summary = [
-        f"<b>Contextualisation.</b> The tokens that hold the most context here are "
+        f"<b>Contextualization.</b> The tokens that hold the most context here are "
         f"{', '.join(best) or 'none (the text is shorter than the prefix)'}; the adapter "
         f"draws most on depth {int(result.depth_weights.argmax())}."
     ]
-    return Widget("Contextualisation", body, [part], result.to_dataframe(), summary)
+    return Widget("Contextualization", body, [part], result.to_dataframe(), summary)
 
 
 def linearity_widget(result: LayerLinearity | LinearMaps) -> Widget:
@@ -302,7 +302,7 @@ def adapter_widget(adapter: ContextAdapter) -> Widget:
     """The adapter's training loss and its weights over depths.
 
     Args:
-        adapter: a trained contextualisation adapter.
+        adapter: a trained contextualization adapter.
 
     Returns:
         The widget; its table has one row per training step.
@@ -318,7 +318,7 @@ def adapter_widget(adapter: ContextAdapter) -> Widget:
     )  # fmt: skip
     body = f"<p>{html.escape(repr(adapter))}, trained on {html.escape(adapter.corpus)}.</p>"
     body += f'<div class="row">{loss}{weights}</div>'
-    return Widget("Contextualisation adapter", body, [], adapter.to_dataframe(), [])
+    return Widget("Contextualization adapter", body, [], adapter.to_dataframe(), [])
 
 
 def plot_token_layer(
@@ -346,8 +346,8 @@ def plot_token_layer(
     return figure_of(panel)
 
 
-def plot_contextualisation(result: Contextualisation, ax: AxesArg = None) -> Figure:
-    """Each token's contextualisation score as bars (lower: more context).
+def plot_contextualization(result: Contextualization, ax: AxesArg = None) -> Figure:
+    """Each token's contextualization score as bars (lower: more context).
 
     Args:
         result: the result of :func:`rome_lens.analysis.context`.
@@ -363,7 +363,7 @@ def plot_contextualisation(result: Contextualisation, ax: AxesArg = None) -> Fig
                      fontsize=7)  # fmt: skip
     panel.set_ylabel("C (prefix cross-entropy)")
     panel.set_title(
-        f"Contextualisation ({result.decoder} decoder; lower: more context)", fontsize=9
+        f"Contextualization ({result.decoder} decoder; lower: more context)", fontsize=9
     )
     return figure_of(panel)
 
@@ -415,7 +415,7 @@ def plot_adapter(adapter: ContextAdapter, ax: AxesArg = None) -> Figure:
     """The adapter's training loss by step.
 
     Args:
-        adapter: a trained contextualisation adapter.
+        adapter: a trained contextualization adapter.
         ax: the Axes to draw into (``None``: a new figure).
 
     Returns:
@@ -431,7 +431,7 @@ def plot_adapter(adapter: ContextAdapter, ax: AxesArg = None) -> Figure:
 _VIEWS: Sequence[tuple[type, Any, Any]] = (
     (TokenNonlinearity, token_layer_widget, plot_token_layer),
     (IntermediatePredictions, token_layer_widget, plot_token_layer),
-    (Contextualisation, contextualisation_widget, plot_contextualisation),
+    (Contextualization, contextualization_widget, plot_contextualization),
     (LayerLinearity, linearity_widget, plot_linearity),
     (LinearMaps, linearity_widget, plot_linearity),
     (Geometry, geometry_widget, plot_geometry),
@@ -440,3 +440,8 @@ _VIEWS: Sequence[tuple[type, Any, Any]] = (
 for _type, _widget, _plot in _VIEWS:
     register_view(_type, "widget")(_widget)
     register_view(_type, "plot")(_plot)
+
+
+# The names before 0.3, in British spelling: kept as aliases (see the CHANGELOG).
+contextualisation_widget = contextualization_widget
+plot_contextualisation = plot_contextualization

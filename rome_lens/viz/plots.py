@@ -34,6 +34,7 @@ from rome_lens.editing import WeightEdit
 from rome_lens.evaluation import Evaluation, SequentialCurve
 from rome_lens.stats import KeyStats, Moments
 from rome_lens.tracing import AverageEffects, CausalTrace, SeveredTrace
+from rome_lens.viz.html import output_path
 
 __all__ = [
     "AxesArg",
@@ -70,10 +71,7 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    if not path.suffix:
-        path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = output_path(path, ".png")
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path
 

@@ -390,7 +390,7 @@ def edit_widget(
         model: the model the edit was computed on (left as it was).
         edit: any edit (ROME, MEMIT, FT+L).
         prompts: the prompts to compare, or ``{label: prompt}`` (for example
-            ``{"edit": ..., "paraphrase": ..., "neighbour": ...}``). Default: the
+            ``{"edit": ..., "paraphrase": ..., "neighbor": ...}``). Default: the
             edit's own request prompts.
         k: how many next tokens to show.
 
