@@ -53,6 +53,7 @@ the plan, else computed and written there. The table goes to ``--out`` as CSV
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -88,12 +89,9 @@ from rome_lens.editing import (
     EditRequest,
     MEMITHyperParams,
     ROMEHyperParams,
-    alphaedit_edit,
     context_templates,
-    default_alphaedit_layers,
     default_layer,
-    default_memit_layers,
-    memit_edit,
+    get_editor,
     rome_edit,
 )
 from rome_lens.evaluation import load_counterfact_sample, without_conflicts
@@ -333,24 +331,16 @@ def run_rome(setting: Setting) -> Outputs:
     }
 
 
-def run_memit(setting: Setting) -> Outputs:
-    layers = default_memit_layers(setting.model)
-    edit = memit_edit(
+def run_multilayer(setting: Setting, method: str) -> Outputs:
+    """A batch of MEMIT or AlphaEdit over the editor's default layers."""
+    editor = get_editor(method)
+    layers = editor.default_layers(setting.model)
+    edit = editor.edit(
         setting.model, setting.requests, layers=layers,
         stats={layer: setting.key_stats(layer) for layer in layers},
         cache_dir=setting.cache_dir, progress=False,
     )  # fmt: skip
-    return edit_outputs("memit", edit.deltas(), edit.outcomes)
-
-
-def run_alphaedit(setting: Setting) -> Outputs:
-    layers = default_alphaedit_layers(setting.model)
-    edit = alphaedit_edit(
-        setting.model, setting.requests, layers=layers,
-        stats={layer: setting.key_stats(layer) for layer in layers},
-        cache_dir=setting.cache_dir, progress=False,
-    )  # fmt: skip
-    return edit_outputs("alphaedit", edit.deltas(), edit.outcomes)
+    return edit_outputs(method, edit.deltas(), edit.outcomes)
 
 
 def edit_outputs(method: str, deltas: dict[str, Tensor], outcomes: list) -> Outputs:
@@ -427,8 +417,8 @@ PIECES: dict[str, Callable[[Setting], Outputs]] = {
     "sample": run_sample,
     "key_stats": run_key_stats,
     "rome": run_rome,
-    "memit": run_memit,
-    "alphaedit": run_alphaedit,
+    "memit": functools.partial(run_multilayer, method="memit"),
+    "alphaedit": functools.partial(run_multilayer, method="alphaedit"),
     "factors": run_factors,
     "scan": run_scan,
     "linearity": run_linearity,
