@@ -64,8 +64,8 @@ bench: setup
 	$(PYTHON) bench/bench_memit.py
 
 # On a CUDA machine: every piece in float32 and bfloat16 against the CPU's float32, with the
-# time, peak memory and difference of each (bench/results/gpu_check_cuda.csv). `make test`
-# runs the same script on the CPU with the tiny model, so that it cannot rot.
+# time, peak memory and difference of each (bench/results/gpu_check_<device>_<model>.csv).
+# `make test` runs the same script on the CPU with the tiny model, so that it cannot rot.
 gpu-check:
 	$(PYTHON) bench/gpu_check.py
 

@@ -1,6 +1,6 @@
 """Benchmark: the cost model's predictions against measurements on the default model.
 
-    python bench/bench_cost.py                        # every piece (~10 min on 2 cores)
+    python bench/bench_cost.py                        # every piece (~45 min on 2 cores)
     python bench/bench_cost.py --only rome_edit --only memit
 
 For each piece, ``rome_lens.estimate_cost`` predicts FLOPs and peak memory from
@@ -226,7 +226,7 @@ def run_piece(
     return {
         "piece": piece,
         "flops": cost.flops,
-        "predicted_matmul_flops": matmul_flops(cost),
+        "predicted_matmul_flops": cost.matmul_flops,
         "predicted_s": round(cost.seconds(rates), 2),
         "measured_s": round(seconds, 2),
         "predicted_s_with_calls": round(cost.seconds(with_overhead), 2),
@@ -354,11 +354,6 @@ def describe(cost: Cost) -> str:
         return f"layers {list(s.layers or ())}, {s.n_documents} texts of {s.document_tokens}"
     layers = s.layer if cost.work == "key_statistics" else list(s.layers or ())
     return f"layer(s) {layers}, {s.n_tokens} tokens"
-
-
-def matmul_flops(cost: Cost) -> float:
-    """The FLOPs of a cost's matmul steps: what FlopCounterMode counts (no LAPACK)."""
-    return float(sum(step.flops for step in cost.parts if step.kind == "matmul"))
 
 
 def ratios(table: pd.DataFrame) -> pd.DataFrame:

@@ -177,14 +177,14 @@ class Ability:
 
 
 def run(model, method: str, cases, ability: Ability, args) -> None:
-    suffix = args.suffix if get_editor(method).batched else ""
+    chosen = get_editor(method)
+    suffix = args.suffix if chosen.batched else ""
     suffix += args.alphaedit_suffix if method == "alphaedit" else ""
     path = args.out / f"sequential_{method}{suffix}{args.key_suffix}.csv"
     baseline = case_scores(model, cases)
     unedited = {"method": method, "edits": 0, "seconds": 0.0} | ability.measure()
     rows = [unedited]
     pd.DataFrame(rows).to_csv(path, index=False)
-    chosen = get_editor(method)
     layers = args.layer_list if chosen.batched else None
     given = dict(args.alphaedit) if method == "alphaedit" else {}
     given |= {"key_match": args.key_match} if args.key_match else {}

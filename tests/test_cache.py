@@ -86,15 +86,6 @@ class TestCached:
                            torch.ones(2))  # fmt: skip
         assert compute.calls == 2 and torch.equal(load(path), torch.zeros(2))
 
-    def test_write_false_reads_but_never_writes(self, tmp_path):
-        """write=False (a rank that does not save) computes without saving."""
-        path, compute = tmp_path / "entry.st", Counter(torch.ones(2))
-        cached(path, compute, load=load, save=save, write=False)
-        assert not path.exists()
-        save(path, torch.zeros(2))
-        assert torch.equal(cached(path, compute, load=load, save=save, write=False),
-                           torch.zeros(2))  # fmt: skip
-
 
 class TestRanksAgree:
     def test_one_rank_missing_makes_every_rank_compute(self, tmp_path, monkeypatch):

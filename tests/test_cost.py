@@ -55,11 +55,6 @@ def counted_flops(fn):
     return counter.get_total_flops(), result
 
 
-def matmul_flops(found: Cost) -> float:
-    """The FLOPs of a cost's matmul steps: what FlopCounterMode sees (no LAPACK)."""
-    return sum(step.flops for step in found.parts if step.kind == "matmul")
-
-
 def request_sizes(model, request: EditRequest) -> dict[str, int]:
     """The prompt, subject and target lengths of ``request`` in ``model``'s tokens."""
     return {
@@ -123,7 +118,7 @@ class TestFlopsMatchTorch:
             lambda: key_second_moment(tiny, 1, n_tokens=256, cache_dir=tmp_path, progress=False)
         )
         predicted = estimate_cost(tiny, "key_statistics", layer=1, n_tokens=256)
-        assert matmul_flops(predicted) == pytest.approx(measured, rel=0.02)
+        assert predicted.matmul_flops == pytest.approx(measured, rel=0.02)
 
     def test_rome_edit(self, tiny, tmp_path, quiet_edits):
         """k*, every step of δ's optimisation and the read-back, as counted."""
@@ -137,7 +132,7 @@ class TestFlopsMatchTorch:
             tiny, "rome_edit", layer=1, context_lengths=(), v_steps=len(edit.losses),
             **request_sizes(tiny, request),
         )  # fmt: skip
-        assert matmul_flops(predicted) == pytest.approx(measured, rel=0.02)
+        assert predicted.matmul_flops == pytest.approx(measured, rel=0.02)
 
     def test_memit(self, tiny, tmp_path, quiet_edits):
         """z's optimisation, each layer's keys and residuals, the solve's products, as counted."""
@@ -157,7 +152,7 @@ class TestFlopsMatchTorch:
             tiny, "memit", layers=[0, 1], n_requests=2, context_lengths=(), v_steps=5,
             **request_sizes(tiny, requests[0]),
         )  # fmt: skip
-        assert matmul_flops(predicted) == pytest.approx(measured, rel=0.02)
+        assert predicted.matmul_flops == pytest.approx(measured, rel=0.02)
 
     def test_ekfac_factors(self, tiny, tmp_path):
         """Both gradient passes, the moments and the rotated per-sequence gradients, as counted."""
@@ -172,7 +167,7 @@ class TestFlopsMatchTorch:
             tiny, "ekfac_factors", layers=[0, 2], n_tokens=6 * tokens, sampled_corpus=False,
             sequence_tokens=tokens,
         )  # fmt: skip
-        assert matmul_flops(predicted) == pytest.approx(measured, rel=0.02)
+        assert predicted.matmul_flops == pytest.approx(measured, rel=0.02)
 
     def test_ekfac_factors_in_passes(self, tiny, tmp_path):
         """One layer per pass: each pass's forward and backward passes, as counted."""
@@ -187,7 +182,7 @@ class TestFlopsMatchTorch:
             tiny, "ekfac_factors", layers=[0, 2], n_tokens=6 * tokens, sampled_corpus=False,
             sequence_tokens=tokens, layers_per_pass=1,
         )  # fmt: skip
-        assert matmul_flops(predicted) == pytest.approx(measured, rel=0.02)
+        assert predicted.matmul_flops == pytest.approx(measured, rel=0.02)
 
     def test_scan(self, tiny, tmp_path):
         """The query's gradient and preconditioning, the scan and the top texts, as counted."""
@@ -205,7 +200,7 @@ class TestFlopsMatchTorch:
             tiny, "scan", layers=[0], n_documents=8, top_k=2, query_tokens=query_tokens,
             document_tokens=len(tiny.to_tokens(PARAGRAPH, prepend_bos=False)[0]),
         )  # fmt: skip
-        assert matmul_flops(predicted) == pytest.approx(measured, rel=0.02)
+        assert predicted.matmul_flops == pytest.approx(measured, rel=0.02)
 
 
 class TestMemoryAndDisk:

@@ -12,7 +12,7 @@ import torch
 
 from rome_lens.cli import main
 from rome_lens.core.backend import Model
-from rome_lens.core.models import save_model
+from rome_lens.core.models import save_model, tiny_model
 from rome_lens.editing import (
     AlphaEditHyperParams,
     Editor,
@@ -229,6 +229,21 @@ class TestOneProtocol:
         state = ft.start(tiny, FTHyperParams(), layers=[1])
         with pytest.raises(ValueError, match="not both"):
             ft.edit(tiny, [REQUEST], state=state, layers=[1], progress=False)
+
+    def test_a_state_from_another_model_is_refused(self, tiny, tmp_path):
+        """The statistics a state holds must be the edited model's own."""
+        rome = get_editor("rome")
+        settings = ROMEHyperParams(context_lengths=(), mom2_n_tokens=500)
+        state = rome.start(tiny, settings, layers=[1], cache_dir=tmp_path, progress=False)
+        with pytest.raises(ValueError, match="another model"):
+            rome.edit(tiny_model(seed=1), [REQUEST], settings, state=state, progress=False)
+
+    def test_rome_refuses_a_state_without_the_statistics_it_reads(self, tiny):
+        """A state started without C cannot serve settings that read C (no silent C = I)."""
+        rome = get_editor("rome")
+        bare = rome.start(tiny, ROMEHyperParams(mom2_adjustment=False), layers=[1])
+        with pytest.raises(ValueError, match="no key statistics of layer 1"):
+            rome.edit(tiny, [REQUEST], ROMEHyperParams(context_lengths=()), state=bare)
 
     def test_each_editor_starts_from_its_layers(self, tiny):
         """start checks the layers: one for ROME and FT+L, the model's defaults otherwise."""

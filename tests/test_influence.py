@@ -583,6 +583,8 @@ class TestScoreSettings:
             influence(micro, factors, *QUERY, TEXTS, settings=ScoreSettings(), damping=0.2)
         with pytest.raises(TypeError, match="unexpected keyword argument 'dampening'"):
             influence(micro, factors, *QUERY, TEXTS, dampening=0.2)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'strategy'"):
+            score_texts(micro, factors, [QUERY], TEXTS, strategy="kfac")  # it never took one
 
     def test_score_texts_refuses_what_it_gives_another_way(self, micro, factors):
         """score_texts takes strategies=, returns the norms and scores every text."""

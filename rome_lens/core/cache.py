@@ -227,7 +227,6 @@ def cached(
     load: Callable[[Path], T],
     save: Callable[[Path, T], object],
     use_cache: bool = True,
-    write: bool = True,
     split: Split | None = None,
 ) -> T:
     """The entry at ``path`` if it loads and verifies; else ``compute()``, saved there.
@@ -244,7 +243,6 @@ def cached(
         save: writes the value (atomically, as :func:`save_tensors` does); what it
             returns is ignored (``Result.save`` returns the path).
         use_cache: ``False`` computes without reading or writing.
-        write: ``False`` reads but never writes (on the ranks that do not save).
         split: the processes of a distributed computation: they all take the same
             branch (the entry is used only when every rank read it, otherwise every
             rank computes, so that the collectives in ``compute`` match), and only
@@ -257,7 +255,7 @@ def cached(
     if hit_on_every_rank(found is not None, split) and found is not None:
         return found
     value = compute()
-    if use_cache and write and (split is None or is_main(split)):
+    if use_cache and (split is None or is_main(split)):
         save(path, value)
     return value
 

@@ -490,6 +490,12 @@ class Cost:
             settings=settings,
         )
 
+    @property
+    def matmul_flops(self) -> float:
+        """The FLOPs of the matmul steps: what ``torch.utils.flop_counter`` counts (it
+        leaves LAPACK's solves and eigendecompositions out)."""
+        return float(sum(step.flops for step in self.parts if step.kind == "matmul"))
+
     def __repr__(self) -> str:
         return (
             f"Cost({self.work} on {self.model}: {self.flops:.3g} FLOPs, peak "
@@ -1324,7 +1330,7 @@ def _settings(shape: ModelShape, work: str, sizes: dict[str, Any]) -> CostSettin
         v_steps=V_STEPS if s.v_steps is None else s.v_steps,
         context_lengths=_default_contexts(work) if s.context_lengths is None else s.context_lengths,
         top_k=SCAN_TOP_K if s.top_k is None else s.top_k,
-        dtype=_dtype_name(shape.dtype_bytes if s.dtype is None else _dtype_bytes(s.dtype)),
+        dtype=_dtype_name(shape.dtype_bytes) if s.dtype is None else _checked_dtype(s.dtype),
     )
 
 
@@ -1355,9 +1361,14 @@ def _dtype_name(n_bytes: int) -> str:
     return names[n_bytes]
 
 
-def _dtype_bytes(dtype: object) -> int:
-    """Bytes per element of ``dtype``: a name such as "bfloat16", or a torch dtype."""
+def _checked_dtype(dtype: object) -> str:
+    """The name of ``dtype``, a name such as "bfloat16" or a torch dtype, once checked."""
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(_DTYPE_BYTES)}")
-    return _DTYPE_BYTES[name]
+    return name
+
+
+def _dtype_bytes(dtype: object) -> int:
+    """Bytes per element of ``dtype``: a name such as "bfloat16", or a torch dtype."""
+    return _DTYPE_BYTES[_checked_dtype(dtype)]

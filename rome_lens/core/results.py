@@ -45,7 +45,7 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model
 from rome_lens.core.cache import load_tensors, save_tensors
-from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.fingerprint import check_fingerprint, model_fingerprint
 
 __all__ = [
     "FORMAT",
@@ -109,14 +109,8 @@ class Result:
         others accept any model.
         """
         expected = getattr(self, "fingerprint", "")
-        if not expected:
-            return
-        found = model_fingerprint(model)
-        if found != expected:
-            raise ValueError(
-                f"this {type(self).__name__} was computed on another model "
-                f"(fingerprint {expected}; this model's is {found})"
-            )
+        if expected:
+            check_fingerprint(model_fingerprint(model), expected, f"this {type(self).__name__}")
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the result to ``path`` (safetensors) and ``path.json`` (metadata and digest).

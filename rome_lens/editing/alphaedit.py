@@ -58,7 +58,7 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model
 from rome_lens.editing.defaults import default_alphaedit_layers
-from rome_lens.editing.editors import EditorState, RunOptions, check_layers, editor_settings
+from rome_lens.editing.editors import EditorState, RunOptions
 from rome_lens.editing.multilayer import (
     LayerSolve,
     MultiLayerEdit,
@@ -273,9 +273,9 @@ def _given_state(
 ) -> NullSpaceState:
     """The state :func:`alphaedit_edit` edits from when given projectors or preserved keys."""
     if projectors is not None:
-        chosen = check_layers(model, default_alphaedit_layers(model) if layers is None else layers)
+        chosen = ALPHAEDIT.checked_layers(model, layers or ALPHAEDIT.default_layers(model))
         return NullSpaceState(tuple(chosen), projectors=projectors, preserved=preserved or {})
-    started = ALPHAEDIT.start(model, editor_settings(ALPHAEDIT, hparams), layers=layers,
+    started = ALPHAEDIT.start(model, hparams, layers=layers,
                               stats=stats, cache_dir=options.cache_dir,
                               use_cache=options.use_cache, progress=options.progress)  # fmt: skip
     assert isinstance(started, NullSpaceState)

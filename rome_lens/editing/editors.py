@@ -111,6 +111,16 @@ class EditorState:
         stats = {layer: s.carried_to(model) for layer, s in self.stats.items()}
         return dataclasses.replace(self, stats=stats, seconds=0.0)
 
+    def check(self, model: Model) -> None:
+        """Raise ``ValueError`` unless every statistic in the state belongs to ``model``
+        (computed on it, or vouched for by :meth:`carried_to`).
+
+        Args:
+            model: the model about to be edited from this state.
+        """
+        for layer, stats in self.stats.items():
+            stats.check(model, layer)
+
     def after(self, edit: WeightEdit) -> EditorState:
         """The state once ``edit`` is applied: the same, for an editor that keeps nothing.
 
@@ -252,6 +262,8 @@ class BaseEditor(ABC, Generic[W]):
             state = self._started(model, settings, layers, stats, options)
         elif layers is not None or stats is not None:
             raise ValueError("give layers and stats to start(), or a state, not both")
+        else:
+            state.check(model)
         edit = self.compute(model, requests, settings, state, options)
         edit = dataclasses.replace(edit, outcomes=measure_outcomes(model, edit))  # type: ignore[type-var]
         warn_misses(edit)

@@ -195,7 +195,12 @@ class ROMEEditor(SingleLayerEditor[RankOneEdit]):
     ) -> RankOneEdit:
         """k*, v* and the rank-one update of the one request (see the module docstring)."""
         (request,), (layer,) = requests, state.layers
-        moment = state.stats.get(layer)
+        if settings.mom2_adjustment and layer not in state.stats:
+            raise ValueError(
+                f"the state has no key statistics of layer {layer}, which mom2_adjustment "
+                "reads: start it with these settings"
+            )
+        moment = state.stats[layer] if settings.mom2_adjustment else None
         started = time.perf_counter()
         templates = context_templates(model, settings)
         with frozen(model):

@@ -459,7 +459,9 @@ def score_texts(
     Returns:
         The scores ``[text query]`` by strategy, and the norms.
     """
-    settings = settings_from_keywords(settings, deprecated, "score_texts")
+    settings = settings_from_keywords(
+        settings, deprecated, "score_texts", accepted=("damping", "query_rank")
+    )
     _check_text_settings(settings)
     _check_queries(queries, 1)
     chosen = _factors_by_strategy(model, factors, strategies)

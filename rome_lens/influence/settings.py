@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rome_lens.influence.factors import STRATEGIES, Strategy
@@ -85,7 +85,10 @@ class ScoreSettings:
 
 
 def settings_from_keywords(
-    settings: ScoreSettings | None, keywords: Mapping[str, object], caller: str
+    settings: ScoreSettings | None,
+    keywords: Mapping[str, object],
+    caller: str,
+    accepted: Sequence[str] | None = None,
 ) -> ScoreSettings:
     """The settings of a call, also when given the old way, as keywords of the function.
 
@@ -98,6 +101,7 @@ def settings_from_keywords(
         settings: the ``settings=`` of the call (``None``: not given).
         keywords: the other keywords the call received.
         caller: the function's name, for the messages.
+        accepted: the settings the function took as keywords (``None``: every field).
 
     Returns:
         ``settings``, or the default settings, or those the keywords describe.
@@ -107,7 +111,7 @@ def settings_from_keywords(
     """
     if not keywords:
         return ScoreSettings() if settings is None else settings
-    fields = [field.name for field in dataclasses.fields(ScoreSettings)]
+    fields = accepted or [field.name for field in dataclasses.fields(ScoreSettings)]
     unknown = [name for name in keywords if name not in fields]
     if unknown:
         raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")

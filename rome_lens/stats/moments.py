@@ -197,9 +197,9 @@ def accumulate_moments(
     if unknown:
         raise ValueError(f"the model has no hook point {unknown[0]!r}")
     source = Corpus.read(corpus)
-    label_id = f"{labels}{seed}"
+    label_id, corpus_id = f"{labels}{seed}", source.id(seed)
     paths = {
-        key: _cache_path(model, key, source.id(seed), n_tokens, label_id, cache_dir)
+        key: _cache_path(model, key, corpus_id, n_tokens, label_id, cache_dir)
         for key in wanted
         if use_cache and (cache_hooks is None or key[0] in cache_hooks)
     }
