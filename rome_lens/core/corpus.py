@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,14 +60,19 @@ __all__ = [
     "Chunk",
     "Corpus",
     "CorpusSource",
+    "SHIPPED_SAMPLES",
+    "add_shipped_fingerprint",
     "bos_tokens",
+    "shipped_sample",
     "token_batches",
+    "write_shipped_sample",
 ]
 
 DEFAULT_MAX_LENGTH = 128  # longest window of corpus text run at once (BOS included)
 SAMPLE_LENGTH = 64  # tokens per sequence sampled from the model, after BOS
 
 CorpusSource = Iterable[str] | str | os.PathLike[str] | None
+SHIPPED_SAMPLES = Path(__file__).resolve().parent / "data"  # default corpora shipped with rome_lens
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,7 @@ class Corpus:
     def id(self, seed: int = 0) -> str:
         """A short digest of the documents (or of the sampling settings), for cache keys."""
         if self.documents is None:
-            return f"sampled{SAMPLE_LENGTH}s{seed}"
+            return f"sampled{SAMPLE_LENGTH}s{seed}rows"  # rows: each drawn from its own uniforms
         sha = hashlib.sha256()
         for text in self.documents:
             sha.update(hashlib.sha256(text.encode()).digest())
@@ -278,15 +284,21 @@ def _model_samples(
     cache_root: str | os.PathLike[str] | None,
     progress: bool,
 ) -> list[Tensor]:
-    """``ceil(n_tokens / 64)`` sequences sampled from BOS (shorter if n_ctx is), cached.
+    """``ceil(n_tokens / 64)`` sequences sampled from the start token (shorter if n_ctx is).
 
-    A model that prepends no BOS is still sampled from its tokenizer's start token
-    (unconditioned text needs a first token), which is then dropped: the samples are
-    text as that model reads it.
+    The rows come from the sample shipped for this model where there is one
+    (:func:`shipped_sample`), else from the cache, else from the model; rows
+    the shipped sample lacks are sampled and cached. A model that prepends no
+    BOS is still sampled from its tokenizer's start token (unconditioned text
+    needs a first token), which is then dropped: the samples are text as that
+    model reads it.
     """
     length = min(SAMPLE_LENGTH, model.cfg.n_ctx - 1)
     n_sequences = math.ceil(n_tokens / length)
-    name = f"samples-{model_fingerprint(model)}-s{seed}-{n_sequences}x{length}.st"
+    shipped = shipped_sample(model, seed, length)
+    if shipped is not None and len(shipped) >= n_sequences:
+        return _as_read(model, shipped[:n_sequences])
+    name = f"samples-{model_fingerprint(model)}-s{seed}-{n_sequences}x{length}-rows.st"
     path = cache_dir(cache_root) / "samples" / name
     try:
         return list(load_tensors(path)[0]["tokens"])
@@ -294,19 +306,151 @@ def _model_samples(
         pass
     except (CacheError, KeyError) as err:
         discard(path, str(err))
-    bos = bos_tokens(model)
-    first = bos[:1] if len(bos) else _start_token(model)
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    bar = tqdm(total=n_sequences, desc="sampling corpus", unit="seq", disable=not progress)
-    with bar:
-        for start in range(0, n_sequences, batch_size):
-            rows = min(batch_size, n_sequences - start)
-            prompts = first.expand(rows, 1)
-            sampled = sample_tokens(model, prompts, length, generator=generator)
-            batches.append(sampled if len(bos) else sampled[:, 1:])
-            bar.update(rows)
-    tokens = to_host(torch.cat(batches))  # one move, after the last batch
+    first = 0 if shipped is None else len(shipped)
+    more = _sample_rows(model, range(first, n_sequences), seed, length, batch_size, progress)
+    tokens = _as_read(model, more if shipped is None else torch.cat([shipped, more]))
     if is_main(Split.of(None)):  # under torch.distributed, every rank samples the same; one writes
-        save_tensors(path, {"tokens": tokens}, {"seed": seed})
-    return list(tokens)
+        save_tensors(path, {"tokens": torch.stack(tokens)}, {"seed": seed})
+    return tokens
+
+
+def _sample_rows(
+    model: Model, rows: range, seed: int, length: int, batch_size: int, progress: bool
+) -> Int[Tensor, "rows length_plus_1"]:
+    """Rows ``rows`` of the seeded sample: the start token, then ``length`` sampled tokens.
+
+    Row ``i`` reads the ``i``-th row of one seeded ``[rows, length]`` draw of
+    uniform numbers, so it is the same text whatever else is sampled beside
+    it, and a longer sample extends a shorter one. (Up to rounding: a batch of
+    another size multiplies in another order, and a row can part from its
+    twin where two tokens are all but tied.)
+    """
+    uniforms = torch.rand(rows.stop, length, generator=torch.Generator().manual_seed(seed))
+    start = _first_token(model).view(1, 1)
+    batches = []
+    bar = tqdm(total=len(rows) * length, desc="sampling corpus", unit="tok", disable=not progress)
+    with bar:
+        for first in range(rows.start, rows.stop, batch_size):
+            last = min(first + batch_size, rows.stop)
+            prompts = start.expand(last - first, 1)
+            batches.append(
+                sample_tokens(model, prompts, length, uniforms=uniforms[first:last], bar=bar)
+            )
+    return to_host(torch.cat(batches))  # one move, after the last batch
+
+
+def _first_token(model: Model) -> Int[Tensor, " 1"]:
+    """The token samples start from: the model's BOS, else its tokenizer's start token."""
+    bos = bos_tokens(model)
+    return bos[:1] if len(bos) else _start_token(model)
+
+
+def _as_read(model: Model, rows: Int[Tensor, "rows length_plus_1"]) -> list[Tensor]:
+    """Sampled rows as the model reads text: with the start token if it prepends BOS."""
+    return list(rows if len(bos_tokens(model)) else rows[:, 1:])
+
+
+def shipped_sample(model: Model, seed: int, length: int) -> Int[Tensor, "rows pos"] | None:
+    """The sample shipped inside the package for this model, if there is one.
+
+    A model's default corpus costs minutes to sample and a few hundred
+    kilobytes to store, so the default model's comes with rome_lens
+    (``rome_lens/core/data/``). A shipped file names the model fingerprints it
+    was drawn for (each backend, with and without BOS); a model whose
+    fingerprint is not among them gets ``None`` and is sampled as any other
+    model is. A model of the same name that does not match (other weights,
+    dtype or library versions), or a file that fails its checksum, is said
+    in a warning.
+
+    Args:
+        model: the model that would sample.
+        seed: the sample's seed.
+        length: tokens per row after the start token.
+
+    Returns:
+        ``[rows, 1 + length]`` token ids (the start token first), or ``None``.
+    """
+    fingerprint = None
+    for path in sorted(SHIPPED_SAMPLES.glob("*.st")):
+        try:
+            tensors, meta = load_tensors(path, what="shipped sample")
+            tokens = tensors["tokens"].long()
+        except (FileNotFoundError, CacheError, KeyError) as err:
+            warnings.warn(f"rome_lens: ignoring shipped sample {path.name}: {err}", stacklevel=3)
+            continue
+        if meta.get("seed") != seed or tokens.shape[1] != length + 1:
+            continue
+        if not bool((tokens[:, 0] == _first_token(model)).all()):
+            continue
+        fingerprint = fingerprint or model_fingerprint(model)
+        found = meta.get("fingerprints")
+        drawn_for = [str(f) for f in found] if isinstance(found, list) else []
+        if fingerprint in drawn_for:
+            return tokens
+        if meta.get("model_name") == getattr(model.cfg, "model_name", None):
+            warnings.warn(
+                f"rome_lens: the sample shipped for {meta.get('model_name')} was drawn from a "
+                f"model with fingerprint {' or '.join(drawn_for)}; this model's is "
+                f"{fingerprint} (other weights, dtype or library versions): sampling instead",
+                stacklevel=3,
+            )
+    return None
+
+
+def write_shipped_sample(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    n_tokens: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Sample the default corpus of ``model`` and write it as a shipped sample.
+
+    Args:
+        model: the model to sample from.
+        path: the ``.st`` file to write (its sidecar beside it).
+        n_tokens: tokens to sample (rounded up to whole rows).
+        seed: the seed, as :meth:`Corpus.chunks` takes it.
+        progress: show a progress bar counting the tokens sampled.
+
+    Returns:
+        The path written.
+    """
+    length = min(SAMPLE_LENGTH, model.cfg.n_ctx - 1)
+    rows = _sample_rows(model, range(math.ceil(n_tokens / length)), seed, length, 64, progress)
+    meta = {"seed": seed, "model_name": model.cfg.model_name, "fingerprints": []}
+    save_tensors(Path(path), {"tokens": rows.to(torch.int32)}, meta)
+    return add_shipped_fingerprint(model, path)
+
+
+def add_shipped_fingerprint(model: Model, path: str | os.PathLike[str]) -> Path:
+    """Record that ``model`` (with and without BOS) draws the shipped sample at ``path``.
+
+    The same weights under another backend (TL 3's ``HookedTransformer``) or
+    another BOS setting sample the same text, but fingerprint differently.
+
+    Args:
+        model: the model, on the backend to add.
+        path: a file written by :func:`write_shipped_sample`.
+
+    Returns:
+        The path.
+    """
+    path = Path(path)
+    tensors, meta = load_tensors(path, what="shipped sample")
+    fingerprints = list(meta["fingerprints"])  # type: ignore[call-overload]
+    if meta["model_name"] != model.cfg.model_name:
+        raise ValueError(
+            f"{path} was sampled from {meta['model_name']}, not {model.cfg.model_name}"
+        )
+    chosen = model.cfg.default_prepend_bos
+    try:
+        for prepend in (False, True):
+            model.cfg.default_prepend_bos = prepend
+            fingerprints.append(model_fingerprint(model))
+    finally:
+        model.cfg.default_prepend_bos = chosen
+    meta["fingerprints"] = sorted(set(fingerprints))
+    save_tensors(path, tensors, meta)
+    return path

@@ -22,6 +22,7 @@ Nothing here pickles: only tensors cross between processes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -38,9 +39,12 @@ __all__ = [
     "gather_rows",
     "is_main",
     "shard",
+    "share_cores",
 ]
 
 T = TypeVar("T")
+_THREADS_AT_IMPORT = torch.get_num_threads()  # a different count later was the user's choice
+_CORES_SHARED = False
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,45 @@ class Split:
             )
         if distributed is False or not initialised:
             return cls()
-        return cls(dist.get_rank(), dist.get_world_size())
+        split = cls(dist.get_rank(), dist.get_world_size())
+        share_cores(split)
+        return split
+
+
+def share_cores(split: Split) -> int:
+    """Give each rank on this machine its share of the CPU cores, once per process.
+
+    torch starts every process with a thread per core, so W ranks on one
+    machine run W times as many threads as there are cores and slow each
+    other several-fold. The first time work is split, each of the
+    ``$LOCAL_WORLD_SIZE`` ranks on this machine (torchrun sets it) lowers its
+    thread count to ``cores // ranks``. A count the user chose wins:
+    ``OMP_NUM_THREADS`` in the environment (torchrun sets it to 1 when it is
+    unset), or ``torch.set_num_threads`` called after importing rome_lens.
+
+    Args:
+        split: this process's share.
+
+    Returns:
+        The thread count this process now runs with.
+    """
+    global _CORES_SHARED
+    threads = torch.get_num_threads()
+    if _CORES_SHARED or not split.active:
+        return threads
+    _CORES_SHARED = True
+    chosen = "OMP_NUM_THREADS" in os.environ or threads != _THREADS_AT_IMPORT
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = max(1, _cores() // max(ranks_here, 1))
+    if not chosen and threads > share:
+        torch.set_num_threads(share)
+    return torch.get_num_threads()
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
 def shard(items: Sequence[T], split: Split) -> list[T]:

@@ -44,47 +44,66 @@ def sample_tokens(
     prompts: Int[Tensor, "batch pos"],
     max_new_tokens: int,
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    uniforms: Float[Tensor, "batch new"] | None = None,
     top_k: int | None = None,
+    bar: tqdm | None = None,
 ) -> Int[Tensor, "batch pos_plus_new"]:
     """Append ``max_new_tokens`` sampled tokens to each row of ``prompts`` (all one length).
+
+    Each token inverts the CDF at one uniform number. ``generator`` draws them a
+    step at a time for the whole batch; ``uniforms`` gives them per row instead,
+    so that a row's text does not depend on which rows are sampled beside it.
 
     Args:
         model: the model that samples.
         prompts: ``[batch pos]`` token ids, every row the same length.
         max_new_tokens: tokens to append.
         generator: the random generator that drives the sampling.
+        uniforms: ``[batch max_new_tokens]`` numbers in [0, 1), instead of ``generator``.
         top_k: sample among the k most probable tokens; ``None``: the full distribution.
+        bar: a progress bar advanced by the batch size at every step (tokens sampled).
 
     Returns:
         The prompts with the sampled tokens appended.
     """
     batch = prompts.shape[0]
+    if (generator is None) == (uniforms is None):
+        raise ValueError("sample_tokens needs exactly one of generator= and uniforms=")
+    if uniforms is None:
+        uniforms = torch.rand(max_new_tokens, batch, generator=generator).T  # step-major draws
+    if uniforms.shape != (batch, max_new_tokens):
+        raise ValueError(
+            f"uniforms must be [{batch}, {max_new_tokens}] (rows, new tokens), "
+            f"got {list(uniforms.shape)}"
+        )
     cache = new_kv_cache(model, batch)
     tokens = prompts.to(model_device(model))
+    uniforms = uniforms.to(tokens.device)
     new = tokens
     with torch.inference_mode(), linear_layout(model):
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = forward(model, new, past_kv_cache=cache)[:, -1].float()
-            new = _sample(logits, generator, top_k)
+            new = _sample(logits, uniforms[:, step : step + 1], top_k)
             tokens = torch.cat([tokens, new], dim=1)
+            if bar is not None:
+                bar.update(batch)
     return tokens
 
 
 def _sample(
-    logits: Float[Tensor, "batch vocab"], generator: torch.Generator, top_k: int | None
+    logits: Float[Tensor, "batch vocab"], u: Float[Tensor, "batch 1"], top_k: int | None
 ) -> Int[Tensor, "batch 1"]:
     """One token per row, by inverting the CDF (``torch.multinomial`` is ~10x slower here).
 
-    The CDF stays on the logits' device; only one uniform per row comes from the
-    (CPU) generator, so a seed gives the same text on any device.
+    The CDF stays on the logits' device and the uniforms come from a CPU
+    generator, so a seed gives the same text on any device.
     """
     indices = None
     if top_k is not None:
         logits, indices = logits.topk(top_k, dim=-1)
     cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator).to(cdf.device) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)
+    choice = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_(max=logits.shape[-1] - 1)
     return choice if indices is None else indices.gather(-1, choice)
 
 
