@@ -18,15 +18,11 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from unittest import mock
 
 import torch
+from tables import nothing_shipped
 
 import rome_lens
-from rome_lens.core import corpus as corpus_module
 from rome_lens.core.backend import Model
 from rome_lens.core.corpus import SAMPLE_LENGTH, Corpus
 from rome_lens.core.cost import estimate_cost
@@ -35,16 +31,6 @@ from rome_lens.stats import DEFAULT_N_TOKENS
 
 REPEATS = 3  # first edits on the shipped sample, each with a freshly loaded model
 REQUEST = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
-
-
-@contextmanager
-def nothing_shipped() -> Iterator[None]:
-    """Hide the shipped samples: the model samples its corpus as any other model would."""
-    with (
-        tempfile.TemporaryDirectory() as empty,
-        mock.patch.object(corpus_module, "SHIPPED_SAMPLES", Path(empty)),
-    ):
-        yield
 
 
 def first_edit(model_cache: str) -> tuple[float, float]:

@@ -1,11 +1,18 @@
-"""Shared by the benchmark scripts: where the data lives, and printing and saving tables."""
+"""Shared by the benchmark scripts: where the data lives, printing and saving tables, and
+running the default model as any other model runs (without its shipped sample)."""
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
+
+from rome_lens.core import corpus
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -68,3 +75,14 @@ def record_numbers(path: Path, numbers: list[str]) -> None:
     kept = [line for line in old if line.split(":")[0] not in labels]
     path.write_text("\n".join(kept + numbers) + "\n")
     print("\n".join(numbers), flush=True)
+
+
+@contextmanager
+def nothing_shipped() -> Iterator[None]:
+    """Hide the samples shipped with the package: the default model samples its corpus
+    from itself, as every other model does (what a first run on another model costs)."""
+    with (
+        tempfile.TemporaryDirectory() as empty,
+        mock.patch.object(corpus, "SHIPPED_SAMPLES", Path(empty)),
+    ):
+        yield

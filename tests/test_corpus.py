@@ -22,9 +22,12 @@ from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.stats import DEFAULT_N_TOKENS
 
 TINY_LENGTH = 63  # tokens per sampled row of the tiny model (n_ctx 64, start token first)
+ROWS = 16  # rows of the default model's sample compared by likelihood
+SHUFFLED = torch.randperm(SAMPLE_LENGTH + 1, generator=torch.Generator().manual_seed(0))
 
 
 def rows(chunks) -> list[list[int]]:
+    """Each chunk's token ids."""
     return [c.tokens.tolist() for c in chunks]
 
 
@@ -37,6 +40,7 @@ def sample(model, tmp_path: Path, n_tokens: int, **kwargs) -> list[list[int]]:
 
 
 def cached_samples(tmp_path: Path) -> list[Path]:
+    """The sampled corpora cached under ``tmp_path`` by :func:`sample`."""
     return sorted((tmp_path / "cache" / "samples").glob("*.st"))
 
 
@@ -50,6 +54,7 @@ def shipped_dir(tmp_path, monkeypatch) -> Path:
 
 
 def named_tiny(seed: int) -> rome_lens.core.backend.Model:
+    """A tiny model under the name the test's shipped file is written for."""
     model = rome_lens.tiny_model(seed=seed)
     model.cfg.model_name = "tiny-shipped"
     return model
@@ -94,24 +99,34 @@ class TestShippedSample:
             read = sample(model, tmp_path, 300)
         assert read == expected[: len(read)] and cached_samples(tmp_path) == []
 
-    def test_rows_beyond_the_shipped_ones_are_sampled_and_cached(self, tmp_path, shipped_dir):
-        """A larger request extends the shipped rows with the rows sampling would give."""
+    def test_rows_beyond_the_shipped_ones_are_sampled_and_cached(
+        self, tmp_path, shipped_dir, monkeypatch
+    ):
+        """A larger request reads the shipped rows and samples only the rest, as sampling would."""
         model = named_tiny(0)
         write_shipped_sample(model, shipped_dir / "tiny.st", n_tokens=320, progress=False)
+        drawn: list[range] = []
+        sample_rows = corpus_module._sample_rows
+        monkeypatch.setattr(
+            corpus_module, "_sample_rows", lambda m, r, *a: drawn.append(r) or sample_rows(m, r, *a)
+        )
         extended = sample(model, tmp_path / "a", 1_000)
+        assert drawn == [range(6, 16)]  # 6 rows shipped, 16 asked for
         assert len(cached_samples(tmp_path / "a")) == 1
         (shipped_dir / "tiny.st").unlink()
         assert extended == sample(model, tmp_path / "b", 1_000)
 
     def test_another_model_of_that_name_samples_and_says_so(self, tmp_path, shipped_dir):
-        """Other weights under the shipped name: a warning naming the fingerprint, then sampling."""
+        """Other weights under the shipped name: sampling says why, naming the fingerprint."""
         write_shipped_sample(named_tiny(0), shipped_dir / "tiny.st", n_tokens=320, progress=False)
         other = named_tiny(1)
+        assert shipped_sample(other, 0, TINY_LENGTH) is None
         with pytest.warns(UserWarning, match=f"this model's is {model_fingerprint(other)}"):
-            assert shipped_sample(other, 0, TINY_LENGTH) is None
-        with pytest.warns(UserWarning, match="sampling instead"):
             assert len(sample(other, tmp_path, 320)) == 6  # rows of TINY_LENGTH
         assert len(cached_samples(tmp_path)) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # read from the cache: nothing sampled, nothing said
+            assert len(sample(other, tmp_path, 320)) == 6
 
     def test_a_corrupt_shipped_file_is_ignored(self, tmp_path, shipped_dir):
         """A file that fails its checksum is named in a warning and the model samples."""
@@ -120,7 +135,7 @@ class TestShippedSample:
         data = bytearray(path.read_bytes())
         data[-8] ^= 0xFF
         path.write_bytes(bytes(data))
-        with pytest.warns(UserWarning, match="ignoring shipped sample tiny.st"):
+        with pytest.warns(UserWarning, match="the shipped sample tiny.st is unreadable"):
             assert len(sample(model, tmp_path, 320)) == 6
         assert len(cached_samples(tmp_path)) == 1
 
@@ -163,12 +178,9 @@ class TestDefaultModelSample:
         fresh = _sample_rows(default, range(ROWS), 1, SAMPLE_LENGTH, ROWS, False)  # another seed
         nll = {name: per_token_nll(default, rows) for name, rows in
                (("shipped", shipped[:ROWS]), ("fresh", fresh),
-                ("shuffled", shipped[:ROWS, torch.randperm(SAMPLE_LENGTH + 1)]))}  # fmt: skip
+                ("shuffled", shipped[:ROWS, SHUFFLED]))}  # fmt: skip
         assert abs(nll["shipped"] - nll["fresh"]) < 0.15 * nll["fresh"], nll
         assert nll["shuffled"] > 1.5 * nll["fresh"], nll
-
-
-ROWS = 16  # rows compared by likelihood
 
 
 def per_token_nll(model, rows: torch.Tensor) -> float:
@@ -211,3 +223,37 @@ class TestShareCores:
         """torch.set_num_threads after importing rome_lens is the user's choice."""
         torch.set_num_threads(6)
         assert share_cores(Split(rank=0, world_size=4)) == 6
+
+    def test_once_per_process(self, eight_cores):
+        """The first split sets the count; a later one leaves a count the user set since."""
+        assert share_cores(Split(rank=0, world_size=4)) == 2
+        torch.set_num_threads(3)
+        assert share_cores(Split(rank=0, world_size=4)) == 3
+
+    def test_a_local_rendezvous_counts_every_rank(self, eight_cores, monkeypatch):
+        """Without LOCAL_WORLD_SIZE, a MASTER_ADDR on this machine puts all ranks here."""
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        assert share_cores(Split(rank=0, world_size=2)) == 4
+
+    def test_a_remote_rendezvous_without_local_ranks_changes_nothing(
+        self, eight_cores, monkeypatch
+    ):
+        """Ranks spread over machines, their count here unknown: the threads stay."""
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+        assert share_cores(Split(rank=0, world_size=2)) == 8
+
+    def test_a_bad_local_world_size_is_named(self, eight_cores, monkeypatch):
+        """LOCAL_WORLD_SIZE that is not a positive integer is refused, naming it."""
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+        with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE must be a positive integer"):
+            share_cores(Split(rank=0, world_size=2))
+
+    def test_split_of_shares_the_cores(self, eight_cores, monkeypatch):
+        """Split.of, the entry every distributed computation takes, shares them."""
+        monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+        monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
+        assert Split.of(None) == Split(rank=0, world_size=4)
+        assert torch.get_num_threads() == 2

@@ -295,7 +295,7 @@ def _model_samples(
     """
     length = min(SAMPLE_LENGTH, model.cfg.n_ctx - 1)
     n_sequences = math.ceil(n_tokens / length)
-    shipped = shipped_sample(model, seed, length)
+    shipped, not_shipped = _shipped(model, seed, length)
     if shipped is not None and len(shipped) >= n_sequences:
         return _as_read(model, shipped[:n_sequences])
     name = f"samples-{model_fingerprint(model)}-s{seed}-{n_sequences}x{length}-rows.st"
@@ -306,6 +306,8 @@ def _model_samples(
         pass
     except (CacheError, KeyError) as err:
         discard(path, str(err))
+    for reason in not_shipped:
+        warnings.warn(f"rome_lens: sampling the corpus: {reason}", stacklevel=4)
     first = 0 if shipped is None else len(shipped)
     more = _sample_rows(model, range(first, n_sequences), seed, length, batch_size, progress)
     tokens = _as_read(model, more if shipped is None else torch.cat([shipped, more]))
@@ -358,9 +360,9 @@ def shipped_sample(model: Model, seed: int, length: int) -> Int[Tensor, "rows po
     (``rome_lens/core/data/``). A shipped file names the model fingerprints it
     was drawn for (each backend, with and without BOS); a model whose
     fingerprint is not among them gets ``None`` and is sampled as any other
-    model is. A model of the same name that does not match (other weights,
-    dtype or library versions), or a file that fails its checksum, is said
-    in a warning.
+    model is. When that happens to a model of the shipped file's name (other
+    weights, dtype or configuration, or an edit), or a shipped file fails its
+    checksum, :meth:`Corpus.chunks` says so in a warning before it samples.
 
     Args:
         model: the model that would sample.
@@ -370,13 +372,22 @@ def shipped_sample(model: Model, seed: int, length: int) -> Int[Tensor, "rows po
     Returns:
         ``[rows, 1 + length]`` token ids (the start token first), or ``None``.
     """
-    fingerprint = None
+    return _shipped(model, seed, length)[0]
+
+
+def _shipped(
+    model: Model, seed: int, length: int
+) -> tuple[Int[Tensor, "rows pos"] | None, list[str]]:
+    """The shipped rows for this model, or ``None`` and why the files of its name do not serve."""
+    fingerprint, reasons = None, []
     for path in sorted(SHIPPED_SAMPLES.glob("*.st")):
         try:
             tensors, meta = load_tensors(path, what="shipped sample")
             tokens = tensors["tokens"].long()
+            if tokens.dim() != 2:
+                raise CacheError(f"its tokens are {tokens.dim()}-d, not [rows, pos]")
         except (FileNotFoundError, CacheError, KeyError) as err:
-            warnings.warn(f"rome_lens: ignoring shipped sample {path.name}: {err}", stacklevel=3)
+            reasons.append(f"the shipped sample {path.name} is unreadable ({err})")
             continue
         if meta.get("seed") != seed or tokens.shape[1] != length + 1:
             continue
@@ -386,15 +397,14 @@ def shipped_sample(model: Model, seed: int, length: int) -> Int[Tensor, "rows po
         found = meta.get("fingerprints")
         drawn_for = [str(f) for f in found] if isinstance(found, list) else []
         if fingerprint in drawn_for:
-            return tokens
+            return tokens, []
         if meta.get("model_name") == getattr(model.cfg, "model_name", None):
-            warnings.warn(
-                f"rome_lens: the sample shipped for {meta.get('model_name')} was drawn from a "
-                f"model with fingerprint {' or '.join(drawn_for)}; this model's is "
-                f"{fingerprint} (other weights, dtype or library versions): sampling instead",
-                stacklevel=3,
+            reasons.append(
+                f"the sample shipped for {meta.get('model_name')} was drawn from models of "
+                f"fingerprint {', '.join(drawn_for)}; this model's is {fingerprint} (its weights, "
+                "dtype or configuration differ)"
             )
-    return None
+    return None, reasons
 
 
 def write_shipped_sample(

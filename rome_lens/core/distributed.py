@@ -23,6 +23,7 @@ Nothing here pickles: only tensors cross between processes.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -93,11 +94,14 @@ def share_cores(split: Split) -> int:
 
     torch starts every process with a thread per core, so W ranks on one
     machine run W times as many threads as there are cores and slow each
-    other several-fold. The first time work is split, each of the
-    ``$LOCAL_WORLD_SIZE`` ranks on this machine (torchrun sets it) lowers its
-    thread count to ``cores // ranks``. A count the user chose wins:
-    ``OMP_NUM_THREADS`` in the environment (torchrun sets it to 1 when it is
-    unset), or ``torch.set_num_threads`` called after importing rome_lens.
+    other several-fold. The first time work is split, each rank lowers its
+    thread count to ``cores // ranks``, where the ranks on this machine are
+    ``$LOCAL_WORLD_SIZE`` (torchrun sets it), else every rank when
+    ``$MASTER_ADDR`` is this machine (``torch.multiprocessing.spawn`` and
+    other single-machine launchers). A count already chosen wins:
+    ``OMP_NUM_THREADS`` in the environment (torchrun sets it to 1 when it
+    starts several ranks per machine and the variable is unset), or
+    ``torch.set_num_threads`` called after importing rome_lens.
 
     Args:
         split: this process's share.
@@ -111,11 +115,23 @@ def share_cores(split: Split) -> int:
         return threads
     _CORES_SHARED = True
     chosen = "OMP_NUM_THREADS" in os.environ or threads != _THREADS_AT_IMPORT
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    share = max(1, _cores() // max(ranks_here, 1))
+    share = max(1, _cores() // _ranks_here(split))
     if not chosen and threads > share:
         torch.set_num_threads(share)
     return torch.get_num_threads()
+
+
+def _ranks_here(split: Split) -> int:
+    """How many ranks share this machine: ``$LOCAL_WORLD_SIZE``, else all of them when the
+    rendezvous address is this machine, else this one alone."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE")
+    if raw is not None:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer, got {raw!r}")
+        return int(raw)
+    address = os.environ.get("MASTER_ADDR", "")
+    local = address in ("localhost", "::1", socket.gethostname()) or address.startswith("127.")
+    return split.world_size if local else 1
 
 
 def _cores() -> int:

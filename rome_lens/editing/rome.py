@@ -297,8 +297,10 @@ def rome_edit(
 
     The model is not changed: apply the result with ``edit.apply(model)`` or
     ``with rome_lens.edited(model, edit): ...``. The first edit at a layer
-    computes its key statistics (about 100 s on the default model and a 2-core
-    CPU, announced on stderr when ``progress`` is on) and caches them. The
+    computes its key statistics (about 5 s on the default model and a 2-core
+    CPU, whose corpus ships with the package; a minute or more for a model
+    that samples its own; announced on stderr when ``progress`` is on) and
+    caches them. The
     same edit as ``get_editor("rome").edit(model, [request], hparams, ...)``.
 
     Args:

@@ -18,10 +18,11 @@ moment ``C``. :func:`key_second_moment` estimates it as a view of the
 
 The default sample, ``n_tokens=20_000``, is about 13 times ``d_mlp`` for the
 default model, enough for a well-conditioned C at the layers ROME edits there
-(condition numbers 220 to 48,000 at layers 2 to 12). The first computation on
-a 2-core CPU takes about 100 s, nearly all of it sampling the corpus, which
-happens once per model and is shared by every layer; each further layer takes
-5 to 15 s, and a cached layer loads in well under a second.
+(condition numbers 220 to 48,000 at layers 2 to 12). The default model's
+sample ships with the package, so its first layer takes about 5 s on a 2-core
+CPU; another model first samples its corpus (about 80 s for a 135M model,
+once per model, shared by every layer). Each further layer takes 5 to 15 s,
+and a cached layer loads in well under a second.
 ``bench/bench_rome.py --only n_tokens`` measures editing quality against the
 sample size.
 
