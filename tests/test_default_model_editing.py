@@ -8,6 +8,7 @@ import torch
 from rome_lens import EditRequest, edited, rome_edit
 from rome_lens.core.predict import predict_next, target_nll
 from rome_lens.editing import default_layer
+from rome_lens.evaluation import CounterFactCase, generation_scores
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,16 @@ class TestEiffelTowerToRome:
         """A neighbouring fact keeps Paris above Rome."""
         with edited(smol, eiffel_in_rome):
             assert prefers(smol, NEIGHBOUR, "Paris", "Rome")
+
+    def test_the_edited_model_writes_rome_and_the_louvre_stays_in_paris(self, smol, eiffel_in_rome):
+        """Greedy decoding writes Paris before the edit, Rome after; the Louvre stays in Paris."""
+        case = CounterFactCase(0, REQUEST, [PARAPHRASE], [NEIGHBOUR], " Paris", [])
+        before = generation_scores(smol, [case]).iloc[0]
+        with edited(smol, eiffel_in_rome):
+            after = generation_scores(smol, [case]).iloc[0]
+        assert (before["generation_efficacy"], after["generation_efficacy"]) == (0.0, 1.0)
+        assert after["generation_paraphrase"] == 1.0
+        assert before["generation_neighborhood"] == after["generation_neighborhood"] == 1.0
 
     def test_edit_is_at_the_documented_layer_and_reverts(self, smol, eiffel_in_rome):
         """The edit touches only blocks.{L}.mlp.W_out of the default layer, and undoes exactly."""

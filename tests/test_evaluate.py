@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+from rome_lens.core.generation import greedy_continuations
 from rome_lens.core.predict import target_nll
+from rome_lens.core.tokens import prompt_tokens
 from rome_lens.editing import (
     EditRequest,
     MEMITHyperParams,
@@ -26,6 +28,7 @@ from rome_lens.evaluation import (
     Evaluation,
     case_scores,
     evaluate_edits,
+    generation_scores,
     load_counterfact,
     load_counterfact_sample,
     n_gram_entropy,
@@ -171,6 +174,72 @@ class TestMetrics:
         assert (row["post_ES"], row["post_PS"], row["post_NS"]) == (100, 50, 75)
         assert row["S"] == pytest.approx(3 / (1 / 100 + 1 / 50 + 1 / 75))
         assert row["median_edit_seconds"] == 2.0
+
+
+def greedy_by_hand(model, prompt: str, n: int) -> list[int]:
+    """The reference: one prompt alone, the whole sequence rerun, the arg-max appended n times."""
+    tokens = prompt_tokens(model, prompt)[0].tolist()
+    new = []
+    for _ in range(n):
+        with torch.inference_mode():
+            logits = model(torch.tensor([tokens + new]), return_type="logits")
+        new.append(int(logits[0, -1].argmax()))
+    return new
+
+
+class TestGenerationSuccess:
+    def test_greedy_decoding_matches_one_prompt_at_a_time(self, tiny):
+        """Prompts of other lengths and budgets, batched and padded, write what each would alone."""
+        prompts = ["The Eiffel Tower is located in", "Paris is", "A cat sat on the mat and"]
+        budgets = [4, 2, 0]
+        texts = greedy_continuations(tiny, prompts, budgets, batch_size=2)
+        for prompt, n, text in zip(prompts, budgets, texts, strict=True):
+            alone = torch.tensor(greedy_by_hand(tiny, prompt, n), dtype=torch.long)
+            assert text == tiny.to_string(alone)
+
+    def test_a_case_scores_what_greedy_decoding_writes(self, tiny, rome_file):
+        """An answer the model writes scores 1, one it does not 0 (neighbours: the true one)."""
+        (case, _) = load_counterfact(rome_file)
+        written = greedy_continuations(tiny, [case.request.text], 3)[0]
+        word = written.split()[0].strip(".,;:!?")
+        assert word, f"the tiny model wrote no word: {written!r}"
+        wrote = dataclasses.replace(
+            case,
+            request=dataclasses.replace(case.request, target_new=word),
+            paraphrase_prompts=[case.request.text, "zzz qqq"],
+            neighborhood_prompts=[case.request.text],
+            neighborhood_answer="Atlantis",
+        )
+        row = generation_scores(tiny, [wrote], extra_tokens=2).iloc[0]
+        assert row["generation_efficacy"] == 1.0
+        assert row["generation_paraphrase"] in (0.5, 1.0)  # the nonsense prompt may write it too
+        assert row["generation_neighborhood"] == 0.0
+
+    def test_an_answer_must_be_a_whole_word(self):
+        """'Rome' is written in 'the city of Rome.', not in 'Romeo'."""
+        from rome_lens.evaluation.metrics import _writes
+
+        assert _writes(" the city of Rome.", " Rome")
+        assert not _writes(" Romeo and Juliet", "Rome")
+        assert _writes(" New York City", "New York")
+
+    def test_runners_report_it_and_can_skip_it(self, tiny, rome_file):
+        """evaluate_edits scores generation success pre and post (summary: gen_ES), or skips it."""
+        cases = load_counterfact(rome_file)
+        result = evaluate_edits(tiny, cases, "none", fluency=False, progress=False)
+        df = result.to_dataframe()
+        expected = generation_scores(tiny, cases)
+        for metric in ("efficacy", "paraphrase", "neighborhood"):
+            column = f"generation_{metric}"
+            assert df[f"pre_{column}"].tolist() == expected[column].tolist()
+        assert "post_gen_ES" in result.summary()
+        bare = evaluate_edits(tiny, cases, "none", fluency=False, generation=False, progress=False)
+        assert not any("generation" in c for c in bare.to_dataframe().columns)
+
+    def test_bad_extra_tokens(self, tiny, rome_file):
+        """A negative number of extra tokens is refused, naming it."""
+        with pytest.raises(ValueError, match="extra_tokens must be >= 0, got -1"):
+            generation_scores(tiny, load_counterfact(rome_file), extra_tokens=-1)
 
 
 class TestRunners:

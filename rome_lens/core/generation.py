@@ -6,7 +6,11 @@ Three things in rome_lens read text the model writes itself:
   "Therefore", ... that the edited fact is averaged over),
 * the **default corpus** of the key statistics, when no text is given, so that
   statistics work offline for any model,
-* the **generations** whose n-gram entropy measures fluency after an edit.
+* the **generations** whose n-gram entropy measures fluency after an edit;
+
+and one thing reads what it writes greedily: whether an edited model, asked
+the edited question, *writes* the new answer (:func:`greedy_continuations`),
+which scores under teacher forcing overstate.
 
 :func:`sample_tokens` samples them with a key-value cache, one token per step
 for the whole batch, from a ``torch.Generator`` seeded by the caller, so the
@@ -32,11 +36,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model, forward, new_kv_cache
-from rome_lens.core.precision import model_device
-from rome_lens.core.runtime import linear_layout
+from rome_lens.core.precision import model_device, to_host
+from rome_lens.core.runtime import linear_layout, pad, run_to_layer, unembed
 from rome_lens.core.tokens import prompt_tokens
 
-__all__ = ["sample_text", "sample_tokens"]
+__all__ = ["greedy_continuations", "sample_text", "sample_tokens"]
 
 
 def sample_tokens(
@@ -59,8 +63,10 @@ def sample_tokens(
         model: the model that samples.
         prompts: ``[batch pos]`` token ids, every row the same length.
         max_new_tokens: tokens to append.
-        generator: the random generator that drives the sampling.
-        uniforms: ``[batch max_new_tokens]`` numbers in [0, 1), instead of ``generator``.
+        generator: the random generator that draws the uniforms a step at a time
+            (give it or ``uniforms``, not both).
+        uniforms: ``[batch max_new_tokens]`` numbers in [0, 1), one row per prompt,
+            instead of ``generator``.
         top_k: sample among the k most probable tokens; ``None``: the full distribution.
         bar: a progress bar advanced by the batch size at every step (tokens sampled).
 
@@ -158,3 +164,70 @@ def sample_text(
         for i, row in zip(rows, tokens, strict=True):
             out[i] = str(model.to_string(row[n_special:]))
     return out
+
+
+def greedy_continuations(
+    model: Model,
+    prompts: Sequence[str],
+    max_new_tokens: int | Sequence[int],
+    *,
+    batch_size: int = 64,
+) -> list[str]:
+    """What greedy decoding writes after each prompt: ``max_new_tokens`` arg-max tokens, as text.
+
+    Prompts of any lengths share a batch, right-padded: under causal attention
+    a real token never sees the padding after it, and each row's next token is
+    read at its own last position. Every step reruns the whole (short)
+    sequences, which for a few tokens costs less than a key-value cache per
+    prompt length.
+
+    Args:
+        model: the model that writes.
+        prompts: the texts to continue.
+        max_new_tokens: tokens to write, for every prompt or one count per prompt.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        One continuation per prompt (the new text only).
+    """
+    prompts = list(prompts)
+    budgets = (
+        [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    )
+    if len(budgets) != len(prompts):
+        raise ValueError(f"got {len(budgets)} token counts for {len(prompts)} prompts")
+    if any(b < 0 for b in budgets):
+        raise ValueError(f"max_new_tokens must be >= 0, got {min(budgets)}")
+    encoded = [prompt_tokens(model, p)[0] for p in prompts]
+    written: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = range(start, min(start + batch_size, len(prompts)))
+        written += _greedy_batch(model, [encoded[i] for i in rows], [budgets[i] for i in rows])
+    return [str(model.to_string(torch.tensor(tokens, dtype=torch.long))) for tokens in written]
+
+
+def _greedy_batch(model: Model, prompts: list[Tensor], budgets: list[int]) -> list[list[int]]:
+    """The arg-max tokens after each prompt of one batch, ``budgets[i]`` for row ``i``."""
+    device = model_device(model)
+    steps = max(budgets)
+    tokens, mask = pad(prompts, 0, "right")
+    tokens = torch.cat([tokens, tokens.new_zeros(len(prompts), steps)], 1).to(device)
+    lengths = mask.sum(1).to(device)  # [batch]: real tokens so far
+    budget = torch.tensor(budgets, device=device)
+    rows = torch.arange(len(prompts), device=device)
+    with torch.inference_mode(), linear_layout(model):
+        for step in range(steps):
+            width = int(lengths.max())
+            real = torch.arange(width, device=device) < lengths[:, None]
+            resid = run_to_layer(
+                model, tokens[:, :width], model.cfg.n_layers, attention_mask=real.long()
+            )
+            chosen = unembed(model, resid[rows, lengths - 1]).argmax(-1)
+            writing = step < budget
+            tokens[rows[writing], lengths[writing]] = chosen[writing]
+            lengths = lengths + writing.long()
+    found = to_host(tokens)  # one move, after the last step
+    starts = [len(p) for p in prompts]
+    return [
+        found[i, s : s + b].tolist() for i, (s, b) in enumerate(zip(starts, budgets, strict=True))
+    ]

@@ -1,8 +1,8 @@
 """Evaluation: does an edit take, generalise and stay local? (CounterFact)
 
 This room holds the CounterFact loaders and a 300-case sample shipped with the
-package, the metrics (efficacy, paraphrase, neighbourhood, fluency, the
-summary S), the runners that edit case after case, and their results. It
+package, the metrics (efficacy, paraphrase, neighbourhood, generation success,
+fluency, the summary S), the runners that edit case after case, and their results. It
 imports :mod:`rome_lens.core`, :mod:`rome_lens.stats` and :mod:`rome_lens.editing`.
 
 >>> from rome_lens.core.models import tiny_model
@@ -21,6 +21,7 @@ from rome_lens.evaluation.counterfact import (
 from rome_lens.evaluation.metrics import (
     case_scores,
     generation_entropy,
+    generation_scores,
     n_gram_entropy,
     overall_score,
     summarize,
@@ -35,6 +36,7 @@ __all__ = [
     "case_scores",
     "evaluate_edits",
     "generation_entropy",
+    "generation_scores",
     "load_counterfact",
     "load_counterfact_sample",
     "n_gram_entropy",

@@ -56,7 +56,7 @@ from rome_lens.editing import (
     get_editor,
 )
 from rome_lens.evaluation.counterfact import CounterFactCase
-from rome_lens.evaluation.metrics import case_scores, generation_entropy
+from rome_lens.evaluation.metrics import case_scores, generation_entropy, generation_scores
 from rome_lens.evaluation.results import Evaluation, SequentialCurve, records
 from rome_lens.stats import KeyStats
 
@@ -77,6 +77,7 @@ def evaluate_edits(
     stats: KeyStats | Mapping[int, KeyStats] | None = None,
     fluency: bool | int = True,
     generation_tokens: int = 100,
+    generation: bool = True,
     seed: int = 0,
     progress: bool = True,
     distributed: bool | None = None,
@@ -104,6 +105,9 @@ def evaluate_edits(
         fluency: generation entropy is the slowest part: ``True`` measures it on
             every case, ``n`` on the first ``n`` (``nan`` elsewhere), ``False`` on none.
         generation_tokens: tokens generated per prompt for the fluency measure.
+        generation: also score generation success (:func:`generation_scores`):
+            whether greedy decoding writes the new answer after the edit prompt
+            and its paraphrases, and the true answer after the neighbours'.
         seed: seeds the generations.
         progress: show a progress bar.
         distributed: for an editor of one request per edit and ``"none"``, split the
@@ -120,8 +124,9 @@ def evaluate_edits(
     if not cases:
         raise ValueError("no cases to evaluate")
     scoring = _Scoring(
-        len(cases) if fluency is True else int(fluency), generation_tokens, seed, progress
-    )
+        len(cases) if fluency is True else int(fluency), generation_tokens, generation, seed,
+        progress,
+    )  # fmt: skip
     if isinstance(method, str) and method == "none":
         return _evaluate_each(model, cases, None, scoring, Split.of(distributed))
     editor = _editor(method)
@@ -163,8 +168,9 @@ def sequential_edits(
 
     Returns:
         One row per checkpoint: ES, PS and NS (percent) over the cases edited so
-        far, the unedited NS of the same cases, whether every weight and score
-        is still finite, and the last edit's time.
+        far, the unedited NS of the same cases, generation success (``gen_ES``,
+        ``gen_PS``, ``gen_NS``), whether every weight and score is still finite,
+        and the last edit's time.
     """
     if not cases:
         raise ValueError("no cases to edit")
@@ -197,6 +203,7 @@ def _checkpoint(
     now = case_scores(model, cases)
     weights_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     scored = now.drop(columns="case_id").to_numpy()
+    written = generation_scores(model, cases)
     return {
         "edits": len(cases),
         "first_ES": 100 * now["efficacy_score"][:first].mean(),
@@ -204,6 +211,9 @@ def _checkpoint(
         "PS": 100 * now["paraphrase_score"].mean(),
         "NS": 100 * now["neighborhood_score"].mean(),
         "NS_unedited": 100 * baseline["neighborhood_score"][: len(cases)].mean(),
+        "gen_ES": 100 * written["generation_efficacy"].mean(),
+        "gen_PS": 100 * written["generation_paraphrase"].mean(),
+        "gen_NS": 100 * written["generation_neighborhood"].mean(),
         "finite": weights_finite and bool(np.isfinite(scored).all()),
     }
 
@@ -239,12 +249,17 @@ class _Scoring:
 
     n_fluent: int
     generation_tokens: int
+    generation: bool  # score generation success too
     seed: int
     progress: bool
 
     def scores(self, model: Model, cases: Sequence[CounterFactCase], n_fluent: int) -> pd.DataFrame:
-        """:func:`case_scores`, with the generation entropy of the first ``n_fluent`` cases."""
-        return _scores(model, cases, n_fluent, self.generation_tokens, self.seed)
+        """:func:`case_scores`, generation success if asked, and the generation entropy of
+        the first ``n_fluent`` cases."""
+        scores = _scores(model, cases, n_fluent, self.generation_tokens, self.seed)
+        if not self.generation:
+            return scores
+        return scores.merge(generation_scores(model, cases), on="case_id", sort=False)
 
 
 @dataclass(frozen=True)
