@@ -34,6 +34,7 @@ it chose the defaults.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -57,7 +58,8 @@ from rome_lens.editing import (
     get_editor,
 )
 from rome_lens.evaluation import case_scores, load_counterfact, without_conflicts
-from rome_lens.evaluation.metrics import n_gram_entropy
+from rome_lens.evaluation.metrics import generation_scores, n_gram_entropy
+from rome_lens.stats.keys import key_second_moment
 from rome_lens.stats.moments import next_token_loss
 
 HERE = Path(__file__).resolve().parent
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(editors()), action="append")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--figure", action="store_true", help="only draw the figure")
+    parser.add_argument("--figure-to", type=Path, default=FIGURE, help="where to draw it")
     parser.add_argument("--sweep", action="store_true", help="only the one-batch sweep")
     parser.add_argument("--energies", default="0.01,0.03,0.1,0.3")
     parser.add_argument("--l2s", default="1,10")
@@ -83,6 +86,16 @@ def main() -> None:
     parser.add_argument(
         "--key-match", choices=("averaged", "both"), help="keys per request (default: both)"
     )
+    parser.add_argument("--rewind", action="store_true", help="targets on the starting weights")
+    parser.add_argument("--early-stop", choices=("nll", "most_probable"), help="δ's early stop")
+    parser.add_argument("--value-norm", action="store_true", help="anchor the values' norm")
+    parser.add_argument("--anchor", type=float, help="weight of ‖W − W₀‖² in the solve")
+    parser.add_argument("--history", action="store_true", help="MEMIT keeps earlier keys")
+    parser.add_argument("--norm-ridge", type=float, help="MEMIT's weight of ‖ΔW‖²")
+    parser.add_argument(
+        "--preserve-known", action="store_true",
+        help="preserve the keys of half the known facts' prompts (the other half is held out)",
+    )  # fmt: skip
     data_argument(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +106,18 @@ def main() -> None:
     short = {"null_space_energy": "e", "l2": "l2-"}
     args.alphaedit_suffix = "".join(f"_{short[n]}{v:g}" for n, v in args.alphaedit.items())
     args.key_suffix = f"_{args.key_match}" if args.key_match else ""
+    options = {"rewind": args.rewind or None, "early_stop": args.early_stop,
+               "value_norm_anchor": args.value_norm or None, "anchor": args.anchor}  # fmt: skip
+    args.options = {name: value for name, value in options.items() if value is not None}
+    memit_only = {"history": args.history or None, "norm_ridge": args.norm_ridge}
+    args.memit_options = {name: value for name, value in memit_only.items() if value is not None}
+    short = {"rewind": "rewind", "early_stop": "", "value_norm_anchor": "vnorm", "anchor": "anchor",
+             "history": "history", "norm_ridge": "ridge"}  # fmt: skip
+    named = args.options | args.memit_options | {"preserve": args.preserve_known or None}
+    args.option_suffix = "".join(
+        f"_{short.get(n, n)}" + ("" if v is True else f"{v:g}" if isinstance(v, float) else str(v))
+        for n, v in named.items() if v is not None
+    )  # fmt: skip
     if not args.figure:
         model = rome_lens.load_model()
         cases = without_conflicts(load_counterfact(data_file(args.data, "counterfact_val.json")))
@@ -103,7 +128,7 @@ def main() -> None:
             return
         for method in args.only or METHODS:
             run(model, method, cases, ability, args)
-    figure(args.out)
+    figure(args.out, args.figure_to)
 
 
 def sweep(model, cases, ability: Ability, args) -> None:
@@ -154,6 +179,8 @@ class Ability:
         kept = [k for k in known if k["subject"] not in edited_subjects]
         self.prompts = [k["prompt"] for k in kept]
         self.answers = [" " + k["attribute"] for k in kept]
+        # Even facts' prompts may be preserved (--preserve-known); odd ones never are.
+        self.preservable = self.prompts[::2]
         self.fluency_prompts = self.prompts[:20]
         self.chunks = Corpus.read(None).chunks(model, n_tokens=4096, seed=123, progress=False)
         self.model = model
@@ -170,6 +197,7 @@ class Ability:
         texts = sample_text(model, self.fluency_prompts, 50, seed=0, top_k=5)
         return {
             "known_accuracy": 100 * float(known.float().mean()),
+            "known_held_out": 100 * float(known[1::2].float().mean()),
             "known_facts": len(self.prompts),
             "perplexity": math.exp(loss / count),
             "entropy": float(np.mean([n_gram_entropy(t) for t in texts])),
@@ -180,6 +208,7 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
     chosen = get_editor(method)
     suffix = args.suffix if chosen.batched else ""
     suffix += args.alphaedit_suffix if method == "alphaedit" else ""
+    suffix += args.option_suffix if chosen.batched else ""
     path = args.out / f"sequential_{method}{suffix}{args.key_suffix}.csv"
     baseline = case_scores(model, cases)
     unedited = {"method": method, "edits": 0, "seconds": 0.0} | ability.measure()
@@ -188,8 +217,19 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
     layers = args.layer_list if chosen.batched else None
     given = dict(args.alphaedit) if method == "alphaedit" else {}
     given |= {"key_match": args.key_match} if args.key_match else {}
+    given |= args.options if chosen.batched else {}
+    given |= args.memit_options if method == "memit" else {}
     hparams = chosen.settings_type(**given)
     editor = SequentialEditor(model, chosen, layers=layers, hparams=hparams, progress=False)
+    edited_layers = editor.layers
+    key_stats = functools.partial(key_second_moment, model, n_tokens=10**6, progress=False)
+    editor.held_out = {layer: key_stats(layer, corpus=ability.prompts[1::2])
+                       for layer in edited_layers}  # fmt: skip
+    if args.preserve_known and chosen.batched:
+        preserve = {layer: key_stats(layer, corpus=ability.preservable) for layer in edited_layers}
+        editor = SequentialEditor(model, chosen, layers=layers, hparams=hparams, progress=False,
+                                  preserve=preserve, held_out=editor.held_out)  # fmt: skip
+    norms_path = path.with_name(path.stem + "_norms.csv")
     try:
         for start in range(0, len(cases), args.batch):
             batch = cases[start : start + args.batch]
@@ -208,29 +248,40 @@ def run(model, method: str, cases, ability: Ability, args) -> None:
                 "NS_unedited": 100 * baseline.neighborhood_score[:n].mean(),
                 "batch_ES": 100 * now.efficacy_score[start:].mean(),
             }
+            # Generation success on this batch's cases (all of them would dominate the run).
+            generated = generation_scores(model, batch)
+            row |= {
+                "batch_gen_ES": 100 * generated.generation_efficacy.mean(),
+                "batch_gen_PS": 100 * generated.generation_paraphrase.mean(),
+                "batch_gen_NS": 100 * generated.generation_neighborhood.mean(),
+            }
             row |= ability.measure()
             rows.append(row)
             pd.DataFrame(rows).to_csv(path, index=False)
+            editor.layer_dataframe().to_csv(norms_path, index=False)
             print(json.dumps(row), flush=True)
     finally:
         editor.revert_all()
 
 
-def figure(out: Path) -> None:
+def figure(out: Path, to: Path = FIGURE) -> None:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     paths = sorted(p for m in METHODS for p in out.glob(f"sequential_{m}*.csv"))
-    tables = [pd.read_csv(path).assign(label=run_label(path)) for path in paths]
+    runs = [path for path in paths if not path.stem.endswith("_norms")]
+    tables = [pd.read_csv(path).assign(label=run_label(path)) for path in runs]
+    runs = [path for path, table in zip(runs, tables, strict=True) if "ES" in table]
+    tables = [table for table in tables if "ES" in table]  # a run with edits measured
     if not tables:
         return
-    fig = Figure(figsize=(12, 3.2), layout="constrained")
-    axes = fig.subplots(1, 5)
+    fig = Figure(figsize=(14.4, 3.2), layout="constrained")
+    axes = fig.subplots(1, 6)
     panels = [("ES", "efficacy (ES, %)"), ("PS", "paraphrase (PS, %)"),
               ("NS", "neighbourhood (NS, %)"), ("known_accuracy", "known facts right (%)"),
               ("perplexity", "perplexity")]  # fmt: skip
     for table in tables:
-        for ax, (column, title) in zip(axes, panels, strict=True):
+        for ax, (column, title) in zip(axes[:5], panels, strict=True):
             shown = table.dropna(subset=[column])
             line = ax.plot(shown.edits, shown[column], marker="o", ms=3, label=table.label[0])
             if column == "NS":
@@ -239,11 +290,18 @@ def figure(out: Path) -> None:
             ax.set_xlabel("edits")
             if column != "perplexity":
                 ax.set_ylim(0, 100)
+    for path, table in zip(runs, tables, strict=True):
+        norms = path.with_name(f"{path.stem}_norms.csv")
+        if norms.exists():
+            drift = pd.read_csv(norms).groupby("batch").drift.mean()
+            axes[5].plot((drift.index + 1) * table.edits.diff().max(), drift, marker="o", ms=3)
+    axes[5].set_title("mean ‖W − W₀‖ / ‖W₀‖", fontsize=10)
+    axes[5].set_xlabel("edits")
     handles, labels = axes[0].get_legend_handles_labels()
     handles.append(Line2D([], [], ls="--", color="grey"))
     labels.append("NS of the same cases, unedited")
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
-    fig.savefig(FIGURE, dpi=150, bbox_inches="tight")
+    fig.savefig(to, dpi=150, bbox_inches="tight")
 
 
 def run_label(path: Path) -> str:

@@ -48,16 +48,25 @@ from rome_lens.editing.defaults import (
 )
 from rome_lens.editing.editors import BaseEditor, Editor, EditorState, editor_settings
 from rome_lens.editing.finetune import FTEditor, FTHyperParams, ft_edit
-from rome_lens.editing.memit import MEMITEditor, MEMITHyperParams, memit_edit
+from rome_lens.editing.memit import MEMITEditor, MEMITHyperParams, memit_edit, memit_update
 from rome_lens.editing.memory import clear_context_templates, context_templates
 from rome_lens.editing.multilayer import (
     LayerSolve,
     MultiLayerEdit,
     MultiLayerEditor,
     MultiLayerHyperParams,
+    MultiLayerState,
+    anchored_targets,
 )
 from rome_lens.editing.outcomes import EditMissWarning, measure_outcomes
-from rome_lens.editing.patches import AppliedEdit, EditOutcome, WeightEdit, WeightPatch, edited
+from rome_lens.editing.patches import (
+    AppliedEdit,
+    EditOutcome,
+    WeightEdit,
+    WeightPatch,
+    edited,
+    weights_as,
+)
 from rome_lens.editing.registry import editors, get_editor, register_editor, unregister_editor
 from rome_lens.editing.requests import EditHyperParams, EditorSettings, EditRequest
 from rome_lens.editing.rome import RankOneEdit, ROMEEditor, ROMEHyperParams, rome_edit
@@ -87,6 +96,7 @@ __all__ = [
     "MultiLayerEdit",
     "MultiLayerEditor",
     "MultiLayerHyperParams",
+    "MultiLayerState",
     "NullSpaceState",
     "ROMEEditor",
     "ROMEHyperParams",
@@ -95,6 +105,7 @@ __all__ = [
     "WeightEdit",
     "WeightPatch",
     "alphaedit_edit",
+    "anchored_targets",
     "clear_context_templates",
     "context_templates",
     "default_alphaedit_layers",
@@ -108,9 +119,11 @@ __all__ = [
     "get_editor",
     "measure_outcomes",
     "memit_edit",
+    "memit_update",
     "null_space_projector",
     "null_space_update",
     "register_editor",
     "rome_edit",
     "unregister_editor",
+    "weights_as",
 ]

@@ -58,14 +58,14 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model
 from rome_lens.editing.defaults import default_alphaedit_layers
-from rome_lens.editing.editors import EditorState, RunOptions
+from rome_lens.editing.editors import RunOptions
 from rome_lens.editing.multilayer import (
     LayerSolve,
     MultiLayerEdit,
     MultiLayerEditor,
     MultiLayerHyperParams,
+    MultiLayerState,
 )
-from rome_lens.editing.patches import WeightEdit
 from rome_lens.editing.registry import register_editor
 from rome_lens.editing.requests import EditRequest
 from rome_lens.stats.keys import KeyStats
@@ -102,31 +102,12 @@ class AlphaEditHyperParams(MultiLayerHyperParams):
 
 
 @dataclass(frozen=True)
-class NullSpaceState(EditorState):
-    """AlphaEdit's state: each layer's null-space projector, and Σ KᵀK over the keys of
-    the edits applied so far."""
+class NullSpaceState(MultiLayerState):
+    """AlphaEdit's state: the multi-layer state (Σ KᵀK over the keys of the edits applied
+    so far, and what the options keep) and each layer's null-space projector."""
 
     projectors: Mapping[int, Tensor] = field(default_factory=dict)
     """Layer -> P, from the unedited model's key statistics."""
-    preserved: Mapping[int, Tensor] = field(default_factory=dict)
-    """Layer -> Σ KᵀK over earlier edits' keys (AlphaEdit's ``cache_c``); empty at first."""
-
-    def after(self, edit: WeightEdit) -> NullSpaceState:
-        """The state once ``edit`` is applied: its keys join those preserved.
-
-        Args:
-            edit: a multi-layer edit made from this state, now applied.
-
-        Returns:
-            The next state.
-        """
-        if not isinstance(edit, MultiLayerEdit):
-            raise TypeError(f"AlphaEdit's state follows multi-layer edits, got {edit!r}")
-        preserved = dict(self.preserved)
-        for layer, keys in edit.keys.items():
-            outer = keys.double().T @ keys.double()
-            preserved[layer] = preserved[layer] + outer if layer in preserved else outer
-        return dataclasses.replace(self, preserved=preserved)
 
 
 def null_space_projector(stats: KeyStats, energy: float) -> Float[Tensor, "d_mlp d_mlp"]:
@@ -157,21 +138,25 @@ class AlphaEditEditor(MultiLayerEditor):
 
     def state_from(
         self,
-        settings: AlphaEditHyperParams,
+        model: Model,
+        settings: MultiLayerHyperParams,
         layers: list[int],
         stats: dict[int, KeyStats],
         started: float,
     ) -> NullSpaceState:
-        """The layers, their statistics and null-space projectors; nothing preserved yet."""
+        """The multi-layer state and each layer's null-space projector; nothing preserved yet."""
+        assert isinstance(settings, AlphaEditHyperParams)
         energy = settings.null_space_energy
         projectors = {layer: null_space_projector(stats[layer], energy) for layer in layers}
-        base = super().state_from(settings, layers, stats, started)
-        return NullSpaceState(base.layers, base.stats, base.seconds, projectors=projectors)
+        base = super().state_from(model, settings, layers, stats, started)
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        return NullSpaceState(**fields, projectors=projectors)
 
     def solver(
-        self, model: Model, settings: MultiLayerHyperParams, state: EditorState
+        self, model: Model, settings: MultiLayerHyperParams, state: MultiLayerState
     ) -> LayerSolve:
-        """:func:`null_space_update` per layer, with the state's projectors and preserved keys."""
+        """:func:`null_space_update` per layer, with the state's projectors and preserved keys
+        (and its starting weights, with ``anchor``)."""
         assert isinstance(settings, AlphaEditHyperParams)
         if not isinstance(state, NullSpaceState):
             raise TypeError(f"AlphaEdit edits from a NullSpaceState (its start()), got {state!r}")
@@ -180,11 +165,14 @@ class AlphaEditEditor(MultiLayerEditor):
             raise ValueError(
                 f"projectors has no layer {missing}: give one for each of {list(state.layers)}"
             )
-        l2 = settings.l2
+        l2, anchor = settings.l2, settings.anchor
 
         def update(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
             earlier = state.preserved.get(layer)
-            return null_space_update(state.projectors[layer], keys, residual, earlier, l2)
+            drift = state.drift(model, layer) if anchor else None
+            return null_space_update(
+                state.projectors[layer], keys, residual, earlier, l2, anchor=anchor, drift=drift
+            )
 
         return LayerSolve(update)
 
@@ -199,8 +187,13 @@ def null_space_update(
     residual: Float[Tensor, "request d_model"],
     preserved: Float[Tensor, "d_mlp d_mlp"] | None,
     l2: float,
+    *,
+    anchor: float = 0.0,
+    drift: Float[Tensor, "d_mlp d_model"] | None = None,
 ) -> Float[Tensor, "d_mlp d_model"]:
-    """``(P (KᵀK + K_pᵀK_p) + l2·I)⁻¹ P Kᵀ R`` in float64 (see the module docstring).
+    """``(P (KᵀK + K_pᵀK_p) + l2·I + α·P)⁻¹ P (Kᵀ R − α·D)`` in float64 (see the module
+    docstring): the ΔW in P's range that minimises
+    ``‖KΔW − R‖² + ‖K_pΔW‖² + l2‖ΔW‖² + α‖D + ΔW‖²``.
 
     Args:
         projector: P.
@@ -208,6 +201,8 @@ def null_space_update(
         residual: R, the residual share this layer takes.
         preserved: K_pᵀK_p of earlier edits (``None``: none).
         l2: the weight of ‖ΔW‖².
+        anchor: α, the weight of the distance from the starting weights.
+        drift: D = W − W₀, how far earlier edits moved the layer (needed when α > 0).
 
     Returns:
         ΔW for ``W_out``.
@@ -216,7 +211,13 @@ def null_space_update(
     p = projector.to(k.device, torch.float64)  # a projector given may wait on the CPU
     moment = k.T @ k if preserved is None else k.T @ k + preserved.to(k.device, torch.float64)
     system = p @ moment + l2 * torch.eye(len(p), dtype=torch.float64, device=p.device)
-    return torch.linalg.solve(system, p @ k.T @ r)
+    target = k.T @ r
+    if anchor:
+        if drift is None:
+            raise ValueError("anchor > 0 needs the drift D = W − W₀")
+        system = system + anchor * p
+        target = target - anchor * drift.to(k.device, torch.float64)
+    return torch.linalg.solve(system, p @ target)
 
 
 def alphaedit_edit(
@@ -274,6 +275,11 @@ def _given_state(
     """The state :func:`alphaedit_edit` edits from when given projectors or preserved keys."""
     if projectors is not None:
         chosen = ALPHAEDIT.checked_layers(model, layers or ALPHAEDIT.default_layers(model))
+        if hparams is not None and hparams.keeps_original:
+            raise ValueError(
+                "rewind and anchor need the starting weights: give stats, not projectors, "
+                "or edit in a row with SequentialEditor"
+            )
         return NullSpaceState(tuple(chosen), projectors=projectors, preserved=preserved or {})
     started = ALPHAEDIT.start(model, hparams, layers=layers,
                               stats=stats, cache_dir=options.cache_dir,

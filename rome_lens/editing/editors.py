@@ -317,7 +317,7 @@ class BaseEditor(ABC, Generic[W]):
         else:
             no_stats(stats, reason)
             found = {}
-        return self.state_from(settings, chosen, found, started)
+        return self.state_from(model, settings, chosen, found, started)
 
     @abstractmethod
     def default_layers(self, model: Model) -> list[int]:
@@ -343,10 +343,15 @@ class BaseEditor(ABC, Generic[W]):
         return None
 
     def state_from(
-        self, settings: Any, layers: list[int], stats: dict[int, KeyStats], started: float
+        self,
+        model: Model,
+        settings: Any,
+        layers: list[int],
+        stats: dict[int, KeyStats],
+        started: float,
     ) -> EditorState:
-        """The state, from the checked layers and their statistics (``started``: when
-        :meth:`start` began, by ``time.perf_counter()``)."""
+        """The state of ``model``, from the checked layers and their statistics
+        (``started``: when :meth:`start` began, by ``time.perf_counter()``)."""
         return EditorState(tuple(layers), stats, seconds=time.perf_counter() - started)
 
     @abstractmethod

@@ -56,6 +56,7 @@ keys and targets are computed in batches, and the only square matrices are
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,18 +67,25 @@ from torch import Tensor
 
 from rome_lens.core.backend import Model
 from rome_lens.editing.defaults import default_memit_layers, default_mom2_update_weight
-from rome_lens.editing.editors import EditorState
 from rome_lens.editing.multilayer import (
     LayerSolve,
     MultiLayerEdit,
     MultiLayerEditor,
     MultiLayerHyperParams,
+    MultiLayerState,
 )
 from rome_lens.editing.registry import register_editor
 from rome_lens.editing.requests import EditRequest
 from rome_lens.stats.keys import KeyStats
 
-__all__ = ["MEMIT", "MEMITEditor", "MEMITHyperParams", "MultiLayerEdit", "memit_edit"]
+__all__ = [
+    "MEMIT",
+    "MEMITEditor",
+    "MEMITHyperParams",
+    "MultiLayerEdit",
+    "memit_edit",
+    "memit_update",
+]
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,16 @@ class MEMITHyperParams(MultiLayerHyperParams):
     """C above this condition number gets a ridge (and a warning)"""
     mom2_update_weight: float | None = None
     """λ (paper: 20k GPT-2 XL, 15k GPT-J); None: by model."""
+    norm_ridge: float = 0.0
+    """Weight of ‖ΔW‖² in the solve (ENCORE's Frobenius-norm ridge; 0: MEMIT's solve)."""
+    history: bool = False
+    """Preserve the keys of earlier batches: add their Σ KᵀK, carried in the state, to the
+    solve, so that batch after batch sums to one joint solve (the history term)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.norm_ridge) and self.norm_ridge >= 0):
+            raise ValueError(f"norm_ridge must be a finite number ≥ 0, got {self.norm_ridge!r}")
 
 
 class MEMITEditor(MultiLayerEditor):
@@ -101,19 +119,26 @@ class MEMITEditor(MultiLayerEditor):
     layers_by_default = staticmethod(default_memit_layers)
 
     def solver(
-        self, model: Model, settings: MultiLayerHyperParams, state: EditorState
+        self, model: Model, settings: MultiLayerHyperParams, state: MultiLayerState
     ) -> LayerSolve:
-        """``ΔW = (λ C + KᵀK)⁻¹ KᵀR`` per layer, C from the state's statistics, λ from the
-        settings or the model's default."""
+        """:func:`memit_update` per layer: C from the state's statistics, λ from the settings
+        or the model's default, and what the options add (ridge, history, anchor)."""
         assert isinstance(settings, MEMITHyperParams)
         given = settings.mom2_update_weight
         weight = default_mom2_update_weight(model) if given is None else given
-        max_condition = settings.max_condition
+        max_condition, history = settings.max_condition, settings.history
+        ridge, anchor = settings.norm_ridge, settings.anchor
 
         def update(layer: int, keys: Tensor, residual: Tensor) -> Tensor:
             moment = state.stats[layer]
             regularised = moment.regularized(moment.ridge(max_condition))
-            return _solve_update(regularised, keys, residual, weight)
+            return memit_update(
+                regularised, keys, residual, weight,
+                ridge=ridge,
+                preserved=state.preserved.get(layer) if history else None,
+                anchor=anchor,
+                drift=state.drift(model, layer) if anchor else None,
+            )  # fmt: skip
 
         return LayerSolve(update, mom2_update_weight=weight)
 
@@ -122,15 +147,48 @@ MEMIT = register_editor(MEMITEditor())
 """The registered MEMIT editor (``get_editor("memit")``)."""
 
 
-def _solve_update(
+def memit_update(
     moment: Float[Tensor, "d_mlp d_mlp"],
     keys: Float[Tensor, "request d_mlp"],
     residual: Float[Tensor, "request d_model"],
     weight: float,
+    *,
+    ridge: float = 0.0,
+    preserved: Float[Tensor, "d_mlp d_mlp"] | None = None,
+    anchor: float = 0.0,
+    drift: Float[Tensor, "d_mlp d_model"] | None = None,
 ) -> Float[Tensor, "d_mlp d_model"]:
-    """argmin_ΔW ‖K ΔW − R‖² + λ tr(ΔWᵀ C ΔW) = (λC + KᵀK)⁻¹ KᵀR, in float64."""
-    keys, residual = keys.double(), residual.double()
-    return torch.linalg.solve(weight * moment.double() + keys.T @ keys, keys.T @ residual)
+    """MEMIT's least squares in float64, with the options' terms:
+
+    argmin_ΔW ‖KΔW − R‖² + λ tr(ΔWᵀCΔW) + ridge‖ΔW‖² + ‖K_pΔW‖² + α‖D + ΔW‖²
+    = (λC + (ridge + α)·I + K_pᵀK_p + KᵀK)⁻¹ (KᵀR − α·D).
+
+    Args:
+        moment: C, the key second moment.
+        keys: K.
+        residual: R, the residual share this layer takes.
+        weight: λ.
+        ridge: the weight of ‖ΔW‖².
+        preserved: K_pᵀK_p of earlier batches (``None``: none).
+        anchor: α, the weight of the distance from the starting weights.
+        drift: D = W − W₀ (needed when α > 0).
+
+    Returns:
+        ΔW for ``W_out``.
+    """
+    k, r = keys.double(), residual.double()
+    system = weight * moment.double() + k.T @ k
+    if ridge or anchor:
+        system = system + (ridge + anchor) * torch.eye(len(system), dtype=torch.float64,
+                                                       device=system.device)  # fmt: skip
+    if preserved is not None:
+        system = system + preserved.to(system.device, torch.float64)
+    target = k.T @ r
+    if anchor:
+        if drift is None:
+            raise ValueError("anchor > 0 needs the drift D = W − W₀")
+        target = target - anchor * drift.to(target.device, torch.float64)
+    return torch.linalg.solve(system, target)
 
 
 def memit_edit(

@@ -25,7 +25,9 @@ KL term that keeps "{subject} is a" predicting what it did, plus a weight decay
 Many requests are optimised in one batch. The loss is a sum of per-request
 terms and Adam updates each entry on its own, so every request gets exactly the
 δ it would get alone, while the forward passes are shared; a request leaves
-the batch once its NLL falls below ``early_stop_nll``.
+the batch once it meets its early stop: its NLL below ``early_stop_nll``, or,
+with ``early_stop="most_probable"``, its target the top prediction on every
+context prompt (the δ returned is the one that met it).
 
 >>> import torch
 >>> from rome_lens.core.models import tiny_model
@@ -372,12 +374,16 @@ class _ValueBatch:
 
     def __call__(
         self, delta: Float[Tensor, "request d_model"]
-    ) -> tuple[Float[Tensor, " member"], Float[Tensor, "member vocab"]]:
-        """Each member's mean NLL of its target, and its KL prompt's log-probabilities."""
+    ) -> tuple[Float[Tensor, " member"], Float[Tensor, "member vocab"], Tensor]:
+        """Each member's mean NLL of its target, its KL prompt's log-probabilities, and
+        whether each of its target tokens is the top prediction on every context prompt."""
         log_probs = self.objective(delta)
-        token_nll = -log_probs[self.nll_reads].gather(1, self.answers)[:, 0]
+        target_log_probs = log_probs[self.nll_reads]
+        token_nll = -target_log_probs.gather(1, self.answers)[:, 0]
         sums = token_nll.new_zeros(len(self.members)).index_add(0, self.nll_owner, token_nll)
-        return sums / self.counts, log_probs[self.kl_reads]
+        missed = (target_log_probs.argmax(-1) != self.answers[:, 0]).float()
+        misses = missed.new_zeros(len(self.members)).index_add(0, self.nll_owner, missed)
+        return sums / self.counts, log_probs[self.kl_reads], misses == 0
 
 
 def optimize_deltas(
@@ -457,7 +463,7 @@ def _optimise_batch(
             members = active.nonzero()[:, 0].tolist()
             batch = _ValueBatch(model, layer, [problems[i] for i in members], members, hook)
         members_t = torch.tensor(batch.members, device=device)
-        nll, kl_log_probs = batch(delta)
+        nll, kl_log_probs, on_top = batch(delta)
         if init_kl is None:
             init_kl = kl_log_probs.detach()
         # KL(current ‖ initial) on the essence prompt, as ROME's F.kl_div(init, current).
@@ -466,7 +472,8 @@ def _optimise_batch(
         loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * decay
         live = active[members_t]
         history.append((members_t[live], loss.detach()[live]))
-        done = live & (nll.detach() < hparams.early_stop_nll)
+        met = on_top if hparams.early_stop == "most_probable" else nll < hparams.early_stop_nll
+        done = live & met.detach()
         active[members_t[done]] = False
         if not bar.disable:  # each of these reads a number back from the device
             bar.update(int(done.sum()))

@@ -45,12 +45,13 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,7 +62,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rome_lens.core.backend import Model
+from rome_lens.core.backend import Model, weight
 from rome_lens.core.cache import cache_dir as cache_folder
 from rome_lens.core.cache import cache_key, load_tensors, read_cached, save_tensors
 from rome_lens.core.fingerprint import model_fingerprint
@@ -75,9 +76,9 @@ from rome_lens.editing.memory import (
     optimize_deltas,
     subject_activations,
 )
-from rome_lens.editing.patches import EditOutcome, WeightEdit, WeightPatch, edited
+from rome_lens.editing.patches import EditOutcome, WeightEdit, WeightPatch, edited, weights_as
 from rome_lens.editing.requests import EditHyperParams, EditRequest, check_request
-from rome_lens.stats.keys import DEFAULT_N_TOKENS
+from rome_lens.stats.keys import DEFAULT_N_TOKENS, KeyStats
 
 __all__ = [
     "LayerSolve",
@@ -85,6 +86,8 @@ __all__ = [
     "MultiLayerEdit",
     "MultiLayerEditor",
     "MultiLayerHyperParams",
+    "MultiLayerState",
+    "anchored_targets",
     "check_requests",
     "spread_over_layers",
     "subject_residuals",
@@ -112,10 +115,29 @@ class MultiLayerHyperParams(EditHyperParams):
     """Keys each request writes through: its context-averaged key alone, or that and its
     bare prompt's key, each at half weight (as ROME's ``key_match="both"``)."""
 
+    rewind: bool = False
+    """Compute each batch's targets z on the weights the editor's state started from, not
+    on the model as earlier batches left it (NSE's weights rewinding): earlier edits do
+    not bend later targets, and each z is cached once, for the unedited model."""
+    value_norm_anchor: bool = False
+    """Give every value the last layer writes, v* = (its MLP output) + δ, one norm: the
+    trimmed mean (largest 5% dropped) of ‖v*‖ over the first batch (NAS's norm anchor),
+    so that values, and updates, do not grow batch after batch."""
+    anchor: float = 0.0
+    """α, the weight of ‖W − W₀‖² in each layer's solve, W₀ the weights the state started
+    from (soft preservation, as RLSEdit's anchor to the original weights); 0: none."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.key_match not in ("averaged", "both"):
             raise ValueError(f"key_match must be 'averaged' or 'both', got {self.key_match!r}")
+        if not (math.isfinite(self.anchor) and self.anchor >= 0):
+            raise ValueError(f"anchor must be a finite number ≥ 0, got {self.anchor!r}")
+
+    @property
+    def keeps_original(self) -> bool:
+        """Whether the state keeps the starting weights (to rewind to, or to anchor to)."""
+        return self.rewind or self.anchor > 0
 
 
 @dataclass(repr=False)
@@ -153,6 +175,8 @@ class MultiLayerEdit(WeightEdit):
     weight_dtype: str = ""
     """The dtype of the weights it was computed on and is written back in ("bfloat16"...);
     ΔW itself is held in float64."""
+    value_norm: float = 0.0
+    """The norm every value v* was given (``value_norm_anchor``); 0: not anchored."""
 
     def __post_init__(self) -> None:
         self.base_layer = self.layers[0]
@@ -171,6 +195,69 @@ class MultiLayerEdit(WeightEdit):
                 "requests": len(self.requests),
             }
         )
+
+
+@dataclass(frozen=True)
+class MultiLayerState(EditorState):
+    """What a multi-layer editor carries from batch to batch, besides the key statistics."""
+
+    preserved: Mapping[int, Tensor] = field(default_factory=dict)
+    """Layer -> Σ KᵀK over the keys of the edits applied so far (AlphaEdit's ``cache_c``,
+    MEMIT's history term); empty at first, or the keys you choose to preserve."""
+    original: Mapping[int, Tensor] = field(default_factory=dict)
+    """Layer -> ``W_out`` when the state was started, kept when the settings rewind or
+    anchor (:attr:`MultiLayerHyperParams.keeps_original`)."""
+    value_norm: float | None = None
+    """The norm values are anchored to, once the first anchored edit has set it."""
+
+    def after(self, edit: WeightEdit) -> MultiLayerState:
+        """The state once ``edit`` is applied: its keys join those preserved, and its value
+        norm becomes the anchor if none was set.
+
+        Args:
+            edit: a multi-layer edit made from this state, now applied.
+
+        Returns:
+            The next state.
+        """
+        if not isinstance(edit, MultiLayerEdit):
+            raise TypeError(f"{type(self).__name__} follows multi-layer edits, got {edit!r}")
+        preserved = dict(self.preserved)
+        for layer, keys in edit.keys.items():
+            outer = keys.double().T @ keys.double()
+            preserved[layer] = preserved[layer] + outer if layer in preserved else outer
+        value_norm = self.value_norm
+        if value_norm is None and edit.value_norm > 0:
+            value_norm = edit.value_norm
+        return dataclasses.replace(self, preserved=preserved, value_norm=value_norm)
+
+    def starting_weights(self) -> dict[str, Tensor]:
+        """``{"blocks.{L}.mlp.W_out": W₀}`` for every layer, to rewind to.
+
+        Raises:
+            ValueError: the state kept no starting weights.
+        """
+        missing = [layer for layer in self.layers if layer not in self.original]
+        if missing:
+            raise ValueError(
+                f"the state kept no starting weights of layers {missing}: start it with "
+                "settings that rewind or anchor"
+            )
+        return {f"blocks.{layer}.mlp.W_out": self.original[layer] for layer in self.layers}
+
+    def drift(self, model: Model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+        """``W − W₀`` at ``layer``, float64: how far earlier edits moved the weights.
+
+        Raises:
+            ValueError: the state kept no starting weights.
+        """
+        if layer not in self.original:
+            raise ValueError(
+                f"the state kept no starting weights of layer {layer}: start it with "
+                "settings that rewind or anchor"
+            )
+        now = weight(model, f"blocks.{layer}.mlp.W_out").detach().double()
+        return now - self.original[layer].to(now.device, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -210,10 +297,29 @@ class MultiLayerEditor(BaseEditor[MultiLayerEdit]):
 
     @abstractmethod
     def solver(
-        self, model: Model, settings: MultiLayerHyperParams, state: EditorState
+        self, model: Model, settings: MultiLayerHyperParams, state: MultiLayerState
     ) -> LayerSolve:
         """How this editor solves each layer's update, from ``state`` (its layers,
         statistics and whatever else the editor keeps)."""
+
+    def state_from(
+        self,
+        model: Model,
+        settings: MultiLayerHyperParams,
+        layers: list[int],
+        stats: dict[int, KeyStats],
+        started: float,
+    ) -> MultiLayerState:
+        """The layers and their statistics, nothing preserved yet, and the starting weights
+        if the settings rewind or anchor."""
+        original = {}
+        if settings.keeps_original:
+            original = {
+                layer: weight(model, f"blocks.{layer}.mlp.W_out").detach().clone()
+                for layer in layers
+            }
+        seconds = time.perf_counter() - started
+        return MultiLayerState(tuple(layers), stats, seconds, original=original)
 
     def check_requests(self, model: Model, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """The requests, checked, with no two giving one prompt different targets."""
@@ -231,11 +337,19 @@ class MultiLayerEditor(BaseEditor[MultiLayerEdit]):
         by :meth:`solver`."""
         started = time.perf_counter()
         layers = list(state.layers)
+        if not isinstance(state, MultiLayerState):
+            raise TypeError(f"{self.label} edits from a MultiLayerState (its start()): {state!r}")
         solve = self.solver(model, settings, state)
         fingerprint = model_fingerprint(model, upto_layer=layers[0])
         templates = context_templates(model, settings)
         with frozen(model):
-            targets = subject_targets(model, requests, layers[-1], templates, settings, options)
+            with weights_as(model, state.starting_weights() if settings.rewind else {}):
+                targets = subject_targets(model, requests, layers[-1], templates, settings, options)
+                value_norm = 0.0
+                if settings.value_norm_anchor:
+                    targets, value_norm = anchored_targets(
+                        model, requests, layers[-1], targets, state.value_norm
+                    )
             written = spread_over_layers(
                 model, requests, layers, targets, fingerprint, templates, solve,
                 settings.key_match, options.progress,
@@ -253,6 +367,7 @@ class MultiLayerEditor(BaseEditor[MultiLayerEdit]):
             method=self.name,
             keys=written.keys,
             weight_dtype=dtype_name(model_dtype(model)),
+            value_norm=value_norm,
         )
 
 
@@ -371,6 +486,41 @@ def subject_targets(
             if options.use_cache:
                 save_tensors(paths[i], {"z": z}, {"request": asdict(requests[i])})
     return torch.stack([z for z in targets if z is not None])
+
+
+def anchored_targets(
+    model: Model,
+    requests: Sequence[EditRequest],
+    layer: int,
+    targets: Float[Tensor, "request d_model"],
+    norm: float | None,
+) -> tuple[Float[Tensor, "request d_model"], float]:
+    """The targets with each value ``v* = v + δ`` set to one norm (NAS's norm anchor).
+
+    ``v`` is ``blocks.{layer}.hook_mlp_out`` at the bare prompt's last subject token
+    and ``δ = z − h``; the value keeps its direction and takes the norm ``norm``,
+    or, for the first batch, the trimmed mean of its own values' norms (the
+    largest 5% dropped), which later batches then keep.
+
+    Args:
+        model: the model the targets were computed on.
+        requests: the facts.
+        layer: the last edited layer.
+        targets: z_i at ``blocks.{layer}.hook_resid_post``.
+        norm: the anchor (``None``: set it from these values).
+
+    Returns:
+        The anchored targets, and the norm used.
+    """
+    texts = [in_contexts(request, ["{}"])[0] for request in requests]
+    h = subject_activations(model, texts, f"blocks.{layer}.hook_resid_post")
+    v = subject_activations(model, texts, f"blocks.{layer}.hook_mlp_out")
+    values = v + (targets - h)  # [request d_model]
+    norms = values.norm(dim=1)
+    if norm is None:
+        kept = max(1, math.ceil(0.95 * len(norms)))
+        norm = float(norms.sort().values[:kept].mean())
+    return h - v + values * (norm / norms)[:, None], norm
 
 
 def target_path(

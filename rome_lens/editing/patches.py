@@ -35,7 +35,7 @@ True
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -50,7 +50,7 @@ from rome_lens.core.precision import accumulator_dtype, dtype_name, model_dtype
 from rome_lens.core.results import Result, register_type
 from rome_lens.editing.requests import EditRequest
 
-__all__ = ["AppliedEdit", "EditOutcome", "WeightEdit", "WeightPatch", "edited"]
+__all__ = ["AppliedEdit", "EditOutcome", "WeightEdit", "WeightPatch", "edited", "weights_as"]
 
 
 @register_type("edit_outcome")
@@ -308,6 +308,39 @@ def edited(model: Model, edits: WeightEdit | Sequence[WeightEdit]) -> Iterator[l
         for handle in reversed(handles):
             if not handle.reverted:
                 handle.revert()
+
+
+@contextmanager
+def weights_as(model: Model, weights: Mapping[str, Tensor]) -> Iterator[None]:
+    """Give the named parameters these values for the ``with`` block, then put the model's
+    own back, bit for bit, exception or not.
+
+    Editing in a row with weights rewinding computes each batch's targets on the
+    weights the run started from: this swaps them in without a subtraction.
+
+    Args:
+        model: the model.
+        weights: ``{parameter name: value}``, each the parameter's shape.
+
+    Raises:
+        ValueError: a missing parameter or a shape mismatch (nothing is then written).
+    """
+    params = {name: weight(model, name) for name in weights}
+    for name, value in weights.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"{name} has shape {tuple(params[name].shape)}, the value {tuple(value.shape)}"
+            )
+    own = {name: param.detach().clone() for name, param in params.items()}
+    try:
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in own.items():
+                params[name].copy_(value)
 
 
 def _added(param: Tensor, delta: Tensor) -> Tensor:

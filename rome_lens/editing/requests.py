@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 from rome_lens.core.backend import Model
 from rome_lens.core.results import register_type
@@ -112,9 +112,19 @@ class EditHyperParams(EditorSettings):
     kl_factor: float = 0.0625
     """Weight of the KL term."""
     early_stop_nll: float = 5e-2
-    """A request stops once the NLL of target_new is below this."""
+    """With ``early_stop="nll"``, a request stops once the NLL of target_new is below this."""
+    early_stop: Literal["nll", "most_probable"] = "nll"
+    """When a request's δ stops changing: ``"nll"``, once the mean NLL of target_new falls
+    below ``early_stop_nll`` (ROME's rule); ``"most_probable"``, once every token of
+    target_new is the model's top prediction on every context prompt (ENCORE's
+    most-probable early stopping: the value is not pushed past what the fact needs,
+    which keeps ‖δ‖, and the update, small over many edits)."""
 
     def __post_init__(self) -> None:
+        if self.early_stop not in ("nll", "most_probable"):
+            raise ValueError(
+                f"early_stop must be 'nll' or 'most_probable', got {self.early_stop!r}"
+            )
         if "{}" not in self.kl_prompt:
             raise ValueError(
                 f'kl_prompt must contain "{{}}" for the subject, got {self.kl_prompt!r}'
@@ -130,7 +140,12 @@ class EditHyperParams(EditorSettings):
         Returns:
             ``{field name: value}``.
         """
-        return {f.name: getattr(self, f.name) for f in fields(EditHyperParams)}
+        chosen = {f.name: getattr(self, f.name) for f in fields(EditHyperParams)}
+        if chosen["early_stop"] == "nll":
+            del chosen["early_stop"]  # ROME's rule: targets cached before the choice existed
+        else:
+            del chosen["early_stop_nll"]  # unread
+        return chosen
 
 
 def check_request(model: Model, request: EditRequest) -> list[int]:

@@ -46,9 +46,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import pandas as pd
+import torch
 from torch import Tensor
 
-from rome_lens.core.backend import Model
+from rome_lens.core.backend import Model, weight
 from rome_lens.editing.editors import Editor, EditorState, editor_settings
 from rome_lens.editing.patches import AppliedEdit, WeightEdit
 from rome_lens.editing.registry import get_editor
@@ -77,6 +78,12 @@ class SequentialEditor:
         cache_dir: the rome_lens cache folder.
         use_cache: read and write the cache.
         progress: show progress bars.
+        preserve: key statistics per layer whose keys every batch preserves, e.g. of the
+            prompts of facts the model should keep (``key_second_moment(model, layer,
+            corpus=prompts)``): each of their keys joins the state's Σ KᵀK as if an
+            earlier edit had written it (AlphaEdit reads it; MEMIT with ``history=True``).
+        held_out: key statistics per layer on which :meth:`layer_dataframe` measures how
+            much each update changes the layer's output (``None``: the state's own C).
     """
 
     def __init__(
@@ -91,6 +98,8 @@ class SequentialEditor:
         cache_dir: str | os.PathLike[str] | None = None,
         use_cache: bool = True,
         progress: bool = True,
+        preserve: Mapping[int, KeyStats] | None = None,
+        held_out: Mapping[int, KeyStats] | None = None,
     ) -> None:
         self.editor = get_editor(method)
         """The editor that computes each edit."""
@@ -113,9 +122,15 @@ class SequentialEditor:
             progress=progress,
         )
         """What the next batch is edited from (its statistics are the unedited model's)."""
+        if preserve:
+            self.state = preserving(self.state, model, preserve)
+        self.held_out = dict(held_out) if held_out is not None else dict(self.state.stats)
+        """Key statistics per layer that :meth:`layer_dataframe` measures output change on."""
         self.batches: list[list[AppliedEdit]] = []
         """Each batch's applied edits, in order (one per request for a one-request editor)."""
         self._earlier: list[EditorState] = []  # the state before each batch, to revert to
+        self._norms: list[list[dict[str, Any]]] = []  # per batch, one row per weight written
+        self._starting: dict[str, Tensor] = {}  # each weight before its first edit
 
     @property
     def method(self) -> str:
@@ -139,8 +154,10 @@ class SequentialEditor:
 
     @property
     def preserved(self) -> dict[int, Tensor]:
-        """Per layer, Σ KᵀK over the keys of every batch applied (AlphaEdit's ``cache_c``;
-        empty for other editors). Setting it changes what the next batch preserves."""
+        """Per layer, Σ KᵀK over the keys of every batch applied, plus any ``preserve``
+        given (AlphaEdit's ``cache_c``; MEMIT keeps it too and reads it with
+        ``history=True``; empty for one-request editors). Setting it changes what the
+        next batch preserves."""
         return dict(getattr(self.state, "preserved", {}))
 
     @preserved.setter
@@ -181,6 +198,7 @@ class SequentialEditor:
         chunks = [requests] if self.editor.batched else [[request] for request in requests]
         applied: list[AppliedEdit] = []
         state = self.state
+        rows: list[dict[str, Any]] = []
         try:
             for chunk in chunks:
                 edit = self.editor.edit(
@@ -192,7 +210,9 @@ class SequentialEditor:
                     use_cache=self.use_cache,
                     progress=self.progress,
                 )
-                applied.append(edit.apply(self.model))
+                handle = edit.apply(self.model)
+                applied.append(handle)
+                rows += self._norm_rows(handle)
                 state = state.after(edit)
         except BaseException:
             for handle in reversed(applied):
@@ -200,8 +220,30 @@ class SequentialEditor:
             raise
         self.batches.append(applied)
         self._earlier.append(self.state)
+        self._norms.append(rows)
         self.state = state
         return [handle.edit for handle in applied]
+
+    def _norm_rows(self, handle: AppliedEdit) -> list[dict[str, Any]]:
+        """Per weight one applied edit wrote: its ΔW's size, and how far the weight has
+        moved from where the run started (see :meth:`layer_dataframe`)."""
+        rows = []
+        for name, before in handle.originals.items():
+            start = self._starting.setdefault(name, before)
+            after = weight(self.model, name).detach().double()
+            before_, start_ = before.double(), start.to(after.device, torch.float64)
+            change = after - before_
+            layer = int(name.split(".")[1])
+            rows.append({
+                "batch": len(self.batches),
+                "layer": layer,
+                "parameter": name,
+                "delta_norm": float(change.norm()),
+                "relative_delta": float(change.norm() / before_.norm()),
+                "drift": float((after - start_).norm() / start_.norm()),
+                "output_change": _output_change(change, before_, self.held_out.get(layer)),
+            })  # fmt: skip
+        return rows
 
     def revert_last(self) -> list[WeightEdit]:
         """Undo the last batch, bit for bit, and go back to the state before it.
@@ -215,6 +257,7 @@ class SequentialEditor:
         for handle in reversed(batch):
             handle.revert()
         self.state = self._earlier.pop()
+        self._norms.pop()
         return [handle.edit for handle in batch]
 
     def revert_all(self) -> None:
@@ -230,6 +273,55 @@ class SequentialEditor:
                 for outcome in handle.edit.outcomes:
                     rows.append({"batch": number} | dataclasses.asdict(outcome))
         return pd.DataFrame(rows)
+
+    def layer_dataframe(self) -> pd.DataFrame:
+        """One row per batch and weight it wrote, to see where a collapse starts.
+
+        Columns: ``batch``, ``layer``, ``parameter``; ``delta_norm`` ‖ΔW‖ (summed over
+        the batch's edits of that weight for a one-request editor, row by row);
+        ``relative_delta`` ‖ΔW‖ / ‖W‖ with W before the edit; ``drift``
+        ‖W − W₀‖ / ‖W₀‖, W₀ the weight before the run's first edit; ``output_change``
+        ‖ΔW K₀‖ / ‖W K₀‖ over the held-out keys K₀ (``held_out``), from their second
+        moment: sqrt(tr(ΔWᵀ C₀ ΔW) / tr(Wᵀ C₀ W)); NaN for a layer without one.
+        """
+        return pd.DataFrame([row for batch in self._norms for row in batch])
+
+
+def preserving(state: EditorState, model: Model, preserve: Mapping[int, KeyStats]) -> EditorState:
+    """``state`` with the keys of ``preserve`` added to its Σ KᵀK (count × C per layer).
+
+    Args:
+        state: an editor's state with ``preserved`` keys.
+        model: the model the statistics must belong to.
+        preserve: key statistics per layer, each of a layer the state edits.
+
+    Returns:
+        The new state.
+
+    Raises:
+        AttributeError: the editor keeps no preserved keys.
+        ValueError: a layer the state does not edit, or statistics of another model.
+    """
+    if not hasattr(state, "preserved"):
+        raise AttributeError(f"{type(state).__name__} keeps no preserved keys to add to")
+    preserved = dict(state.preserved)
+    for layer, stats in preserve.items():
+        if layer not in state.layers:
+            raise ValueError(f"preserve has layer {layer}, not one of {list(state.layers)}")
+        stats.check(model, layer)
+        added = stats.n_tokens * stats.moment.double()
+        preserved[layer] = preserved[layer] + added if layer in preserved else added
+    return dataclasses.replace(state, preserved=preserved)  # type: ignore[call-arg]
+
+
+def _output_change(change: Tensor, before: Tensor, held_out: KeyStats | None) -> float:
+    """sqrt(tr(ΔWᵀ C₀ ΔW) / tr(Wᵀ C₀ W)): ‖ΔW k‖ against ‖W k‖ over keys k with moment C₀."""
+    if held_out is None:
+        return float("nan")
+    moment = held_out.moment.to(change.device, torch.float64)
+    num = (change * (moment @ change)).sum()
+    den = (before * (moment @ before)).sum()
+    return float((num / den).sqrt())
 
 
 def _with_n_tokens(settings: Any, n_tokens: int) -> Any:
