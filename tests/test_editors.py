@@ -281,13 +281,16 @@ class TestOneProtocol:
 
 class TestSettingsTree:
     def test_no_settings_class_carries_a_field_it_does_not_read(self):
-        """MEMIT's λ and ridge are MEMIT's alone; AlphaEdit's null space is AlphaEdit's alone."""
+        """MEMIT's λ, ridges and history are MEMIT's alone; AlphaEdit's null space is
+        AlphaEdit's alone."""
 
         def names(cls: type) -> set[str]:
             return {f.name for f in dataclasses.fields(cls)}
 
         shared = names(MultiLayerHyperParams)
-        assert names(MEMITHyperParams) - shared == {"mom2_update_weight", "max_condition"}
+        assert names(MEMITHyperParams) - shared == {
+            "mom2_update_weight", "max_condition", "norm_ridge", "history"
+        }  # fmt: skip
         assert names(AlphaEditHyperParams) - shared == {"null_space_energy", "l2"}
         assert not {"mom2_n_tokens", "max_condition"} & names(EditHyperParams)
         assert not names(FTHyperParams) & names(EditHyperParams) - {"early_stop_nll"}
@@ -311,10 +314,12 @@ class TestSettingsTree:
         memit = MEMITHyperParams(v_steps=3)
         alpha = AlphaEditHyperParams(v_steps=3, l2=1.0, null_space_energy=0.1)
         assert memit.value_settings() == alpha.value_settings()
-        assert set(memit.value_settings()) == {f.name for f in dataclasses.fields(EditHyperParams)}
+        every = {f.name for f in dataclasses.fields(EditHyperParams)}
+        assert set(memit.value_settings()) == every - {"early_stop"}  # "nll": keys as before
 
         def path(settings: EditHyperParams) -> object:
             return target_path("fingerprint", REQUEST, 1, settings, tmp_path)
 
         assert path(memit) == path(alpha) == path(dataclasses.replace(memit, max_condition=5.0))
         assert path(memit) != path(dataclasses.replace(memit, v_steps=4))
+        assert path(memit) != path(dataclasses.replace(memit, early_stop="most_probable"))

@@ -21,6 +21,7 @@ from rome_lens.editing import (
     memit_update,
     multilayer,
     null_space_update,
+    rome_edit,
     weights_as,
 )
 from rome_lens.editing.memory import context_templates, in_contexts, optimize_deltas
@@ -108,6 +109,19 @@ class TestEarlyStop:
         logits = tiny.run_with_hooks(tokens, fwd_hooks=[(hook, add_delta)])
         (target,) = tiny.to_tokens(" the", prepend_bos=False)[0].tolist()
         assert int(logits[0, -1].argmax()) == target
+
+    def test_rome_takes_the_most_probable_stop(self, tiny, stats, tmp_path):
+        """A ROME edit with MPES stops no later than with a tight NLL stop."""
+        request = EditRequest("{} is located in", "The Eiffel Tower", " the")
+        tight = ROMEHyperParams(context_lengths=(), v_steps=30, early_stop_nll=1e-4)
+        steps = {}
+        for stop in ("nll", "most_probable"):
+            hparams = dataclasses.replace(tight, early_stop=stop)
+            with warnings.catch_warnings(record=True):
+                edit = rome_edit(tiny, request, layer=1, hparams=hparams, stats=stats[1],
+                                 cache_dir=tmp_path, progress=False)  # fmt: skip
+            steps[stop] = len(edit.losses)
+        assert steps["most_probable"] < steps["nll"]
 
     def test_the_stop_is_part_of_the_target_cache_key_only_when_chosen(self):
         """``early_stop="nll"`` leaves the cached targets' settings as they were; MPES drops

@@ -322,6 +322,9 @@ def weights_as(model: Model, weights: Mapping[str, Tensor]) -> Iterator[None]:
         model: the model.
         weights: ``{parameter name: value}``, each the parameter's shape.
 
+    Yields:
+        Nothing: inside the block the model holds ``weights``.
+
     Raises:
         ValueError: a missing parameter or a shape mismatch (nothing is then written).
     """
