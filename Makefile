@@ -15,7 +15,7 @@ TL4 := "transformer-lens>=4.3,<5" "transformers>=5.25,<5.26"
 TL3 := "transformer-lens>=3,<4" "transformers>=5.9,<5.25"
 TL3_DIR := .tl3
 TL3_TESTS := tests/test_backends.py tests/test_runtime.py tests/test_models.py \
-	tests/test_tracing.py tests/test_editing.py tests/test_memit.py tests/test_alphaedit.py tests/test_lifelong.py \
+	tests/test_tracing.py tests/test_editing.py tests/test_memit.py tests/test_alphaedit.py \
 	tests/test_stats.py tests/test_influence.py tests/test_influence_training.py \
 	tests/test_influence_retraining.py tests/test_microscope.py tests/test_lens.py tests/test_corpus.py
 
