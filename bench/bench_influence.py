@@ -24,6 +24,14 @@ Phases (tables in ``--out``, numbers in docs/figures/influence_numbers.txt):
 * ``rank``: rank-32 preconditioned queries (the paper's option) against full rank;
 * ``lowrank``: cutting 16 query gradients of ``W_out``'s shape to rank 32 by a
   full SVD, against the Gram-matrix route ``low_rank`` takes;
+* ``index``: a gradient index of the fact-tracing corpus (2,300 texts,
+  ``bench/results/fact_tracing_corpus.jsonl``) against today's scan, W_out of
+  every layer with EK-FAC: ten CounterFact queries scored exactly by one scan,
+  then from an index built once per basis (``--index-bases``) at rank
+  ``--index-rank`` (sub-blocks of it give every lower rank: the bases are
+  nested). Spearman correlation with the exact scores and top-10 agreement
+  per rank; build and query times against one single-query scan, disk bytes
+  per text, and what 10⁶ texts would cost;
 * ``fit100k``: EK-FAC factors of every MLP weight of all 30 layers over
   100,000 tokens the model samples itself, the default path (not in the
   default run).
@@ -33,10 +41,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import spearmanr
@@ -47,8 +57,11 @@ from rome_lens.core.corpus import Corpus, bos_tokens, token_batches
 from rome_lens.core.runtime import frozen, linear_layout
 from rome_lens.core.tokens import prompt_tokens, target_token_ids
 from rome_lens.influence import (
+    IndexSettings,
     ScoreSettings,
+    build_gradient_index,
     fit_influence_factors,
+    influence,
     influence_many,
     mlp_weights,
     preconditioned_gradients,
@@ -58,7 +71,7 @@ from rome_lens.stats.moments import next_token_loss
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE.parent / "docs" / "figures"
-PHASES = ("compare", "speed", "rank", "lowrank", "fit100k")
+PHASES = ("compare", "speed", "rank", "lowrank", "index", "fit100k")
 N_QUERIES = 10
 
 
@@ -68,6 +81,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--fit-texts", type=int, default=1000, help="texts the factors fit on")
     parser.add_argument("--scan-texts", type=int, default=512, help="texts scored per query")
+    parser.add_argument("--index-rank", type=int, default=64, help="rank_in = rank_out built")
+    parser.add_argument("--index-bases", default="eigen,random", help="bases to build")
+    parser.add_argument("--index-texts", type=int, help="the corpus's first texts (a quick run)")
     data_argument(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +101,8 @@ def main() -> None:
         record_numbers(path, rank(model, fit_texts, texts, queries, args))
     if "lowrank" in phases:
         record_numbers(path, low_rank_speed(args))
+    if "index" in phases:
+        record_numbers(path, index_speed(model, fit_texts, args))
     if "fit100k" in phases:
         record_numbers(path, fit_100k(model, args))
 
@@ -504,6 +522,122 @@ def rank(model, fit_texts, texts, queries, args) -> list[str]:
 
 
 # --------------------------------------------------------------------------- fit100k
+
+
+# --------------------------------------------------------------------------- index
+
+INDEX_RANKS = (8, 16, 32, 64, 128)
+MILLION = 1_000_000
+
+
+def index_speed(model, fit_texts, args) -> list[str]:
+    """A gradient index against the scan it replaces: agreement by rank, build and query cost."""
+    from bench_fact_tracing import pick_facts
+
+    rows = (HERE / "results" / "fact_tracing_corpus.jsonl").read_text().splitlines()
+    texts = [json.loads(row)["text"] for row in rows][: args.index_texts]
+    cases = pick_facts(data_file(args.data, "counterfact_val.json"), N_QUERIES)
+    queries = [(case.request.text, " " + case.request.target_new) for case in cases]
+    factors = fit_influence_factors(model, fit_texts, weights=["W_out"], progress=False)
+    _, scan_s, scan_mib = timed(influence, model, factors, *queries[0], texts, top_k=10,
+                                   progress=False)  # fmt: skip
+    exact = influence_many(model, factors, queries, texts, top_k=10, progress=False)
+    exact_scores = torch.stack([r.all_scores for r in exact], 1)  # [text query]
+    dense = dense_queries(model, factors, queries)
+    agreement, timing = [], []
+    for basis in args.index_bases.split(","):
+        settings = IndexSettings(rank_in=args.index_rank, rank_out=args.index_rank, basis=basis)
+        folder = Path(tempfile.mkdtemp(prefix=f"index-{basis}-"))
+        index, build_s, build_mib = timed(build_gradient_index, model, factors, texts, folder,
+                                          settings=settings, progress=False)  # fmt: skip
+        for rank in [r for r in INDEX_RANKS if r <= args.index_rank]:
+            approx = sliced_scores(model, factors, index, dense, texts, rank)
+            size = index.bytes_per_text * rank**2 // args.index_rank**2
+            row = {"basis": basis, "rank": rank, "bytes_per_text": size}
+            agreement.append(row | agreement_row(exact_scores, approx))
+        cold = timed(influence, model, factors, *queries[0], texts, top_k=10, index=index,
+                     progress=False)[1]  # fmt: skip
+        warm = [timed(influence, model, factors, *q, texts, top_k=10, index=index,
+                      progress=False)[1] for q in queries]  # fmt: skip
+        products_s = timed(sliced_scores, model, factors, index, dense[:1], texts,
+                           args.index_rank)[1]  # fmt: skip
+        timing.append({
+            "basis": basis, "rank": args.index_rank, "scan_s": scan_s, "build_s": build_s,
+            "build_over_scan": build_s / scan_s, "query_cold_s": cold,
+            "query_warm_s": float(np.median(warm)), "speedup": scan_s / float(np.median(warm)),
+            "products_s": products_s, "bytes_per_text": index.bytes_per_text,
+            "build_peak_MiB": build_mib, "scan_peak_MiB": scan_mib,
+        })  # fmt: skip
+        shutil.rmtree(folder)
+    agree, times = pd.DataFrame(agreement), pd.DataFrame(timing)
+    report(args.out, "influence_index_agreement", agree)
+    report(args.out, "influence_index_speed", times)
+    return index_numbers(agree, times, len(texts))
+
+
+def dense_queries(model, factors, queries):
+    """Each query's dense EK-FAC-preconditioned gradient, as the scan computes it."""
+    weights = mlp_weights(model, factors.layers, ["W_out"])
+    return [preconditioned_gradients(factors, query_gradients(model, weights, [q]), "ekfac")
+            for q in queries]  # fmt: skip
+
+
+def sliced_scores(model, factors, index, dense, texts, rank) -> torch.Tensor:
+    """Every text's score from the index's leading ``rank × rank`` block (the bases are
+    nested: the top-``rank`` eigenvectors, or the first ``rank`` Gaussian columns)."""
+    from rome_lens.influence import index as index_module
+
+    weights = mlp_weights(model, factors.layers, ["W_out"])
+    bases = index_module._bases(factors, weights, index.settings)
+    scores = torch.zeros(index.n_texts, len(dense), dtype=torch.float64)
+    for k in range(index.n_shards):
+        shard = index_module._read_shard(index, k)
+        for name, (m_in, m_out) in bases.items():
+            m_in, m_out = m_in[:, :rank], m_out[:, :rank]
+            query = torch.stack([torch.einsum("ir,io,os->rs", m_in, d[name][0], m_out)
+                                 for d in dense])  # fmt: skip
+            dots = shard[name][:, :rank, :rank].flatten(1) @ query.flatten(1).T
+            scores.index_add_(0, shard["documents"], dots.double())
+    return scores
+
+
+def agreement_row(exact, approx) -> dict[str, float]:
+    """Spearman correlation and top-10 agreement of ``approx`` with ``exact``, per query."""
+    rhos, same, overlap = [], [], []
+    for q in range(exact.shape[1]):
+        rhos.append(spearmanr(exact[:, q], approx[:, q]).statistic)
+        top_exact = set(exact[:, q].argsort(descending=True)[:10].tolist())
+        top_approx = set(approx[:, q].argsort(descending=True)[:10].tolist())
+        same.append(top_exact == top_approx)
+        overlap.append(len(top_exact & top_approx) / 10)
+    return {
+        "spearman_mean": float(np.mean(rhos)),
+        "spearman_min": float(np.min(rhos)),
+        "same_top10_share": float(np.mean(same)),
+        "top10_overlap": float(np.mean(overlap)),
+    }
+
+
+def index_numbers(agree, times, n_texts) -> list[str]:
+    lines = []
+    for row in agree.itertuples():
+        lines.append(
+            f"index {row.basis} rank {row.rank}: Spearman mean {row.spearman_mean:.4f} "
+            f"(lowest {row.spearman_min:.4f}), same top-10 {row.same_top10_share:.0%}, "
+            f"top-10 overlap {row.top10_overlap:.2f}, {row.bytes_per_text:,} B/text"
+        )
+    for row in times.itertuples():
+        million_gb = row.bytes_per_text * MILLION / 1e9
+        million_build_h = row.build_s / n_texts * MILLION / 3600
+        lines.append(
+            f"index {row.basis} rank {row.rank} on {n_texts:,} texts: build {row.build_s:.0f} s "
+            f"= {row.build_over_scan:.2f}x one scan ({row.scan_s:.0f} s); "
+            f"query {row.query_warm_s:.2f} s warm ({row.speedup:.0f}x faster than the scan), "
+            f"{row.query_cold_s:.2f} s cold; products {row.products_s:.2f} s; "
+            f"10^6 texts: {million_gb:.0f} GB, build {million_build_h:.0f} h on this machine, "
+            f"products {row.products_s / n_texts * MILLION:.0f} s a query"
+        )
+    return lines
 
 
 def fit_100k(model, args) -> list[str]:

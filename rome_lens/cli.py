@@ -5,7 +5,7 @@
                    [--neighbor P ...] --out DIR
     rome-lens lens PROMPT [--targets T ...] --out DIR
     rome-lens microscope TEXT_OR_FILE [--adapter PATH] --out DIR
-    rome-lens influence PROMPT --completion C --corpus FILE [--layers L ...] --out DIR
+    rome-lens influence PROMPT --completion C --corpus FILE [--index DIR] [--layers L ...] --out DIR
     rome-lens demo [--out DIR]
 
 Each command works on the default model (SmolLM2-135M-Instruct) unless
@@ -184,6 +184,13 @@ def _parser() -> argparse.ArgumentParser:
     infl.add_argument("--top-k", type=int, default=20, help="texts to show (default: 20)")
     infl.add_argument(
         "--prefilter", type=int, default=None, help="score only BM25's top texts (default: all)"
+    )
+    infl.add_argument(
+        "--index",
+        type=Path,
+        default=None,
+        help="a gradient index of the corpus in this folder, built there on first use: "
+        "later queries read it instead of scanning the corpus",
     )
     _common(infl, "rome_lens_influence")
     return parser
@@ -474,7 +481,12 @@ def _microscope(model: Model, args: argparse.Namespace, failures: list[str]) -> 
 
 def _influence(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     """Fit EK-FAC factors on the corpus, then rank its texts for the query."""
-    from rome_lens.influence import ScoreSettings, fit_influence_factors, influence
+    from rome_lens.influence import (
+        ScoreSettings,
+        build_gradient_index,
+        fit_influence_factors,
+        influence,
+    )
 
     progress = not args.no_progress
     factors = fit_influence_factors(
@@ -485,6 +497,9 @@ def _influence(model: Model, args: argparse.Namespace, failures: list[str]) -> l
         strategy=args.strategy if args.strategy in ("ekfac", "diagonal") else "kfac",
         progress=progress,
     )
+    index = None
+    if args.index is not None:  # completed where shards are missing, reused as it is otherwise
+        index = build_gradient_index(model, factors, args.corpus, args.index, progress=progress)
     result = influence(
         model,
         factors,
@@ -494,6 +509,7 @@ def _influence(model: Model, args: argparse.Namespace, failures: list[str]) -> l
         top_k=args.top_k,
         settings=ScoreSettings(strategy=args.strategy, prefilter=args.prefilter),
         progress=progress,
+        index=index,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     table = result.to_dataframe()

@@ -13,7 +13,12 @@ import torch.distributed as dist
 
 from rome_lens.core.models import tiny_model
 from rome_lens.evaluation import evaluate_edits, load_counterfact_sample
-from rome_lens.influence import fit_influence_factors, influence_many
+from rome_lens.influence import (
+    IndexSettings,
+    build_gradient_index,
+    fit_influence_factors,
+    influence_many,
+)
 from rome_lens.stats import key_second_moment
 from rome_lens.tracing import average_causal_effects
 
@@ -107,6 +112,21 @@ def main() -> None:
         worst = max(worst, relative(s.all_scores, a.all_scores), ranked)
         worst = max(worst, relative(s.layer_scores, a.layer_scores))
     found["scan"] = worst
+
+    folder = sys.argv[1] + ".index"  # shared by the ranks: each writes its own shards
+    for per_shard in (2, 7):  # four shards, two each; one shard, rank 1 none
+        settings = IndexSettings(rank_in=8, rank_out=8, chunks_per_shard=per_shard)
+        index = build_gradient_index(
+            model, factors, TEXTS, f"{folder}{per_shard}", settings=settings, progress=False
+        )
+        split, alone = both(influence_many, model, factors, QUERIES, TEXTS, top_k=4,
+                            progress=False, index=index)  # fmt: skip
+        worst = 0.0
+        for s, a in zip(split, alone, strict=True):
+            worst = max(
+                worst, relative(s.all_scores, a.all_scores), float(s.text_ids != a.text_ids)
+            )
+        found[f"index, {per_shard} chunks a shard"] = worst
 
     split, alone = both(
         average_causal_effects, model, FACTS, kinds=("mlp",), samples=2, progress=False

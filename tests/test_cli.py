@@ -153,6 +153,30 @@ class TestInfluence:
         assert sorted(table["text_id"]) == [0, 1, 2]
         assert "Influence" in (out / "index.html").read_text()
 
+    def test_an_index_is_built_once_and_gives_the_scans_ranking(self, tiny_path, tmp_path):
+        """`--index DIR` builds the corpus's gradient index on the first run and reads it on
+        the next; both put the scan's first text first."""
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text(
+            "The Eiffel Tower is in Paris.\n\nCats sleep a lot.\n\nBerlin is in Germany."
+        )
+        args = ["influence", "The Eiffel Tower is in", "--completion", "Paris"]
+        args += ["--corpus", str(corpus), "--layers", "1", "--fit-tokens", "100"]
+        args += ["--model-path", tiny_path, "--no-progress"]
+        indexed = ["--index", str(tmp_path / "index")]
+        tables = []
+        for run, extra in enumerate(([], indexed, indexed)):
+            out = tmp_path / f"out{run}"
+            assert main([*args, *extra, "--out", str(out)]) == 0
+            tables.append(pd.read_csv(out / "influence.csv"))
+            if run == 1:
+                shards = sorted((tmp_path / "index").glob("shard-*"))
+                written = [s.stat().st_mtime_ns for s in shards]
+        assert [s.stat().st_mtime_ns for s in shards] == written  # the second run only read
+        for table in tables[1:]:
+            assert table["text_id"][0] == tables[0]["text_id"][0]
+            assert sorted(table["text_id"]) == [0, 1, 2]
+
 
 class TestParsing:
     def test_help_imports_no_torch(self):

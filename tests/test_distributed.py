@@ -24,7 +24,8 @@ def torchrun(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 def test_two_ranks_give_what_one_gives(tmp_path):
     """Key statistics (an empty shard included), influence factors (sampled and empirical
-    Fisher), a scan, average causal effects and an evaluation match the one-process run to
+    Fisher), a scan, a gradient index built and queried (a rank without a shard included),
+    average causal effects and an evaluation match the one-process run to
     1e-6 relative, in the same order. EK-FAC's Λ gets 1e-5: it lives in the eigenbasis of A
     and S, which float32 rounding (the ranks' batches pad differently) turns by ~1e-7, and a
     near-degenerate eigenvalue amplifies that turn (3e-6 measured)."""

@@ -80,11 +80,24 @@ def matrix_root(matrix: torch.Tensor) -> torch.Tensor:
     return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
 
 
+def runner_up(model, prompt: str) -> str:
+    """A word ``model`` already ranks high after ``prompt`` but not first: a target a few
+    steps of δ put on top, on whichever backend's tiny model (each has its own weights)."""
+    logits = model(model.to_tokens(prompt))[0, -1]
+    for token in logits.argsort(descending=True)[1:].tolist():
+        text = model.to_string([token])
+        whole = model.to_tokens(text, prepend_bos=False)[0].tolist() == [token]
+        if text.startswith(" ") and text.strip().isalpha() and whole:
+            return text  # a space-led word of one token, as targets are read
+    raise AssertionError("no usable runner-up token")
+
+
 class TestEarlyStop:
     def test_most_probable_stops_once_the_target_is_on_top(self, tiny):
         """MPES ends each δ sooner, and smaller, than an NLL stop set tight, with the target
         token then the top prediction."""
-        request = EditRequest("{} is located in", "The Eiffel Tower", " the")
+        target = runner_up(tiny, "The Eiffel Tower is located in")
+        request = EditRequest("{} is located in", "The Eiffel Tower", target)
         tight = EditHyperParams(context_lengths=(), v_steps=40, early_stop_nll=1e-4)
         mpes = dataclasses.replace(tight, early_stop="most_probable")
         hook = "blocks.1.hook_mlp_out"
@@ -107,12 +120,13 @@ class TestEarlyStop:
             return activation
 
         logits = tiny.run_with_hooks(tokens, fwd_hooks=[(hook, add_delta)])
-        (target,) = tiny.to_tokens(" the", prepend_bos=False)[0].tolist()
-        assert int(logits[0, -1].argmax()) == target
+        (target_id,) = tiny.to_tokens(target, prepend_bos=False)[0].tolist()
+        assert int(logits[0, -1].argmax()) == target_id
 
     def test_rome_takes_the_most_probable_stop(self, tiny, stats, tmp_path):
-        """A ROME edit with MPES stops no later than with a tight NLL stop."""
-        request = EditRequest("{} is located in", "The Eiffel Tower", " the")
+        """A ROME edit with MPES stops sooner than with a tight NLL stop."""
+        target = runner_up(tiny, "The Eiffel Tower is located in")
+        request = EditRequest("{} is located in", "The Eiffel Tower", target)
         tight = ROMEHyperParams(context_lengths=(), v_steps=30, early_stop_nll=1e-4)
         steps = {}
         for stop in ("nll", "most_probable"):

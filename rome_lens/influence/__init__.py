@@ -37,6 +37,7 @@ from rome_lens.influence.factors import (
     Strategy,
     fit_influence_factors,
 )
+from rome_lens.influence.index import GradientIndex, IndexSettings, build_gradient_index
 from rome_lens.influence.prefilter import bm25_top
 from rome_lens.influence.scores import (
     InfluenceResult,
@@ -65,13 +66,16 @@ __all__ = [
     "STRATEGIES",
     "FineTuneConfig",
     "FineTuned",
+    "GradientIndex",
     "InfluenceFactors",
+    "IndexSettings",
     "InfluenceResult",
     "MLPWeight",
     "ScoreSettings",
     "Strategy",
     "TextScores",
     "bm25_top",
+    "build_gradient_index",
     "fine_tune",
     "fit_influence_factors",
     "influence",

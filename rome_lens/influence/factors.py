@@ -69,6 +69,7 @@ __all__ = [
     "InfluenceFactors",
     "Strategy",
     "fit_influence_factors",
+    "gradient_squared_norms",
     "input_factor",
 ]
 
@@ -475,6 +476,22 @@ def sequence_gradients(
         )
         for w in weights
     }
+
+
+def gradient_squared_norms(
+    a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"]
+) -> Float[Tensor, " batch"]:
+    """``‖Σ_t ā_t g_tᵀ‖²`` per text, from the two Gram matrices (no gradient formed).
+
+    Args:
+        a: the weight's inputs at the counted tokens.
+        g: its output gradients there.
+
+    Returns:
+        Each text's squared gradient norm, in float64.
+    """
+    a, g = a.double(), g.double()
+    return (torch.einsum("bti,bsi->bts", a, a) * torch.einsum("bto,bso->bts", g, g)).sum((1, 2))
 
 
 def _refit_eigenvalues(

@@ -50,8 +50,9 @@ and TrackStar, which stops long or high-loss texts from outranking the rest.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -68,7 +69,14 @@ from rome_lens.core.precision import model_device, to_host
 from rome_lens.core.results import Result
 from rome_lens.core.runtime import frozen, linear_layout, pad
 from rome_lens.core.tokens import prompt_tokens, target_token_ids
-from rome_lens.influence.factors import STRATEGIES, InfluenceFactors, Strategy, sequence_gradients
+from rome_lens.influence.factors import (
+    STRATEGIES,
+    InfluenceFactors,
+    Strategy,
+    gradient_squared_norms,
+    sequence_gradients,
+)
+from rome_lens.influence.index import EigenQueries, GradientIndex, index_scan
 from rome_lens.influence.prefilter import bm25_top
 from rome_lens.influence.settings import ScoreSettings, settings_from_keywords
 from rome_lens.influence.weights import MLPWeight, mlp_weights
@@ -87,7 +95,8 @@ __all__ = [
     "score_texts",
 ]
 
-Preconditioned = Tensor | tuple[Tensor, Tensor]  # [query d_in d_out], or low-rank factors (L, R)
+Scanned = Tensor | tuple[Tensor, Tensor]  # [query d_in d_out], or low-rank factors (L, R)
+Preconditioned = Scanned | EigenQueries  # or X in the eigenbasis (scoring against an index)
 _TOKEN_FORM_LIMIT = 32  # positions × queries up to which the token form is the faster
 _QUERY_GROUP = 16  # queries whose dense gradients are held at once when cutting them to low rank
 SPURIOUS_RATIO = 2 / 3  # token scores with ‖c‖₂/‖c‖₁ above this are concentrated (Grosse et al.)
@@ -154,6 +163,7 @@ def influence(
     batch_size: int = 8,
     progress: bool = True,
     distributed: bool | None = None,
+    index: GradientIndex | str | os.PathLike[str] | None = None,
     **deprecated: Any,
 ) -> InfluenceResult:
     """The ``top_k`` texts of ``corpus`` that most raise ``p(completion | prompt)``.
@@ -171,6 +181,10 @@ def influence(
         progress: show a progress bar.
         distributed: split the texts over the ranks of the process group
             (``None``: when one is initialised).
+        index: score against a gradient index of ``corpus`` (a
+            :class:`~rome_lens.influence.index.GradientIndex` or its folder) instead of
+            scanning it: matrix products, no pass over the texts
+            (:func:`~rome_lens.influence.index.build_gradient_index`).
         deprecated: the fields of ``settings`` as keywords (``damping=0.1``), as before
             ``ScoreSettings``; accepted for one release, with a ``DeprecationWarning``.
 
@@ -180,7 +194,7 @@ def influence(
     settings = settings_from_keywords(settings, deprecated, "influence")
     (result,) = influence_many(
         model, factors, [(prompt, completion)], corpus, top_k=top_k, settings=settings,
-        batch_size=batch_size, progress=progress, distributed=distributed,
+        batch_size=batch_size, progress=progress, distributed=distributed, index=index,
     )  # fmt: skip
     return result
 
@@ -196,6 +210,7 @@ def influence_many(
     batch_size: int = 8,
     progress: bool = True,
     distributed: bool | None = None,
+    index: GradientIndex | str | os.PathLike[str] | None = None,
     **deprecated: Any,
 ) -> list[InfluenceResult]:
     """:func:`influence` for several ``(prompt, completion)`` queries in one pass over the texts.
@@ -212,6 +227,8 @@ def influence_many(
         progress: show a progress bar.
         distributed: split the texts over the ranks of the process group and merge
             (``None``: when one is initialised; see :mod:`rome_lens.core.distributed`).
+        index: score against a gradient index of ``corpus`` (or its folder) instead of
+            scanning it; the index's ranks split its shards as they split texts.
         deprecated: the fields of ``settings`` as keywords, accepted for one release
             with a ``DeprecationWarning``.
 
@@ -223,13 +240,22 @@ def influence_many(
     _check_queries(queries, top_k)
     scoring = _scoring(model, factors, settings)
     texts = _read_texts(corpus)
+    opened = _opened_index(index, model, factors, texts, settings)
     ids = _prefiltered(texts, queries, settings.prefilter)
-    preconditioned = _preconditioned_queries(model, factors, scoring, queries)
     split = Split.of(distributed)
-    chunks = _chunks(model, texts, ids)
-    local, squared_norms, owners = _scan(
-        model, scoring, chunks, preconditioned, batch_size, progress, split
-    )
+    preconditioned: Mapping[str, Preconditioned]
+    if opened is None:
+        scanned = _preconditioned_queries(model, factors, scoring, queries)
+        chunks = _chunks(model, texts, ids)
+        local, squared_norms, owners = _scan(
+            model, scoring, chunks, scanned, batch_size, progress, split
+        )
+        preconditioned = scanned
+    else:
+        preconditioned = _index_queries(model, factors, scoring, queries)
+        local, squared_norms, owners = index_scan(
+            model, factors, opened, texts, scoring.weights, scoring.layers, preconditioned, split
+        )
     if settings.normalize:
         local = _normalized(local, squared_norms, preconditioned)
     totals = _text_totals(local, owners, len(ids), split)
@@ -309,6 +335,26 @@ def _read_texts(corpus: CorpusSource | Corpus) -> Corpus:
     return texts
 
 
+def _opened_index(
+    index: GradientIndex | str | os.PathLike[str] | None,
+    model: Model,
+    factors: InfluenceFactors,
+    texts: Corpus,
+    settings: ScoreSettings,
+) -> GradientIndex | None:
+    """The index to score against, checked against the model, factors, corpus and settings."""
+    if index is None:
+        return None
+    opened = index if isinstance(index, GradientIndex) else GradientIndex.open(index)
+    opened.check(model, factors, texts)
+    if settings.prefilter is not None:
+        raise ValueError(
+            f"settings.prefilter={settings.prefilter} cannot be used with an index, which scores "
+            "every text at once: drop one of them"
+        )
+    return opened
+
+
 def _prefiltered(
     texts: Corpus, queries: Sequence[tuple[str, str]], prefilter: int | None
 ) -> list[int]:
@@ -330,7 +376,7 @@ def _chunks(model: Model, texts: Corpus, ids: list[int]) -> list[Chunk]:
 def _normalized(
     local: Float[Tensor, "mine query layer"],
     squared_norms: Float[Tensor, " mine"],
-    preconditioned: dict[str, Preconditioned],
+    preconditioned: Mapping[str, Preconditioned],
 ) -> Float[Tensor, "mine query layer"]:
     """Chunk scores divided by both gradients' norms (in place): the cosine for identity."""
     local /= squared_norms.clamp_min(1e-30).sqrt()[:, None, None]
@@ -375,7 +421,7 @@ def _query_result(
     q: int,
     texts: Corpus,
     scoring: _Scoring,
-    preconditioned: dict[str, Preconditioned],
+    preconditioned: Mapping[str, Preconditioned],
     ranking: _Ranking,
     started: float,
 ) -> InfluenceResult:
@@ -387,7 +433,7 @@ def _query_result(
         model,
         scoring.weights,
         [documents[i] for i in top_ids],
-        {n: _dense(_one(p, q)) for n, p in preconditioned.items()},
+        {n: _one(p, q) for n, p in preconditioned.items()},
     )
     return InfluenceResult(
         prompt=query[0],
@@ -522,7 +568,7 @@ def _factors_by_strategy(
     return chosen
 
 
-def _join(pieces: list[Preconditioned]) -> Preconditioned:
+def _join(pieces: list[Scanned]) -> Scanned:
     """Several batches of queries (groups, or strategies) as one."""
     if isinstance(pieces[0], tuple):
         return (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
@@ -542,6 +588,15 @@ def query_gradients(
     Returns:
         ``{weight: [query d_in d_out]}``.
     """
+    found = _query_factors(model, weights, queries)
+    return {name: torch.einsum("bti,bto->bio", a, g) for name, (a, g) in found.items()}
+
+
+def _query_factors(
+    model: Model, weights: Sequence[MLPWeight], queries: Sequence[tuple[str, str]]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each query's gradient as its factors, ``∇f = Σ_t ā_t g_tᵀ``: ``{weight: (ā, g)}``,
+    ``[query pos d_in]`` and ``[query pos d_out]``."""
     sequences, reads, answers = [], [], []
     for q, (prompt, completion) in enumerate(queries):
         head = prompt_tokens(model, prompt)[0]
@@ -568,8 +623,7 @@ def query_gradients(
         return log_probs.gather(-1, targets[:, None].to(log_probs.device)).sum()
 
     with frozen(model), linear_layout(model):
-        found = sequence_gradients(model, tokens, counted, weights, log_likelihood)
-    return {name: torch.einsum("bti,bto->bio", a, g) for name, (a, g) in found.items()}
+        return sequence_gradients(model, tokens, counted, weights, log_likelihood)
 
 
 def preconditioned_gradients(
@@ -643,7 +697,7 @@ def _precondition(
 
 def _preconditioned_queries(
     model: Model, factors: InfluenceFactors, scoring: _Scoring, queries: Sequence[tuple[str, str]]
-) -> dict[str, Preconditioned]:
+) -> dict[str, Scanned]:
     """Every query's preconditioned gradient, dense or as rank-``query_rank`` factors.
 
     With ``query_rank`` the queries go through in groups of ``_QUERY_GROUP``, each
@@ -654,7 +708,7 @@ def _preconditioned_queries(
     strategy, damping = scoring.strategy, scoring.settings.damping
     query_rank = scoring.settings.query_rank
     group = len(queries) if query_rank is None else _QUERY_GROUP
-    parts: dict[str, list[Preconditioned]] = {}
+    parts: dict[str, list[Scanned]] = {}
     for start in range(0, len(queries), group):
         gradients = query_gradients(model, scoring.weights, queries[start : start + group])
         for name in list(gradients):
@@ -663,8 +717,39 @@ def _preconditioned_queries(
     return {name: _join(pieces) for name, pieces in parts.items()}
 
 
+def _index_queries(
+    model: Model, factors: InfluenceFactors, scoring: _Scoring, queries: Sequence[tuple[str, str]]
+) -> dict[str, Tensor | EigenQueries]:
+    """Every query's preconditioned gradient for scoring against an index: EK-FAC and K-FAC
+    in their eigenbasis (:class:`~rome_lens.influence.index.EigenQueries`), rotated from the
+    gradient's factors, ``X = Σ_t (Q_Aᵀ ā_t)(Q_Sᵀ g_t)ᵀ / (Λ + λ)``; the others dense."""
+    strategy, damping = scoring.strategy, scoring.settings.damping
+    query_rank = scoring.settings.query_rank
+    found = _query_factors(model, scoring.weights, queries)
+    out: dict[str, Tensor | EigenQueries] = {}
+    for name in list(found):
+        a, g = found.pop(name)
+        if strategy not in ("ekfac", "kfac"):
+            p = _precondition(factors, name, torch.einsum("bti,bto->bio", a, g), strategy, damping)
+            out[name] = p if query_rank is None else _dense(low_rank(p, query_rank))
+            continue
+        device = a.device
+        q_a, q_s = factors.input_vectors[name].to(device), factors.output_vectors[name].to(device)
+        values = factors.eigenvalues(name, strategy).to(device)
+        rotated = torch.einsum("bti,bto->bio", a @ q_a, g @ q_s) / (
+            values + damping * values.mean()
+        )
+        if query_rank is not None:  # Q_A and Q_S are orthogonal: cutting X cuts P
+            left, right = low_rank(rotated, query_rank)
+            rotated = left @ right.mT
+        out[name] = EigenQueries(q_a, rotated, q_s)
+    return out
+
+
 def _one(p: Preconditioned, q: int) -> Preconditioned:
     """Query ``q`` alone (a batch of one)."""
+    if isinstance(p, EigenQueries):
+        return p.select(q)
     return (p[0][q : q + 1], p[1][q : q + 1]) if isinstance(p, tuple) else p[q : q + 1]
 
 
@@ -672,7 +757,7 @@ def _scan(
     model: Model,
     scoring: _Scoring,
     chunks: list[Chunk],
-    preconditioned: dict[str, Preconditioned],
+    preconditioned: dict[str, Scanned],
     batch_size: int,
     progress: bool,
     split: Split,
@@ -703,26 +788,20 @@ def _scan(
                 a, g = found[weight.name]
                 dots = _dots(a, g, preconditioned[weight.name])
                 scores[rows, :, column[weight.layer]] += dots.double()
-                squared_norms[rows] += _squared_norms(a, g)
+                squared_norms[rows] += gradient_squared_norms(a, g)
             bar.update(len(batch.indices))
     return to_host(scores), to_host(squared_norms), owners  # one move, after the last batch
 
 
-def _query_norms(preconditioned: dict[str, Preconditioned]) -> Float[Tensor, " query"]:
+def _query_norms(preconditioned: Mapping[str, Preconditioned]) -> Float[Tensor, " query"]:
     """``‖P‖`` of each query over all the scored weights."""
     return torch.stack([_squared_norm(p) for p in preconditioned.values()]).sum(0).sqrt()
 
 
-def _squared_norms(
-    a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"]
-) -> Float[Tensor, " batch"]:
-    """``‖Σ_t ā_t g_tᵀ‖²`` per text, from the two Gram matrices (no gradient formed)."""
-    a, g = a.double(), g.double()
-    return (torch.einsum("bti,bsi->bts", a, a) * torch.einsum("bto,bso->bts", g, g)).sum((1, 2))
-
-
 def _squared_norm(p: Preconditioned) -> Float[Tensor, " query"]:
     """``‖P‖²`` per query, from dense P or from its factors (``tr(LᵀL RᵀR)``)."""
+    if isinstance(p, EigenQueries):  # ‖Q_A X Q_Sᵀ‖ = ‖X‖
+        return p.rotated.double().flatten(1).square().sum(1)
     if isinstance(p, tuple):
         left, right = p[0].double(), p[1].double()
         return (left.mT @ left * (right.mT @ right)).sum((1, 2))
@@ -730,7 +809,7 @@ def _squared_norm(p: Preconditioned) -> Float[Tensor, " query"]:
 
 
 def _dots(
-    a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"], p: Preconditioned
+    a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"], p: Scanned
 ) -> Float[Tensor, "batch query"]:
     """``⟨P, Σ_t ā_t g_tᵀ⟩`` for every text of a batch and every query.
 
@@ -752,6 +831,8 @@ def _dots(
 
 
 def _dense(p: Preconditioned) -> Float[Tensor, "query d_in d_out"]:
+    if isinstance(p, EigenQueries):
+        return p.dense()
     return p[0] @ p[1].mT if isinstance(p, tuple) else p
 
 
@@ -759,33 +840,52 @@ def _token_scores(
     model: Model,
     weights: list[MLPWeight],
     texts: list[str],
-    preconditioned: dict[str, Tensor],
+    preconditioned: Mapping[str, Preconditioned],
+    batch_size: int = 8,
 ) -> tuple[list[Tensor], list[list[str]]]:
-    """Each text's score split by token, ``Σ_w ā_tᵀ P g_t`` (one query)."""
+    """Each text's score split by token, ``Σ_w ā_tᵀ P g_t`` (one query), the texts' chunks
+    in batches as the scan reads them."""
     skip = len(bos_tokens(model))
-    generator = torch.Generator()
-    token_scores, str_tokens = [], []
+    chunks = [chunk for d, text in enumerate(texts) for chunk in _text_chunks(model, text, d)]
+    pieces: dict[int, Tensor] = {}  # chunk -> its non-BOS tokens' scores
     with frozen(model), linear_layout(model):
-        for text in texts:
-            pieces, labels = [], []
-            for chunk in Corpus.read([text]).chunks(model, max_length=model.cfg.n_ctx):
-                tokens = chunk.tokens[None]
-                real = torch.ones_like(tokens, dtype=torch.bool)
-                counted = real.clone()
-                counted[:, :skip] = False
+        for batch in token_batches(model, chunks, batch_size):
 
-                def log_likelihood(
-                    logits: Tensor, tokens: Tensor = tokens, real: Tensor = real
-                ) -> Tensor:
-                    return -next_token_loss(logits, tokens, real, "empirical", generator)
+            def log_likelihood(logits: Tensor, batch: Batch = batch) -> Tensor:
+                return -next_token_loss(logits, batch.tokens, batch.real, "empirical", None)
 
-                found = sequence_gradients(model, tokens, counted, weights, log_likelihood)
-                per_token = sum(
-                    torch.einsum("ti,io,to->t", a[0], preconditioned[name][0], g[0])
-                    for name, (a, g) in found.items()
-                )
-                pieces.append(per_token[skip:].double())  # type: ignore[index]
-                labels += [model.to_single_str_token(t) for t in chunk.tokens[skip:].tolist()]
-            token_scores.append(to_host(torch.cat(pieces)))
-            str_tokens.append(labels)
+            found = sequence_gradients(model, batch.tokens, batch.counted, weights, log_likelihood)
+            per_token = sum(
+                _per_token(a, g, preconditioned[name]) for name, (a, g) in found.items()
+            )  # [batch pos]
+            for row, i in enumerate(batch.indices):
+                pieces[i] = to_host(per_token[row, skip : len(chunks[i].tokens)].double())  # type: ignore[index]
+    token_scores, str_tokens = [], []
+    for d in range(len(texts)):
+        mine = [i for i, chunk in enumerate(chunks) if chunk.document == d]
+        token_scores.append(torch.cat([pieces[i] for i in mine]) if mine else torch.zeros(0))
+        str_tokens.append([
+            model.to_single_str_token(t) for i in mine for t in chunks[i].tokens[skip:].tolist()
+        ])  # fmt: skip
     return token_scores, str_tokens
+
+
+def _per_token(
+    a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"], p: Preconditioned
+) -> Float[Tensor, "batch pos"]:
+    """``ā_tᵀ P g_t`` at every position, for one query's ``P`` in any of its forms."""
+    if isinstance(p, EigenQueries):  # rotate the tokens rather than P back
+        return torch.einsum(
+            "bti,io,bto->bt", a @ p.input_vectors, p.rotated[0], g @ p.output_vectors
+        )
+    return torch.einsum("bti,io,bto->bt", a, _dense(p)[0].to(a.device), g)
+
+
+def _text_chunks(model: Model, text: str, document: int) -> list[Chunk]:
+    """``text`` in windows of the model's context, as the ``document``-th text (none if empty)."""
+    if not text:
+        return []
+    return [
+        Chunk(document, chunk.start, chunk.tokens)
+        for chunk in Corpus.read([text]).chunks(model, max_length=model.cfg.n_ctx)
+    ]

@@ -1,0 +1,556 @@
+"""A corpus gradient index: every text's gradient projected once, every later query a product.
+
+A scan (:func:`~rome_lens.influence.influence`) runs a forward and backward
+pass over the whole corpus for every query. The index does that pass once
+(LoGra, arXiv 2405.13954): for each scored weight it keeps two thin bases,
+``M_in`` (``d_in × rank_in``) and ``M_out`` (``d_out × rank_out``), and
+stores each text chunk's gradient seen through them,
+
+    ``Π(G) = M_inᵀ G M_out = Σ_t (M_inᵀ ā_t)(M_outᵀ g_t)ᵀ``   ``[rank_in rank_out]``,
+
+formed from the projected inputs and output gradients, so that no
+``d_in × d_out`` gradient is ever built. A query's preconditioned gradient
+``P`` goes through the same bases, and its score against every chunk is one
+matrix product, ``⟨Π(P), Π(G)⟩``, streamed shard by shard.
+
+The bases are the factors' own eigenvectors with the largest eigenvalues
+(``basis="eigen"``): EK-FAC preconditions in exactly that basis, so
+``⟨Π(P), Π(G)⟩`` is the EK-FAC score restricted to the directions in which
+the fitting corpus's gradients are largest, where the scores concentrate. A
+seeded Gaussian basis (``basis="random"``, LoGra's choice, scaled so that the
+product is unbiased) is the alternative; ``bench/bench_influence.py --only
+index`` measures both against exact scores. Each chunk's exact squared
+gradient norm is stored too, so ``normalize=True`` divides by the true norms.
+
+The index lives in a folder: ``index.json`` (what it was built from:
+the model's fingerprint, the factors' and the corpus's digests, the
+settings) and ``shard-00000.safetensors`` files of ``chunks_per_shard`` chunks
+each, written atomically with a SHA-256 digest (:mod:`rome_lens.core.cache`).
+A shard is verified in full the first time a process reads it; one that does
+not match its digest is rebuilt from the model, factors and corpus. Under
+``torchrun`` each rank builds, and later scores, the shards ``k`` with
+``k mod world_size == rank``.
+
+>>> import tempfile
+>>> from rome_lens.core.models import tiny_model
+>>> from rome_lens.influence import (IndexSettings, build_gradient_index,
+...                                  fit_influence_factors, influence)
+>>> model = tiny_model()
+>>> texts = ["The Eiffel Tower is in Paris.", "The Louvre is a museum.", "Berlin is in Germany."]
+>>> factors = fit_influence_factors(model, texts * 4, layers=[1, 2], n_tokens=200,
+...                                 cache_dir=tempfile.mkdtemp(), progress=False)
+>>> index = build_gradient_index(model, factors, texts, tempfile.mkdtemp(),
+...                              settings=IndexSettings(rank_in=16, rank_out=16),
+...                              progress=False)
+>>> index.n_texts, index.bytes_per_text
+(3, 4096)
+>>> result = influence(model, factors, "The Eiffel Tower is in", " Paris", texts, top_k=2,
+...                    index=index, progress=False)
+>>> result.text_ids[0]  # the fact itself first, as the scan finds
+0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from rome_lens.core.backend import Model
+from rome_lens.core.cache import CacheError, load_tensors, save_tensors
+from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, token_batches
+from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
+from rome_lens.core.fingerprint import model_fingerprint
+from rome_lens.core.precision import model_device, to_host
+from rome_lens.core.runtime import frozen, linear_layout
+from rome_lens.influence.factors import (
+    InfluenceFactors,
+    gradient_squared_norms,
+    sequence_gradients,
+)
+from rome_lens.influence.weights import MLPWeight, mlp_weights
+from rome_lens.stats.moments import next_token_loss
+
+__all__ = [
+    "EigenQueries",
+    "GradientIndex",
+    "IndexSettings",
+    "build_gradient_index",
+    "factors_digest",
+    "index_scan",
+    "project",
+]
+
+Basis = Literal["eigen", "random"]
+_MANIFEST = "index.json"
+_FORMAT = 1  # bumped when the files' layout changes
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards this process checked
+
+
+@dataclass(frozen=True)
+class EigenQueries:
+    """Preconditioned query gradients kept in the curvature's eigenbasis: ``P = Q_A X Q_Sᵀ``.
+
+    EK-FAC and K-FAC divide in that basis; keeping ``X`` there spares the two
+    ``d_in × d_out`` rotations back, which cost more than everything else a query
+    against an index does.
+    """
+
+    input_vectors: Float[Tensor, "d_in d_in"]  # Q_A
+    rotated: Float[Tensor, "query d_in d_out"]  # X
+    output_vectors: Float[Tensor, "d_out d_out"]  # Q_S
+
+    def select(self, q: int) -> EigenQueries:
+        """Query ``q`` alone."""
+        return EigenQueries(self.input_vectors, self.rotated[q : q + 1], self.output_vectors)
+
+    def dense(self) -> Float[Tensor, "query d_in d_out"]:
+        """``P`` in the weight's own basis."""
+        return self.input_vectors @ self.rotated @ self.output_vectors.T
+
+
+Query = Tensor | EigenQueries  # [query d_in d_out] dense, or in the eigenbasis
+
+
+def project(
+    query: Query, m_in: Float[Tensor, "d_in rank_in"], m_out: Float[Tensor, "d_out rank_out"]
+) -> Float[Tensor, "query rank_in rank_out"]:
+    """``M_inᵀ P M_out`` for every query, from a dense ``P`` or from its eigenbasis form."""
+    if isinstance(query, EigenQueries):
+        m_in, m_out = query.input_vectors.T @ m_in, query.output_vectors.T @ m_out
+        query = query.rotated
+    return torch.einsum("ir,qio,os->qrs", m_in, query, m_out)
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """What a gradient index stores (:func:`build_gradient_index`)."""
+
+    rank_in: int = 32
+    """Input directions kept per weight (capped at the weight's ``d_in``)."""
+    rank_out: int = 32
+    """Output directions kept per weight (capped at ``d_out``)."""
+    basis: Basis = "eigen"
+    """``"eigen"``: the factors' eigenvectors with the largest eigenvalues; ``"random"``: a
+    seeded Gaussian basis."""
+    seed: int = 0
+    """Seeds the random basis."""
+    chunks_per_shard: int = 1024
+    """Text chunks per shard file: the unit written, verified, rebuilt and streamed."""
+    layers: tuple[int, ...] | None = None
+    """The MLP layers indexed (``None``: every layer of the factors)."""
+
+    def __post_init__(self) -> None:
+        for name in ("rank_in", "rank_out", "chunks_per_shard"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.basis not in ("eigen", "random"):
+            raise ValueError(f"basis must be 'eigen' or 'random', got {self.basis!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+
+
+def factors_digest(factors: InfluenceFactors) -> str:
+    """A short digest of the factors' content: which weights, and their eigen-decomposition.
+
+    Args:
+        factors: fitted factors.
+
+    Returns:
+        16 hex digits; equal factors give equal digests.
+    """
+    sha = hashlib.sha256(json.dumps([factors.fingerprint, factors.names]).encode())
+    for name in factors.names:  # the spectra whole; Λ (d_in × d_out) by its sum and a sample
+        for table in (factors.input_values, factors.output_values):
+            sha.update(table[name].double().numpy().tobytes())
+        if name in factors.eigen_lambda:
+            flat = factors.eigen_lambda[name].flatten().double()
+            sample = flat[:: max(1, len(flat) // 1024)]
+            sha.update(torch.cat([flat.sum()[None], sample]).numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GradientIndex:
+    """A built index: where it is and what it was built from (read from ``index.json``)."""
+
+    path: Path  # the folder
+    model: str  # model_fingerprint of the model
+    factors: str  # factors_digest of the factors
+    corpus: str  # Corpus.id() of the texts
+    n_texts: int  # texts indexed
+    n_chunks: int  # their chunks (a text longer than n_ctx has several)
+    weights: tuple[str, ...]  # the weights indexed, e.g. "blocks.3.mlp.W_out"
+    ranks: tuple[tuple[int, int], ...]  # each weight's (rank_in, rank_out)
+    settings: IndexSettings  # as built
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> GradientIndex:
+        """The index in the folder ``path``.
+
+        Args:
+            path: a folder written by :func:`build_gradient_index`.
+
+        Returns:
+            The index.
+        """
+        manifest = Path(path) / _MANIFEST
+        if not manifest.exists():
+            raise FileNotFoundError(f"{path} holds no gradient index: {_MANIFEST} is missing")
+        try:
+            data = json.loads(manifest.read_text())
+            if data.pop("format") != _FORMAT:
+                raise ValueError("it was written by another version of rome_lens")
+            settings = IndexSettings(**{**data.pop("settings"), "layers": data.pop("layers")})
+            return cls(
+                path=Path(path), settings=settings, weights=tuple(data.pop("weights")),
+                ranks=tuple(tuple(r) for r in data.pop("ranks")), **data,
+            )  # fmt: skip
+        except (ValueError, KeyError, TypeError) as err:
+            raise CacheError(
+                f"the gradient index manifest {manifest} is unreadable: {err}"
+            ) from err
+
+    @property
+    def n_shards(self) -> int:
+        """How many shard files hold the chunks."""
+        return -(-self.n_chunks // self.settings.chunks_per_shard)
+
+    @property
+    def bytes_per_text(self) -> int:
+        """Disk bytes per text (float32 projected gradients; norms and owners aside)."""
+        per_chunk = 4 * sum(r_in * r_out for r_in, r_out in self.ranks)
+        return round(per_chunk * self.n_chunks / max(self.n_texts, 1))
+
+    def check(self, model: Model, factors: InfluenceFactors, corpus: Corpus) -> None:
+        """Raise, naming what differs, unless the index was built from these three.
+
+        Args:
+            model: the model scoring the query.
+            factors: the factors preconditioning it.
+            corpus: the texts the scores are about.
+        """
+        differences = [
+            (self.model, model_fingerprint(model), "another model"),
+            (self.factors, factors_digest(factors), "other factors"),
+            (self.corpus, corpus.id(), "another corpus"),
+        ]
+        for built, given, what in differences:
+            if built != given:
+                raise ValueError(
+                    f"the gradient index {self.path} was built for {what} ({built}, not "
+                    f"{given}): rebuild it with build_gradient_index"
+                )
+
+    def shard_path(self, k: int) -> Path:
+        """The file of shard ``k``."""
+        return self.path / f"shard-{k:05d}.safetensors"
+
+    def _manifest(self) -> dict[str, object]:
+        settings = asdict(self.settings)
+        layers = settings.pop("layers")
+        return {
+            "format": _FORMAT, "model": self.model, "factors": self.factors,
+            "corpus": self.corpus, "n_texts": self.n_texts, "n_chunks": self.n_chunks,
+            "weights": list(self.weights), "ranks": [list(r) for r in self.ranks],
+            "layers": list(layers) if layers is not None else None, "settings": settings,
+        }  # fmt: skip
+
+
+def build_gradient_index(
+    model: Model,
+    factors: InfluenceFactors,
+    corpus: CorpusSource | Corpus,
+    path: str | os.PathLike[str],
+    *,
+    settings: IndexSettings | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> GradientIndex:
+    """Project every text's gradient once and store it in the folder ``path``.
+
+    A folder that already holds this index (same model, factors, corpus and
+    settings) is completed: shards that verify are kept, missing or corrupt
+    ones are built. A folder holding another index is refused.
+
+    Args:
+        model: the model the factors were fitted on (not changed).
+        factors: from :func:`~rome_lens.influence.fit_influence_factors`.
+        corpus: the texts: strings, a ``.txt``/``.jsonl`` path or a :class:`Corpus`.
+        path: the folder (created if missing).
+        settings: ranks, basis, shard size, layers (``None``: ``IndexSettings()``).
+        batch_size: texts per forward and backward pass.
+        progress: show a progress bar.
+        distributed: each rank builds its share of the shards (``None``: when a
+            process group is initialised).
+
+    Returns:
+        The index, to pass as ``index=`` to :func:`~rome_lens.influence.influence`.
+    """
+    settings = settings or IndexSettings()
+    if not isinstance(settings, IndexSettings):
+        raise TypeError(f"settings must be IndexSettings, got {type(settings).__name__}")
+    texts = Corpus.read(corpus)
+    if texts.documents is None or not texts.documents:
+        raise ValueError("corpus must hold texts to index, got an empty or sampled corpus")
+    factors.check_model(model)
+    weights = _indexed_weights(model, factors, settings.layers)
+    bases = _bases(factors, weights, settings)
+    chunks = texts.chunks(model, max_length=model.cfg.n_ctx)
+    index = GradientIndex(
+        path=Path(path), model=model_fingerprint(model), factors=factors_digest(factors),
+        corpus=texts.id(), n_texts=len(texts.documents), n_chunks=len(chunks),
+        weights=tuple(w.name for w in weights),
+        ranks=tuple((m_in.shape[1], m_out.shape[1]) for m_in, m_out in bases.values()),
+        settings=settings,
+    )  # fmt: skip
+    split = Split.of(distributed)
+    _claim_folder(index, write=is_main(split))
+    all_reduce_sum(torch.zeros(1), split)  # the manifest is written before any shard
+    mine = shard(range(index.n_shards), split)
+    todo = [k for k in mine if _read_shard(index, k) is None]
+    total = sum(len(_shard_chunks(chunks, index, k)) for k in todo)
+    quiet = not progress or not is_main(split)
+    bar = tqdm(total=total, desc="indexing texts", unit="text", disable=quiet)
+    with bar:
+        for k in todo:
+            _build_shard(model, weights, bases, index, k, chunks, batch_size, bar)
+    all_reduce_sum(torch.zeros(1), split)  # every rank's shards are written before anyone reads
+    return index
+
+
+def _indexed_weights(
+    model: Model, factors: InfluenceFactors, layers: tuple[int, ...] | None
+) -> list[MLPWeight]:
+    """The factors' weights in ``layers`` (``None``: all of them)."""
+    chosen = list(factors.layers) if layers is None else list(layers)
+    missing = [layer for layer in chosen if layer not in factors.layers]
+    if missing or not chosen:
+        raise ValueError(f"the factors cover layers {factors.layers}, not {missing or chosen}")
+    fitted = sorted({name.rsplit(".", 1)[-1] for name in factors.names})
+    return [w for w in mlp_weights(model, chosen, fitted) if w.name in factors.names]
+
+
+def _bases(
+    factors: InfluenceFactors, weights: Sequence[MLPWeight], settings: IndexSettings
+) -> dict[str, tuple[Float[Tensor, "d_in rank_in"], Float[Tensor, "d_out rank_out"]]]:
+    """Each weight's ``(M_in, M_out)``, rebuilt the same way whenever the index is read."""
+    bases = {}
+    for weight in weights:
+        generator = torch.Generator().manual_seed(settings.seed + zlib.crc32(weight.name.encode()))
+        q_a, q_s = factors.input_vectors[weight.name], factors.output_vectors[weight.name]
+        r_in, r_out = min(settings.rank_in, q_a.shape[0]), min(settings.rank_out, q_s.shape[0])
+        if settings.basis == "eigen":  # eigenvalues ascend: the last columns are the largest
+            m_in, m_out = q_a[:, -r_in:].flip(-1), q_s[:, -r_out:].flip(-1)
+        else:  # E[M Mᵀ] = I, so that ⟨Π(P), Π(G)⟩ is unbiased for ⟨P, G⟩
+            m_in = torch.randn(q_a.shape[0], r_in, generator=generator) / r_in**0.5
+            m_out = torch.randn(q_s.shape[0], r_out, generator=generator) / r_out**0.5
+        bases[weight.name] = (m_in.float().contiguous(), m_out.float().contiguous())
+    return bases
+
+
+def _shard_chunks(chunks: list[Chunk], index: GradientIndex, k: int) -> list[Chunk]:
+    """The chunks shard ``k`` holds."""
+    per_shard = index.settings.chunks_per_shard
+    return chunks[k * per_shard : (k + 1) * per_shard]
+
+
+def _build_shard(
+    model: Model,
+    weights: Sequence[MLPWeight],
+    bases: dict[str, tuple[Tensor, Tensor]],
+    index: GradientIndex,
+    k: int,
+    chunks: list[Chunk],
+    batch_size: int,
+    bar: tqdm,
+) -> None:
+    """Project shard ``k``'s chunks and write the shard."""
+    tensors = _project_chunks(
+        model, weights, bases, _shard_chunks(chunks, index, k), batch_size, bar
+    )
+    save_tensors(index.shard_path(k), tensors, {"shard": k, "index": _key(index)})
+
+
+def _key(index: GradientIndex) -> str:
+    """What every shard of one index shares (its manifest, without the folder)."""
+    return hashlib.sha256(json.dumps(index._manifest(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _claim_folder(index: GradientIndex, write: bool) -> None:
+    """Raise if the folder holds another index; else, where ``write`` (one rank), write the
+    manifest atomically: every shard then points to it."""
+    manifest = index.path / _MANIFEST
+    if manifest.exists():
+        try:
+            found = GradientIndex.open(index.path)
+        except CacheError:
+            found = None  # unreadable: ours to overwrite
+        if found is not None and _key(found) != _key(index):
+            raise ValueError(
+                f"{index.path} holds another gradient index (built for model {found.model}, "
+                f"factors {found.factors}, corpus {found.corpus}, {found.settings}): choose "
+                "another folder or delete it"
+            )
+    if write:
+        index.path.mkdir(parents=True, exist_ok=True)
+        temporary = manifest.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(index._manifest(), indent=1))
+        os.replace(temporary, manifest)
+
+
+def _project_chunks(
+    model: Model,
+    weights: Sequence[MLPWeight],
+    bases: dict[str, tuple[Tensor, Tensor]],
+    chunks: list[Chunk],
+    batch_size: int,
+    bar: tqdm,
+) -> dict[str, Tensor]:
+    """One shard's tensors: each weight's ``Π(G)`` per chunk, the chunks' texts and
+    exact ``‖G‖²``."""
+    device = model_device(model)
+    on_device = {name: (m.to(device), o.to(device)) for name, (m, o) in bases.items()}
+    projected = {
+        w.name: torch.zeros(len(chunks), *(m.shape[1] for m in bases[w.name]), device=device)
+        for w in weights
+    }  # {weight: [chunk rank_in rank_out]}
+    squared_norms = torch.zeros(len(chunks), dtype=torch.float64, device=device)
+    with frozen(model), linear_layout(model):
+        for batch in token_batches(model, chunks, batch_size):
+
+            def log_likelihood(logits: Tensor, batch: Batch = batch) -> Tensor:
+                return -next_token_loss(logits, batch.tokens, batch.real, "empirical", None)
+
+            found = sequence_gradients(model, batch.tokens, batch.counted, weights, log_likelihood)
+            rows = torch.tensor(batch.indices, device=device)
+            for weight in weights:
+                a, g = found[weight.name]  # [batch pos d_in], [batch pos d_out]
+                m_in, m_out = on_device[weight.name]
+                projected[weight.name][rows] = torch.einsum("bti,bto->bio", a @ m_in, g @ m_out)
+                squared_norms[rows] += gradient_squared_norms(a, g)
+            bar.update(len(batch.indices))
+    tensors = {name: to_host(p) for name, p in projected.items()}
+    tensors["documents"] = torch.tensor([c.document for c in chunks], dtype=torch.long)
+    tensors["squared_norms"] = to_host(squared_norms)
+    return tensors
+
+
+def _read_shard(index: GradientIndex, k: int) -> dict[str, Tensor] | None:
+    """Shard ``k`` if it exists and belongs to ``index`` (its digest checked once per process);
+    ``None`` (after a warning, for a corrupt one) otherwise."""
+    path = index.shard_path(k)
+    if not path.exists():
+        return None
+    stat = path.stat()
+    seen = (str(path), stat.st_size, stat.st_mtime_ns)
+    try:
+        if seen in _VERIFIED:
+            tensors, metadata = _load_unverified(path)
+        else:
+            tensors, metadata = load_tensors(path, what="gradient index shard")
+        if metadata.get("index") != _key(index) or metadata.get("shard") != k:
+            raise CacheError(f"{path.name} belongs to another index")
+    except (CacheError, FileNotFoundError, ValueError) as err:
+        warnings.warn(f"rome_lens: rebuilding gradient index shard {path.name}: {err}",
+                      stacklevel=3)  # fmt: skip
+        path.unlink(missing_ok=True)
+        return None
+    _VERIFIED.add(seen)
+    return tensors
+
+
+def _load_unverified(path: Path) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """A shard already verified by this process: read without hashing its bytes again."""
+    from safetensors.torch import load_file
+
+    sidecar = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+    return load_file(str(path)), dict(sidecar["metadata"])
+
+
+def index_scan(
+    model: Model,
+    factors: InfluenceFactors,
+    index: GradientIndex,
+    texts: Corpus,
+    weights: Sequence[MLPWeight],
+    layers: Sequence[int],
+    queries: dict[str, Query],
+    split: Split,
+) -> tuple[Float[Tensor, "mine query layer"], Float[Tensor, " mine"], Int[Tensor, " mine"]]:
+    """What a scan gives, from the index: every chunk's score for every query split by
+    layer, its ``‖G‖²``, and its text, for this rank's shards.
+
+    Args:
+        model: the model (for shards that must be rebuilt).
+        factors: the factors (the bases, and rebuilding).
+        index: the index, already checked against the three.
+        texts: the corpus (for shards that must be rebuilt).
+        weights: the scored weights, all indexed.
+        layers: their layers, in the scores' column order.
+        queries: each weight's preconditioned query gradients, dense or in the eigenbasis.
+        split: this rank's share of the shards.
+
+    Returns:
+        ``(scores [chunk query layer], squared norms [chunk], texts [chunk])``.
+    """
+    missing = [w.name for w in weights if w.name not in index.weights]
+    if missing:
+        raise ValueError(f"the gradient index holds {list(index.weights)}, not {missing}")
+    bases = _bases(factors, weights, index.settings)
+    device = model_device(model)
+    projected = {
+        name: to_host(project(queries[name], m_in.to(device), m_out.to(device))).flatten(1)
+        for name, (m_in, m_out) in bases.items()
+    }  # {weight: [query rank_in·rank_out]}
+    n_queries = len(next(iter(projected.values())))
+    column = {layer: j for j, layer in enumerate(layers)}
+    parts, norms, owners = [], [], []
+    for tensors in _shards(model, factors, index, texts, split):
+        n = len(tensors["documents"])
+        scores = torch.zeros(n, n_queries, len(layers), dtype=torch.float64)
+        for weight in weights:
+            dots = tensors[weight.name].flatten(1) @ projected[weight.name].T  # [chunk query]
+            scores[:, :, column[weight.layer]] += dots.double()
+        parts.append(scores)
+        norms.append(tensors["squared_norms"])
+        owners.append(tensors["documents"])
+    if not parts:  # a rank with no shard contributes nothing
+        return (torch.zeros(0, n_queries, len(layers), dtype=torch.float64),
+                torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long))  # fmt: skip
+    return torch.cat(parts), torch.cat(norms), torch.cat(owners)
+
+
+def _shards(
+    model: Model,
+    factors: InfluenceFactors,
+    index: GradientIndex,
+    texts: Corpus,
+    split: Split,
+) -> Iterator[dict[str, Tensor]]:
+    """This rank's shards, read in turn; a missing or corrupt one is rebuilt first."""
+    for k in shard(range(index.n_shards), split):
+        tensors = _read_shard(index, k)
+        if tensors is None:
+            chunks = texts.chunks(model, max_length=model.cfg.n_ctx)
+            indexed = _indexed_weights(model, factors, index.settings.layers)
+            bases = _bases(factors, indexed, index.settings)
+            with tqdm(disable=True) as bar:
+                _build_shard(model, indexed, bases, index, k, chunks, 8, bar)
+            tensors = _read_shard(index, k)
+            if tensors is None:
+                raise CacheError(f"shard {k} of {index.path} could not be rebuilt")
+        yield tensors

@@ -1,0 +1,259 @@
+"""The corpus gradient index: projected gradients stored once, queries scored from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rome_lens.core.backend import Model
+from rome_lens.influence import (
+    GradientIndex,
+    IndexSettings,
+    ScoreSettings,
+    build_gradient_index,
+    fit_influence_factors,
+    influence,
+    influence_many,
+)
+from rome_lens.influence import index as index_module
+
+from .conftest import assert_same_weights, hooks_left, micro_model, weights
+from .test_influence import reference_gradient, text_gradient
+
+TEXTS = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "The Louvre is a museum in Paris, the capital of France.",
+    "The Colosseum is in the city of Rome.",
+    "Berlin is the capital of Germany.",
+    "Toko Yasuda plays the guitar.",
+    "Steve Jobs founded Apple.",
+    "Cats sleep for most of the day.",
+]
+QUERIES = [
+    ("The Eiffel Tower is located in the city of", " Paris"),
+    ("Steve Jobs founded", " Apple"),
+]
+FULL = IndexSettings(rank_in=10_000, rank_out=10_000, chunks_per_shard=3)  # every direction
+
+
+@pytest.fixture(scope="module")
+def micro() -> Model:
+    """A 2-layer model small enough for full-rank projections: d_model 16, d_mlp 24."""
+    return micro_model()
+
+
+@pytest.fixture(scope="module")
+def factors(micro, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("factors")
+    return fit_influence_factors(
+        micro, TEXTS * 3, n_tokens=400, fisher="empirical", cache_dir=folder, progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def full_index(micro, factors, tmp_path_factory) -> GradientIndex:
+    folder = tmp_path_factory.mktemp("index")
+    return build_gradient_index(micro, factors, TEXTS, folder, settings=FULL, progress=False)
+
+
+def scan_and_index(model, factors, index, settings=None):
+    """The same queries scored by a scan and from ``index``."""
+    common = {"top_k": len(TEXTS), "settings": settings, "progress": False}
+    return (
+        influence_many(model, factors, QUERIES, TEXTS, **common),
+        influence_many(model, factors, QUERIES, TEXTS, index=index, **common),
+    )
+
+
+class TestScores:
+    @pytest.mark.parametrize(
+        "settings",
+        [
+            None,
+            ScoreSettings(strategy="kfac", normalize=True),
+            ScoreSettings(strategy="identity", layers=(1,)),
+            ScoreSettings(query_rank=2),
+        ],
+    )
+    def test_every_direction_kept_gives_the_scans_scores(self, micro, factors, full_index,
+                                                         settings):  # fmt: skip
+        """With the whole eigenbasis kept, the index's scores, layer splits and ranking are the
+        scan's (any strategy, normalised, a subset of layers, low-rank queries)."""
+        scanned, indexed = scan_and_index(micro, factors, full_index, settings)
+        for s, i in zip(scanned, indexed, strict=True):
+            torch.testing.assert_close(i.all_scores, s.all_scores, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(i.layer_scores, s.layer_scores, rtol=1e-4, atol=1e-6)
+            assert i.text_ids == s.text_ids
+
+    def test_a_cut_basis_scores_the_projected_gradients(self, micro, factors, tmp_path):
+        """At rank r the score is ⟨M_inᵀ ∇f M_out, M_inᵀ G M_out⟩ with the top-r eigenvectors,
+        ∇f and each text's G from torch.func."""
+        settings = IndexSettings(rank_in=5, rank_out=3)
+        index = build_gradient_index(micro, factors, TEXTS, tmp_path, settings=settings,
+                                     progress=False)  # fmt: skip
+        result = influence(micro, factors, *QUERIES[0], TEXTS, top_k=3, index=index,
+                           settings=ScoreSettings(strategy="identity"), progress=False)  # fmt: skip
+        tokens = micro.to_tokens(QUERIES[0][0] + QUERIES[0][1])
+        n_prompt = micro.to_tokens(QUERIES[0][0]).shape[1]
+        positions = torch.arange(n_prompt - 1, tokens.shape[1] - 1)
+        query = reference_gradient(micro, tokens, positions, tokens[0, n_prompt:])
+        expected = torch.zeros(len(TEXTS), dtype=torch.float64)
+        for t, text in enumerate(TEXTS):
+            gradient = text_gradient(micro, text)
+            for name in factors.names:
+                m_in = factors.input_vectors[name].double()[:, -5:]
+                m_out = factors.output_vectors[name].double()[:, -3:]
+                p = m_in.T @ query[name].detach().double() @ m_out
+                g = m_in.T @ gradient[name].detach().double() @ m_out
+                expected[t] += (p * g).sum()
+        torch.testing.assert_close(result.all_scores, expected, rtol=1e-4, atol=1e-7)
+
+    def test_a_random_basis_is_unbiased_in_expectation(self, micro, factors, tmp_path):
+        """Random bases of different seeds average towards the exact dot product."""
+        exact = influence(micro, factors, *QUERIES[0], TEXTS, top_k=1, progress=False,
+                          settings=ScoreSettings(strategy="identity")).all_scores  # fmt: skip
+        draws = []
+        for seed in range(40):
+            settings = IndexSettings(rank_in=6, rank_out=6, basis="random", seed=seed)
+            index = build_gradient_index(micro, factors, TEXTS, tmp_path / str(seed),
+                                         settings=settings, progress=False)  # fmt: skip
+            draws.append(influence(micro, factors, *QUERIES[0], TEXTS, top_k=1, index=index,
+                                   settings=ScoreSettings(strategy="identity"),
+                                   progress=False).all_scores)  # fmt: skip
+        one_draw = (draws[0] - exact).abs().max()
+        average = (torch.stack(draws).mean(0) - exact).abs().max()
+        assert average < one_draw / 2
+
+    def test_texts_longer_than_the_context_sum_their_chunks(self, micro, factors, tmp_path):
+        """A text cut into several chunks gets their summed score and token scores over all of
+        them, as in the scan."""
+        texts = [*TEXTS[:3], " ".join(TEXTS * 3)]  # the last is longer than n_ctx 64
+        index = build_gradient_index(micro, factors, texts, tmp_path, settings=FULL,
+                                     progress=False)  # fmt: skip
+        assert index.n_chunks > index.n_texts
+        scanned = influence(micro, factors, *QUERIES[0], texts, top_k=4, progress=False)
+        indexed = influence(micro, factors, *QUERIES[0], texts, top_k=4, index=index,
+                            progress=False)  # fmt: skip
+        torch.testing.assert_close(indexed.all_scores, scanned.all_scores, rtol=1e-4, atol=1e-6)
+        for result in (scanned, indexed):  # token scores span every chunk of a long text
+            totals = torch.stack([t.sum() for t in result.token_scores])
+            torch.testing.assert_close(totals, scanned.scores, rtol=1e-4, atol=1e-6)
+
+
+class TestFiles:
+    def test_the_folder_describes_the_index(self, micro, factors, full_index):
+        """index.json names the model, factors and corpus; GradientIndex.open reads it back."""
+        manifest = json.loads((full_index.path / "index.json").read_text())
+        assert manifest["n_texts"] == len(TEXTS)
+        reopened = GradientIndex.open(full_index.path)
+        assert reopened == full_index
+        assert reopened.n_shards == 3  # 7 chunks, 3 a shard
+        assert len(list(full_index.path.glob("shard-*.safetensors"))) == 3
+
+    def test_a_corrupt_shard_is_rebuilt(self, micro, factors, tmp_path):
+        """A shard that no longer matches its digest is rebuilt, with a warning, and the
+        scores do not change."""
+        index = build_gradient_index(micro, factors, TEXTS, tmp_path, settings=FULL,
+                                     progress=False)  # fmt: skip
+        before = influence(micro, factors, *QUERIES[0], TEXTS, top_k=2, index=index,
+                           progress=False).all_scores  # fmt: skip
+        shard = index.shard_path(1)
+        data = bytearray(shard.read_bytes())
+        data[-5] ^= 0xFF
+        shard.write_bytes(data)
+        index_module._VERIFIED.clear()
+        with pytest.warns(UserWarning, match="rebuilding gradient index shard"):
+            after = influence(micro, factors, *QUERIES[0], TEXTS, top_k=2, index=index,
+                              progress=False).all_scores  # fmt: skip
+        torch.testing.assert_close(after, before)
+
+    def test_building_again_keeps_good_shards(self, micro, factors, tmp_path, monkeypatch):
+        """A second build of the same index projects nothing; a deleted shard alone is redone."""
+        build_gradient_index(micro, factors, TEXTS, tmp_path, settings=FULL, progress=False)
+        built = []
+        original = index_module._project_chunks
+
+        def counted(*args, **kwargs):
+            built.append(len(args[3]))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(index_module, "_project_chunks", counted)
+        build_gradient_index(micro, factors, TEXTS, tmp_path, settings=FULL, progress=False)
+        assert built == []
+        (tmp_path / "shard-00002.safetensors").unlink()
+        build_gradient_index(micro, factors, TEXTS, tmp_path, settings=FULL, progress=False)
+        assert built == [1]  # the last shard holds the seventh chunk
+
+    def test_building_and_querying_leave_the_model_as_it_was(self, micro, factors, tmp_path):
+        """No hook is left and no weight moves."""
+        before = weights(micro)
+        index = build_gradient_index(micro, factors, TEXTS, tmp_path, progress=False)
+        influence(micro, factors, *QUERIES[0], TEXTS, top_k=2, index=index, progress=False)
+        assert_same_weights(micro, before)
+        assert not hooks_left(micro)
+
+
+class TestBadInput:
+    def test_another_model_is_named(self, micro, factors, full_index):
+        """An index queried through a model with other weights is refused as another model's."""
+        other = micro_model()
+        with torch.no_grad():
+            other.blocks[0].mlp.W_out.add_(0.01)
+        with pytest.raises(ValueError, match="(another model|factors were fitted)"):
+            influence(other, factors, *QUERIES[0], TEXTS, index=full_index, progress=False)
+
+    def test_other_factors_are_named(self, micro, full_index, tmp_path):
+        """Factors fitted on other text are refused as other factors."""
+        refit = fit_influence_factors(micro, TEXTS[:4] * 3, n_tokens=300, fisher="empirical",
+                                      cache_dir=tmp_path, progress=False)  # fmt: skip
+        with pytest.raises(ValueError, match="other factors"):
+            influence(micro, refit, *QUERIES[0], TEXTS, index=full_index, progress=False)
+
+    def test_another_corpus_is_named(self, micro, factors, full_index):
+        """A corpus that is not the indexed one is refused as another corpus."""
+        with pytest.raises(ValueError, match="another corpus"):
+            influence(micro, factors, *QUERIES[0], TEXTS[:-1], index=full_index, progress=False)
+
+    def test_a_folder_with_another_index_is_not_overwritten(self, micro, factors, full_index):
+        """Building other settings into an index's folder raises and keeps the old index."""
+        with pytest.raises(ValueError, match="holds another gradient index"):
+            build_gradient_index(micro, factors, TEXTS, full_index.path,
+                                 settings=IndexSettings(rank_in=2), progress=False)  # fmt: skip
+        assert GradientIndex.open(full_index.path) == full_index
+
+    def test_a_folder_without_an_index(self, tmp_path):
+        """Opening a folder with no index.json names the missing file."""
+        with pytest.raises(FileNotFoundError, match="index.json"):
+            GradientIndex.open(tmp_path)
+
+    @pytest.mark.parametrize(
+        ("fields", "message"),
+        [
+            ({"rank_in": 0}, "rank_in must be a positive integer, got 0"),
+            ({"chunks_per_shard": 1.5}, "chunks_per_shard must be a positive integer"),
+            ({"basis": "pca"}, "basis must be 'eigen' or 'random', got 'pca'"),
+        ],
+    )
+    def test_a_bad_setting_is_named(self, fields, message):
+        """A bad setting raises, naming its value."""
+        with pytest.raises(ValueError, match=message):
+            IndexSettings(**fields)
+
+    def test_prefilter_and_unindexed_weights(self, micro, factors, tmp_path):
+        """A prefilter, or a layer the index does not hold, is refused."""
+        first_layer = IndexSettings(layers=(1,))
+        index = build_gradient_index(micro, factors, TEXTS, tmp_path, settings=first_layer,
+                                     progress=False)  # fmt: skip
+        with pytest.raises(ValueError, match="prefilter"):
+            influence(micro, factors, *QUERIES[0], TEXTS, index=index, progress=False,
+                      settings=ScoreSettings(prefilter=2))  # fmt: skip
+        with pytest.raises(ValueError, match="the gradient index holds"):
+            influence(micro, factors, *QUERIES[0], TEXTS, index=index, progress=False)
+
+    def test_a_query_longer_than_the_context(self, micro, factors, full_index):
+        """A query longer than n_ctx is refused before the index is read."""
+        with pytest.raises(ValueError, match="n_ctx"):
+            influence(micro, factors, "word " * 80, " Paris", TEXTS, index=full_index,
+                      progress=False)  # fmt: skip
