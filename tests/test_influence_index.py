@@ -110,18 +110,21 @@ class TestScores:
                 expected[t] += (p * g).sum()
         torch.testing.assert_close(result.all_scores, expected, rtol=1e-4, atol=1e-7)
 
-    def test_a_random_basis_is_unbiased_in_expectation(self, micro, factors, tmp_path):
-        """Random bases of different seeds average towards the exact dot product."""
+    @pytest.mark.parametrize(("basis", "strategy"), [("random", "identity"), ("whitened", "ekfac")])
+    def test_a_random_basis_is_unbiased_in_expectation(self, micro, factors, tmp_path, basis,
+                                                       strategy):  # fmt: skip
+        """Random bases of different seeds average towards the exact score: the dot product
+        (random), EK-FAC's with the preconditioning split between the sides (whitened)."""
+        settings = ScoreSettings(strategy=strategy)
         exact = influence(micro, factors, *QUERIES[0], TEXTS, top_k=1, progress=False,
-                          settings=ScoreSettings(strategy="identity")).all_scores  # fmt: skip
+                          settings=settings).all_scores  # fmt: skip
         draws = []
         for seed in range(40):
-            settings = IndexSettings(rank_in=6, rank_out=6, basis="random", seed=seed)
+            built = IndexSettings(rank_in=6, rank_out=6, basis=basis, seed=seed)
             index = build_gradient_index(micro, factors, TEXTS, tmp_path / str(seed),
-                                         settings=settings, progress=False)  # fmt: skip
+                                         settings=built, progress=False)  # fmt: skip
             draws.append(influence(micro, factors, *QUERIES[0], TEXTS, top_k=1, index=index,
-                                   settings=ScoreSettings(strategy="identity"),
-                                   progress=False).all_scores)  # fmt: skip
+                                   settings=settings, progress=False).all_scores)  # fmt: skip
         one_draw = (draws[0] - exact).abs().max()
         average = (torch.stack(draws).mean(0) - exact).abs().max()
         assert average < one_draw / 2
@@ -223,6 +226,16 @@ class TestBadInput:
                                  settings=IndexSettings(rank_in=2), progress=False)  # fmt: skip
         assert GradientIndex.open(full_index.path) == full_index
 
+    def test_a_whitened_index_serves_its_own_curvature(self, micro, factors, tmp_path):
+        """A whitened index refuses queries preconditioned with another strategy or damping."""
+        whitened = IndexSettings(rank_in=4, rank_out=4, basis="whitened")
+        index = build_gradient_index(micro, factors, TEXTS, tmp_path, settings=whitened,
+                                     progress=False)  # fmt: skip
+        for other in (ScoreSettings(damping=0.2), ScoreSettings(strategy="kfac")):
+            with pytest.raises(ValueError, match="the index is whitened for strategy='ekfac'"):
+                influence(micro, factors, *QUERIES[0], TEXTS, index=index, settings=other,
+                          progress=False)  # fmt: skip
+
     def test_a_folder_without_an_index(self, tmp_path):
         """Opening a folder with no index.json names the missing file."""
         with pytest.raises(FileNotFoundError, match="index.json"):
@@ -233,7 +246,9 @@ class TestBadInput:
         [
             ({"rank_in": 0}, "rank_in must be a positive integer, got 0"),
             ({"chunks_per_shard": 1.5}, "chunks_per_shard must be a positive integer"),
-            ({"basis": "pca"}, "basis must be 'eigen' or 'random', got 'pca'"),
+            ({"basis": "pca"}, "basis must be 'eigen', 'random' or 'whitened', got 'pca'"),
+            ({"strategy": "diagonal"}, "strategy must be 'ekfac' or 'kfac', got 'diagonal'"),
+            ({"damping": -1}, "damping must be a number >= 0, got -1"),
         ],
     )
     def test_a_bad_setting_is_named(self, fields, message):

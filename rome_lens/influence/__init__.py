@@ -37,7 +37,12 @@ from rome_lens.influence.factors import (
     Strategy,
     fit_influence_factors,
 )
-from rome_lens.influence.index import GradientIndex, IndexSettings, build_gradient_index
+from rome_lens.influence.index import (
+    EigenQueries,
+    GradientIndex,
+    IndexSettings,
+    build_gradient_index,
+)
 from rome_lens.influence.prefilter import bm25_top
 from rome_lens.influence.scores import (
     InfluenceResult,
@@ -64,6 +69,7 @@ sys.modules[__name__].__class__ = _CallableRoom
 
 __all__ = [
     "STRATEGIES",
+    "EigenQueries",
     "FineTuneConfig",
     "FineTuned",
     "GradientIndex",

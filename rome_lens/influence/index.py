@@ -13,14 +13,27 @@ formed from the projected inputs and output gradients, so that no
 ``P`` goes through the same bases, and its score against every chunk is one
 matrix product, ``⟨Π(P), Π(G)⟩``, streamed shard by shard.
 
-The bases are the factors' own eigenvectors with the largest eigenvalues
-(``basis="eigen"``): EK-FAC preconditions in exactly that basis, so
-``⟨Π(P), Π(G)⟩`` is the EK-FAC score restricted to the directions in which
-the fitting corpus's gradients are largest, where the scores concentrate. A
-seeded Gaussian basis (``basis="random"``, LoGra's choice, scaled so that the
-product is unbiased) is the alternative; ``bench/bench_influence.py --only
-index`` measures both against exact scores. Each chunk's exact squared
-gradient norm is stored too, so ``normalize=True`` divides by the true norms.
+Three bases are offered, and ``bench/bench_influence.py --only index``
+measures each against exact scores:
+
+* ``basis="eigen"``: the factors' own eigenvectors with the largest
+  eigenvalues. EK-FAC preconditions in exactly that basis, so
+  ``⟨Π(P), Π(G)⟩`` is the EK-FAC score restricted to the directions in which
+  the fitting corpus's gradients are largest;
+* ``basis="random"``: a seeded Gaussian basis (LoGra's choice), scaled so that
+  the product is unbiased for the full one;
+* ``basis="whitened"``: the Gaussian basis applied in the eigenbasis to
+  ``G ⊘ √(Λ + λ)``, the query meeting it as ``P ⊙ √(Λ + λ)``: the
+  preconditioning split evenly between the sides, as TrackStar does, so that
+  the projection's error is spread over the directions the score weighs. Such
+  an index serves the strategy and damping it was built with.
+
+Each chunk's exact squared gradient norm is stored too, so ``normalize=True``
+divides by the true norms. Below full rank the scores are the projected
+gradients' own, not the scan's: on the default model, EK-FAC with damping
+0.1 × mean(Λ) spreads a score over about half of each ``W_out``'s 885k
+eigen-directions (``Σ Λ / (Λ + λ)``), so no small projection reproduces it
+(docs/influence.md gives the measured agreement).
 
 The index lives in a folder: ``index.json`` (what it was built from:
 the model's fingerprint, the factors' and the corpus's digests, the
@@ -88,11 +101,12 @@ __all__ = [
     "IndexSettings",
     "build_gradient_index",
     "factors_digest",
+    "Projection",
     "index_scan",
     "project",
 ]
 
-Basis = Literal["eigen", "random"]
+Basis = Literal["eigen", "random", "whitened"]
 _MANIFEST = "index.json"
 _FORMAT = 1  # bumped when the files' layout changes
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards this process checked
@@ -134,6 +148,44 @@ def project(
 
 
 @dataclass(frozen=True)
+class Projection:
+    """How one weight's gradients are stored: ``M_inᵀ G M_out``, or for a whitened index
+    ``M_inᵀ (Q_Aᵀ G Q_S ⊘ √(Λ + λ)) M_out``; and how a query meets them."""
+
+    m_in: Float[Tensor, "d_in rank_in"]
+    m_out: Float[Tensor, "d_out rank_out"]
+    whitening: tuple[Tensor, Tensor, Tensor] | None = None  # Q_A, Q_S, √(Λ + λ)
+
+    def to(self, device: torch.device) -> Projection:
+        """The same projection on ``device``."""
+        whitening = None if self.whitening is None else tuple(t.to(device) for t in self.whitening)
+        return Projection(self.m_in.to(device), self.m_out.to(device), whitening)  # type: ignore[arg-type]
+
+    def cut(self, rank: int) -> Projection:
+        """The first ``rank`` directions of each basis (bases are nested)."""
+        return Projection(self.m_in[:, :rank], self.m_out[:, :rank], self.whitening)
+
+    def texts(
+        self, a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"]
+    ) -> Float[Tensor, "batch rank_in rank_out"]:
+        """Each text's stored matrix, from its inputs and output gradients."""
+        if self.whitening is None:
+            return torch.einsum("bti,bto->bio", a @ self.m_in, g @ self.m_out)
+        q_a, q_s, scale = self.whitening
+        rotated = torch.einsum("bti,bto->bio", a @ q_a, g @ q_s) / scale  # [batch d_in d_out]
+        return torch.einsum("ir,bio,os->brs", self.m_in, rotated, self.m_out)
+
+    def queries(self, query: Query) -> Float[Tensor, "query rank_in rank_out"]:
+        """Each query's matrix, so that its dot product with a text's is the score."""
+        if self.whitening is None:
+            return project(query, self.m_in, self.m_out)
+        if not isinstance(query, EigenQueries):
+            raise ValueError("a whitened index scores EK-FAC or K-FAC queries only")
+        return torch.einsum("ir,qio,os->qrs", self.m_in, query.rotated * self.whitening[2],
+                            self.m_out)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class IndexSettings:
     """What a gradient index stores (:func:`build_gradient_index`)."""
 
@@ -143,9 +195,15 @@ class IndexSettings:
     """Output directions kept per weight (capped at ``d_out``)."""
     basis: Basis = "eigen"
     """``"eigen"``: the factors' eigenvectors with the largest eigenvalues; ``"random"``: a
-    seeded Gaussian basis."""
+    seeded Gaussian basis; ``"whitened"``: the same Gaussian basis applied to the gradient
+    in the eigenbasis divided by ``√(Λ + λ)``, so that the preconditioning is split evenly
+    between query and text."""
     seed: int = 0
-    """Seeds the random basis."""
+    """Seeds the random bases."""
+    strategy: Literal["ekfac", "kfac"] = "ekfac"
+    """The curvature a whitened index divides by (the queries must use the same)."""
+    damping: float = 0.1
+    """Its damping, as :class:`~rome_lens.influence.settings.ScoreSettings` (whitened only)."""
     chunks_per_shard: int = 1024
     """Text chunks per shard file: the unit written, verified, rebuilt and streamed."""
     layers: tuple[int, ...] | None = None
@@ -156,8 +214,12 @@ class IndexSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.basis not in ("eigen", "random"):
-            raise ValueError(f"basis must be 'eigen' or 'random', got {self.basis!r}")
+        if self.basis not in ("eigen", "random", "whitened"):
+            raise ValueError(f"basis must be 'eigen', 'random' or 'whitened', got {self.basis!r}")
+        if self.strategy not in ("ekfac", "kfac"):
+            raise ValueError(f"strategy must be 'ekfac' or 'kfac', got {self.strategy!r}")
+        if not isinstance(self.damping, int | float) or not self.damping >= 0:
+            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(self.layers)))
 
@@ -314,7 +376,7 @@ def build_gradient_index(
         path=Path(path), model=model_fingerprint(model), factors=factors_digest(factors),
         corpus=texts.id(), n_texts=len(texts.documents), n_chunks=len(chunks),
         weights=tuple(w.name for w in weights),
-        ranks=tuple((m_in.shape[1], m_out.shape[1]) for m_in, m_out in bases.values()),
+        ranks=tuple((p.m_in.shape[1], p.m_out.shape[1]) for p in bases.values()),
         settings=settings,
     )  # fmt: skip
     split = Split.of(distributed)
@@ -346,19 +408,25 @@ def _indexed_weights(
 
 def _bases(
     factors: InfluenceFactors, weights: Sequence[MLPWeight], settings: IndexSettings
-) -> dict[str, tuple[Float[Tensor, "d_in rank_in"], Float[Tensor, "d_out rank_out"]]]:
-    """Each weight's ``(M_in, M_out)``, rebuilt the same way whenever the index is read."""
+) -> dict[str, Projection]:
+    """Each weight's projection, rebuilt the same way whenever the index is read."""
     bases = {}
     for weight in weights:
         generator = torch.Generator().manual_seed(settings.seed + zlib.crc32(weight.name.encode()))
         q_a, q_s = factors.input_vectors[weight.name], factors.output_vectors[weight.name]
         r_in, r_out = min(settings.rank_in, q_a.shape[0]), min(settings.rank_out, q_s.shape[0])
+        whitening = None
         if settings.basis == "eigen":  # eigenvalues ascend: the last columns are the largest
             m_in, m_out = q_a[:, -r_in:].flip(-1), q_s[:, -r_out:].flip(-1)
         else:  # E[M Mᵀ] = I, so that ⟨Π(P), Π(G)⟩ is unbiased for ⟨P, G⟩
             m_in = torch.randn(q_a.shape[0], r_in, generator=generator) / r_in**0.5
             m_out = torch.randn(q_s.shape[0], r_out, generator=generator) / r_out**0.5
-        bases[weight.name] = (m_in.float().contiguous(), m_out.float().contiguous())
+        if settings.basis == "whitened":
+            values = factors.eigenvalues(weight.name, settings.strategy)
+            scale = (values + settings.damping * values.mean()).sqrt()
+            whitening = (q_a.float(), q_s.float(), scale.float())
+        bases[weight.name] = Projection(m_in.float().contiguous(), m_out.float().contiguous(),
+                                        whitening)  # fmt: skip
     return bases
 
 
@@ -371,7 +439,7 @@ def _shard_chunks(chunks: list[Chunk], index: GradientIndex, k: int) -> list[Chu
 def _build_shard(
     model: Model,
     weights: Sequence[MLPWeight],
-    bases: dict[str, tuple[Tensor, Tensor]],
+    bases: dict[str, Projection],
     index: GradientIndex,
     k: int,
     chunks: list[Chunk],
@@ -415,7 +483,7 @@ def _claim_folder(index: GradientIndex, write: bool) -> None:
 def _project_chunks(
     model: Model,
     weights: Sequence[MLPWeight],
-    bases: dict[str, tuple[Tensor, Tensor]],
+    bases: dict[str, Projection],
     chunks: list[Chunk],
     batch_size: int,
     bar: tqdm,
@@ -423,10 +491,10 @@ def _project_chunks(
     """One shard's tensors: each weight's ``Π(G)`` per chunk, the chunks' texts and
     exact ``‖G‖²``."""
     device = model_device(model)
-    on_device = {name: (m.to(device), o.to(device)) for name, (m, o) in bases.items()}
+    on_device = {name: projection.to(device) for name, projection in bases.items()}
     projected = {
-        w.name: torch.zeros(len(chunks), *(m.shape[1] for m in bases[w.name]), device=device)
-        for w in weights
+        name: torch.zeros(len(chunks), p.m_in.shape[1], p.m_out.shape[1], device=device)
+        for name, p in bases.items()
     }  # {weight: [chunk rank_in rank_out]}
     squared_norms = torch.zeros(len(chunks), dtype=torch.float64, device=device)
     with frozen(model), linear_layout(model):
@@ -439,8 +507,7 @@ def _project_chunks(
             rows = torch.tensor(batch.indices, device=device)
             for weight in weights:
                 a, g = found[weight.name]  # [batch pos d_in], [batch pos d_out]
-                m_in, m_out = on_device[weight.name]
-                projected[weight.name][rows] = torch.einsum("bti,bto->bio", a @ m_in, g @ m_out)
+                projected[weight.name][rows] = on_device[weight.name].texts(a, g)
                 squared_norms[rows] += gradient_squared_norms(a, g)
             bar.update(len(batch.indices))
     tensors = {name: to_host(p) for name, p in projected.items()}
@@ -513,8 +580,8 @@ def index_scan(
     bases = _bases(factors, weights, index.settings)
     device = model_device(model)
     projected = {
-        name: to_host(project(queries[name], m_in.to(device), m_out.to(device))).flatten(1)
-        for name, (m_in, m_out) in bases.items()
+        name: to_host(projection.to(device).queries(queries[name])).flatten(1)
+        for name, projection in bases.items()
     }  # {weight: [query rank_in·rank_out]}
     n_queries = len(next(iter(projected.values())))
     column = {layer: j for j, layer in enumerate(layers)}

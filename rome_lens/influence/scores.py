@@ -184,7 +184,9 @@ def influence(
         index: score against a gradient index of ``corpus`` (a
             :class:`~rome_lens.influence.index.GradientIndex` or its folder) instead of
             scanning it: matrix products, no pass over the texts
-            (:func:`~rome_lens.influence.index.build_gradient_index`).
+            (:func:`~rome_lens.influence.index.build_gradient_index`). Below full rank
+            its scores are those of the projected gradients, not the scan's (see
+            docs/influence.md for how far they agree); the token scores stay exact.
         deprecated: the fields of ``settings`` as keywords (``damping=0.1``), as before
             ``ScoreSettings``; accepted for one release, with a ``DeprecationWarning``.
 
@@ -240,7 +242,7 @@ def influence_many(
     _check_queries(queries, top_k)
     scoring = _scoring(model, factors, settings)
     texts = _read_texts(corpus)
-    opened = _opened_index(index, model, factors, texts, settings)
+    opened = _opened_index(index, model, factors, texts, scoring)
     ids = _prefiltered(texts, queries, settings.prefilter)
     split = Split.of(distributed)
     preconditioned: Mapping[str, Preconditioned]
@@ -340,13 +342,22 @@ def _opened_index(
     model: Model,
     factors: InfluenceFactors,
     texts: Corpus,
-    settings: ScoreSettings,
+    scoring: _Scoring,
 ) -> GradientIndex | None:
     """The index to score against, checked against the model, factors, corpus and settings."""
     if index is None:
         return None
     opened = index if isinstance(index, GradientIndex) else GradientIndex.open(index)
     opened.check(model, factors, texts)
+    settings = scoring.settings
+    built = opened.settings
+    if built.basis == "whitened" and (built.strategy, built.damping) != (
+        scoring.strategy, settings.damping
+    ):  # fmt: skip
+        raise ValueError(
+            f"the index is whitened for strategy={built.strategy!r}, damping={built.damping}; "
+            f"the query asks for strategy={scoring.strategy!r}, damping={settings.damping}"
+        )
     if settings.prefilter is not None:
         raise ValueError(
             f"settings.prefilter={settings.prefilter} cannot be used with an index, which scores "
