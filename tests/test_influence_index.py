@@ -19,18 +19,11 @@ from rome_lens.influence import (
 )
 from rome_lens.influence import index as index_module
 
+from . import test_influence
 from .conftest import assert_same_weights, hooks_left, micro_model, weights
 from .test_influence import reference_gradient, text_gradient
 
-TEXTS = [
-    "The Eiffel Tower is located in the city of Paris.",
-    "The Louvre is a museum in Paris, the capital of France.",
-    "The Colosseum is in the city of Rome.",
-    "Berlin is the capital of Germany.",
-    "Toko Yasuda plays the guitar.",
-    "Steve Jobs founded Apple.",
-    "Cats sleep for most of the day.",
-]
+TEXTS = [*test_influence.TEXTS, "Cats sleep for most of the day."]  # seven: shards of 3, 3, 1
 QUERIES = [
     ("The Eiffel Tower is located in the city of", " Paris"),
     ("Steve Jobs founded", " Apple"),

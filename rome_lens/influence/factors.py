@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
 from rome_lens.core.cache import cache_dir, cache_key, cached
-from rome_lens.core.corpus import Batch, Corpus, CorpusSource, bos_tokens, token_batches
+from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.precision import accumulator_dtype, available_memory, model_device, to_host
@@ -71,6 +71,7 @@ __all__ = [
     "fit_influence_factors",
     "gradient_squared_norms",
     "input_factor",
+    "text_gradients",
 ]
 
 Strategy = Literal["ekfac", "kfac", "diagonal", "identity"]
@@ -476,6 +477,33 @@ def sequence_gradients(
         )
         for w in weights
     }
+
+
+def text_gradients(
+    model: Model, chunks: Sequence[Chunk], weights: Sequence[MLPWeight], batch_size: int
+) -> Iterator[tuple[Batch, dict[str, tuple[Tensor, Tensor]]]]:
+    """Each batch of ``chunks`` and its weights' ``(ā, g)`` for ``log p(chunk)``: the pass
+    that scans, indexes and splits texts by token all make.
+
+    Args:
+        model: the model (frozen and in linear layout while the batches are taken).
+        chunks: the text chunks.
+        weights: the weights.
+        batch_size: chunks per forward and backward pass.
+
+    Yields:
+        ``(batch, {weight: (ā [batch pos d_in], g [batch pos d_out])})``.
+    """
+    with frozen(model), linear_layout(model):
+        for batch in token_batches(model, chunks, batch_size):
+
+            def log_likelihood(logits: Tensor, batch: Batch = batch) -> Tensor:
+                return -next_token_loss(logits, batch.tokens, batch.real, "empirical", None)
+
+            yield (
+                batch,
+                sequence_gradients(model, batch.tokens, batch.counted, weights, log_likelihood),
+            )
 
 
 def gradient_squared_norms(

@@ -82,18 +82,16 @@ from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, load_tensors, save_tensors
-from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, token_batches
+from rome_lens.core.corpus import Chunk, Corpus, CorpusSource
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.precision import model_device, to_host
-from rome_lens.core.runtime import frozen, linear_layout
 from rome_lens.influence.factors import (
     InfluenceFactors,
     gradient_squared_norms,
-    sequence_gradients,
+    text_gradients,
 )
 from rome_lens.influence.weights import MLPWeight, mlp_weights
-from rome_lens.stats.moments import next_token_loss
 
 __all__ = [
     "EigenQueries",
@@ -497,19 +495,13 @@ def _project_chunks(
         for name, p in bases.items()
     }  # {weight: [chunk rank_in rank_out]}
     squared_norms = torch.zeros(len(chunks), dtype=torch.float64, device=device)
-    with frozen(model), linear_layout(model):
-        for batch in token_batches(model, chunks, batch_size):
-
-            def log_likelihood(logits: Tensor, batch: Batch = batch) -> Tensor:
-                return -next_token_loss(logits, batch.tokens, batch.real, "empirical", None)
-
-            found = sequence_gradients(model, batch.tokens, batch.counted, weights, log_likelihood)
-            rows = torch.tensor(batch.indices, device=device)
-            for weight in weights:
-                a, g = found[weight.name]  # [batch pos d_in], [batch pos d_out]
-                projected[weight.name][rows] = on_device[weight.name].texts(a, g)
-                squared_norms[rows] += gradient_squared_norms(a, g)
-            bar.update(len(batch.indices))
+    for batch, found in text_gradients(model, chunks, weights, batch_size):
+        rows = torch.tensor(batch.indices, device=device)
+        for weight in weights:
+            a, g = found[weight.name]  # [batch pos d_in], [batch pos d_out]
+            projected[weight.name][rows] = on_device[weight.name].texts(a, g)
+            squared_norms[rows] += gradient_squared_norms(a, g)
+        bar.update(len(batch.indices))
     tensors = {name: to_host(p) for name, p in projected.items()}
     tensors["documents"] = torch.tensor([c.document for c in chunks], dtype=torch.long)
     tensors["squared_norms"] = to_host(squared_norms)

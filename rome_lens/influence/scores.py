@@ -63,7 +63,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
-from rome_lens.core.corpus import Batch, Chunk, Corpus, CorpusSource, bos_tokens, token_batches
+from rome_lens.core.corpus import Chunk, Corpus, CorpusSource, bos_tokens
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
 from rome_lens.core.precision import model_device, to_host
 from rome_lens.core.results import Result
@@ -75,12 +75,12 @@ from rome_lens.influence.factors import (
     Strategy,
     gradient_squared_norms,
     sequence_gradients,
+    text_gradients,
 )
 from rome_lens.influence.index import EigenQueries, GradientIndex, index_scan
 from rome_lens.influence.prefilter import bm25_top
 from rome_lens.influence.settings import ScoreSettings, settings_from_keywords
 from rome_lens.influence.weights import MLPWeight, mlp_weights
-from rome_lens.stats.moments import next_token_loss
 
 __all__ = [
     "SPURIOUS_RATIO",
@@ -787,13 +787,8 @@ def _scan(
     squared_norms = torch.zeros(len(chunks), dtype=torch.float64, device=device)  # ‖∇ log p‖²
     column = {layer: j for j, layer in enumerate(layers)}
     bar = tqdm(total=len(chunks), desc="scanning texts", unit="text", disable=not progress)
-    with bar, frozen(model), linear_layout(model):
-        for batch in token_batches(model, chunks, batch_size):
-
-            def log_likelihood(logits: Tensor, batch: Batch = batch) -> Tensor:
-                return -next_token_loss(logits, batch.tokens, batch.real, "empirical", None)
-
-            found = sequence_gradients(model, batch.tokens, batch.counted, weights, log_likelihood)
+    with bar:
+        for batch, found in text_gradients(model, chunks, weights, batch_size):
             rows = torch.tensor(batch.indices, device=device)
             for weight in weights:
                 a, g = found[weight.name]
@@ -859,18 +854,12 @@ def _token_scores(
     skip = len(bos_tokens(model))
     chunks = [chunk for d, text in enumerate(texts) for chunk in _text_chunks(model, text, d)]
     pieces: dict[int, Tensor] = {}  # chunk -> its non-BOS tokens' scores
-    with frozen(model), linear_layout(model):
-        for batch in token_batches(model, chunks, batch_size):
-
-            def log_likelihood(logits: Tensor, batch: Batch = batch) -> Tensor:
-                return -next_token_loss(logits, batch.tokens, batch.real, "empirical", None)
-
-            found = sequence_gradients(model, batch.tokens, batch.counted, weights, log_likelihood)
-            per_token = sum(
-                _per_token(a, g, preconditioned[name]) for name, (a, g) in found.items()
-            )  # [batch pos]
-            for row, i in enumerate(batch.indices):
-                pieces[i] = to_host(per_token[row, skip : len(chunks[i].tokens)].double())  # type: ignore[index]
+    for batch, found in text_gradients(model, chunks, weights, batch_size):
+        per_token = sum(
+            _per_token(a, g, preconditioned[name]) for name, (a, g) in found.items()
+        )  # [batch pos]
+        for row, i in enumerate(batch.indices):
+            pieces[i] = to_host(per_token[row, skip : len(chunks[i].tokens)].double())  # type: ignore[index]
     token_scores, str_tokens = [], []
     for d in range(len(texts)):
         mine = [i for i, chunk in enumerate(chunks) if chunk.document == d]
