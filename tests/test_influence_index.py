@@ -96,10 +96,10 @@ class TestScores:
         for t, text in enumerate(TEXTS):
             gradient = text_gradient(micro, text)
             for name in factors.names:
-                m_in = factors.input_vectors[name].double()[:, -5:]
-                m_out = factors.output_vectors[name].double()[:, -3:]
-                p = m_in.T @ query[name].detach().double() @ m_out
-                g = m_in.T @ gradient[name].detach().double() @ m_out
+                input_basis = factors.input_vectors[name].double()[:, -5:]
+                output_basis = factors.output_vectors[name].double()[:, -3:]
+                p = input_basis.T @ query[name].detach().double() @ output_basis
+                g = input_basis.T @ gradient[name].detach().double() @ output_basis
                 expected[t] += (p * g).sum()
         torch.testing.assert_close(result.all_scores, expected, rtol=1e-4, atol=1e-7)
 

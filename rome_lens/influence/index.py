@@ -136,13 +136,18 @@ Query = Tensor | EigenQueries  # [query d_in d_out] dense, or in the eigenbasis
 
 
 def project(
-    query: Query, m_in: Float[Tensor, "d_in rank_in"], m_out: Float[Tensor, "d_out rank_out"]
+    query: Query,
+    input_basis: Float[Tensor, "d_in rank_in"],
+    output_basis: Float[Tensor, "d_out rank_out"],
 ) -> Float[Tensor, "query rank_in rank_out"]:
     """``M_inᵀ P M_out`` for every query, from a dense ``P`` or from its eigenbasis form."""
     if isinstance(query, EigenQueries):
-        m_in, m_out = query.input_vectors.T @ m_in, query.output_vectors.T @ m_out
+        input_basis, output_basis = (
+            query.input_vectors.T @ input_basis,
+            query.output_vectors.T @ output_basis,
+        )
         query = query.rotated
-    return torch.einsum("ir,qio,os->qrs", m_in, query, m_out)
+    return torch.einsum("ir,qio,os->qrs", input_basis, query, output_basis)
 
 
 @dataclass(frozen=True)
@@ -150,37 +155,37 @@ class Projection:
     """How one weight's gradients are stored: ``M_inᵀ G M_out``, or for a whitened index
     ``M_inᵀ (Q_Aᵀ G Q_S ⊘ √(Λ + λ)) M_out``; and how a query meets them."""
 
-    m_in: Float[Tensor, "d_in rank_in"]
-    m_out: Float[Tensor, "d_out rank_out"]
+    input_basis: Float[Tensor, "d_in rank_in"]
+    output_basis: Float[Tensor, "d_out rank_out"]
     whitening: tuple[Tensor, Tensor, Tensor] | None = None  # Q_A, Q_S, √(Λ + λ)
 
     def to(self, device: torch.device) -> Projection:
         """The same projection on ``device``."""
         whitening = None if self.whitening is None else tuple(t.to(device) for t in self.whitening)
-        return Projection(self.m_in.to(device), self.m_out.to(device), whitening)  # type: ignore[arg-type]
+        return Projection(self.input_basis.to(device), self.output_basis.to(device), whitening)  # type: ignore[arg-type]
 
     def cut(self, rank: int) -> Projection:
         """The first ``rank`` directions of each basis (bases are nested)."""
-        return Projection(self.m_in[:, :rank], self.m_out[:, :rank], self.whitening)
+        return Projection(self.input_basis[:, :rank], self.output_basis[:, :rank], self.whitening)
 
     def texts(
         self, a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"]
     ) -> Float[Tensor, "batch rank_in rank_out"]:
         """Each text's stored matrix, from its inputs and output gradients."""
         if self.whitening is None:
-            return torch.einsum("bti,bto->bio", a @ self.m_in, g @ self.m_out)
+            return torch.einsum("bti,bto->bio", a @ self.input_basis, g @ self.output_basis)
         q_a, q_s, scale = self.whitening
         rotated = torch.einsum("bti,bto->bio", a @ q_a, g @ q_s) / scale  # [batch d_in d_out]
-        return torch.einsum("ir,bio,os->brs", self.m_in, rotated, self.m_out)
+        return torch.einsum("ir,bio,os->brs", self.input_basis, rotated, self.output_basis)
 
     def queries(self, query: Query) -> Float[Tensor, "query rank_in rank_out"]:
         """Each query's matrix, so that its dot product with a text's is the score."""
         if self.whitening is None:
-            return project(query, self.m_in, self.m_out)
+            return project(query, self.input_basis, self.output_basis)
         if not isinstance(query, EigenQueries):
             raise ValueError("a whitened index scores EK-FAC or K-FAC queries only")
-        return torch.einsum("ir,qio,os->qrs", self.m_in, query.rotated * self.whitening[2],
-                            self.m_out)  # fmt: skip
+        return torch.einsum("ir,qio,os->qrs", self.input_basis, query.rotated * self.whitening[2],
+                            self.output_basis)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -374,7 +379,7 @@ def build_gradient_index(
         path=Path(path), model=model_fingerprint(model), factors=factors_digest(factors),
         corpus=texts.id(), n_texts=len(texts.documents), n_chunks=len(chunks),
         weights=tuple(w.name for w in weights),
-        ranks=tuple((p.m_in.shape[1], p.m_out.shape[1]) for p in bases.values()),
+        ranks=tuple((p.input_basis.shape[1], p.output_basis.shape[1]) for p in bases.values()),
         settings=settings,
     )  # fmt: skip
     split = Split.of(distributed)
@@ -415,16 +420,17 @@ def _bases(
         r_in, r_out = min(settings.rank_in, q_a.shape[0]), min(settings.rank_out, q_s.shape[0])
         whitening = None
         if settings.basis == "eigen":  # eigenvalues ascend: the last columns are the largest
-            m_in, m_out = q_a[:, -r_in:].flip(-1), q_s[:, -r_out:].flip(-1)
+            input_basis, output_basis = q_a[:, -r_in:].flip(-1), q_s[:, -r_out:].flip(-1)
         else:  # E[M Mᵀ] = I, so that ⟨Π(P), Π(G)⟩ is unbiased for ⟨P, G⟩
-            m_in = torch.randn(q_a.shape[0], r_in, generator=generator) / r_in**0.5
-            m_out = torch.randn(q_s.shape[0], r_out, generator=generator) / r_out**0.5
+            input_basis = torch.randn(q_a.shape[0], r_in, generator=generator) / r_in**0.5
+            output_basis = torch.randn(q_s.shape[0], r_out, generator=generator) / r_out**0.5
         if settings.basis == "whitened":
             values = factors.eigenvalues(weight.name, settings.strategy)
             scale = (values + settings.damping * values.mean()).sqrt()
             whitening = (q_a.float(), q_s.float(), scale.float())
-        bases[weight.name] = Projection(m_in.float().contiguous(), m_out.float().contiguous(),
-                                        whitening)  # fmt: skip
+        bases[weight.name] = Projection(
+            input_basis.float().contiguous(), output_basis.float().contiguous(), whitening
+        )
     return bases
 
 
@@ -491,7 +497,9 @@ def _project_chunks(
     device = model_device(model)
     on_device = {name: projection.to(device) for name, projection in bases.items()}
     projected = {
-        name: torch.zeros(len(chunks), p.m_in.shape[1], p.m_out.shape[1], device=device)
+        name: torch.zeros(
+            len(chunks), p.input_basis.shape[1], p.output_basis.shape[1], device=device
+        )
         for name, p in bases.items()
     }  # {weight: [chunk rank_in rank_out]}
     squared_norms = torch.zeros(len(chunks), dtype=torch.float64, device=device)
