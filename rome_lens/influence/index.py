@@ -140,7 +140,16 @@ def project(
     input_basis: Float[Tensor, "d_in rank_in"],
     output_basis: Float[Tensor, "d_out rank_out"],
 ) -> Float[Tensor, "query rank_in rank_out"]:
-    """``M_inᵀ P M_out`` for every query, from a dense ``P`` or from its eigenbasis form."""
+    """``M_inᵀ P M_out`` for every query, from a dense ``P`` or from its eigenbasis form.
+
+    Args:
+        query: ``P`` as ``[query d_in d_out]``, or :class:`EigenQueries`.
+        input_basis: ``M_in``.
+        output_basis: ``M_out``.
+
+    Returns:
+        ``[query rank_in rank_out]``.
+    """
     if isinstance(query, EigenQueries):
         input_basis, output_basis = (
             query.input_vectors.T @ input_basis,
