@@ -114,9 +114,10 @@ _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards th
 class EigenQueries:
     """Preconditioned query gradients kept in the curvature's eigenbasis: ``P = Q_A X Q_Sᵀ``.
 
-    EK-FAC and K-FAC divide in that basis; keeping ``X`` there spares the two
-    ``d_in × d_out`` rotations back, which cost more than everything else a query
-    against an index does.
+    EK-FAC and K-FAC divide in that basis; keeping ``X`` there, rotated in from the
+    gradient's per-token factors, spares rotating a dense ``d_in × d_out`` gradient in
+    and ``P`` back out, which cost more than everything else a query against an index
+    does.
     """
 
     input_vectors: Float[Tensor, "d_in d_in"]  # Q_A
