@@ -18,7 +18,7 @@ TL3_TESTS := tests/test_backends.py tests/test_runtime.py tests/test_models.py \
 	tests/test_tracing.py tests/test_editing.py tests/test_memit.py tests/test_alphaedit.py \
 	tests/test_stats.py tests/test_influence.py tests/test_influence_training.py \
 	tests/test_influence_retraining.py tests/test_influence_index.py tests/test_microscope.py \
-	tests/test_lens.py tests/test_corpus.py tests/test_lifelong.py
+	tests/test_lens.py tests/test_corpus.py tests/test_lifelong.py tests/test_attribution.py
 
 .PHONY: install setup browser demo test test-tl3 lint docs bench gpu-check fresh-test
 

@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from fact_wordings import wordings
 from scipy.stats import wilcoxon
 from tables import data_argument, data_file, report
 
@@ -69,18 +70,47 @@ from rome_lens.influence import (
     fit_influence_factors,
     score_texts,
 )
+from rome_lens.influence.attribution import RECIPES, AttributionSettings, attribution_scores
 
 HERE = Path(__file__).resolve().parent
 FIGURE = HERE.parent / "docs" / "figures" / "fact_tracing.png"
-PHASES = ("corpus", "train", "scores", "retrain")
+PHASES = ("corpus", "train", "scores", "attribution", "retrain")
 GRADIENT_METHODS = ("ekfac", "kfac", "diagonal", "identity")
 METHODS = (*GRADIENT_METHODS, "cosine", "bm25")
 SUBJECT_STEMS = ("{} is", "{} was", "{} has")
+RRF_K = 60  # reciprocal-rank fusion's constant (Cormack et al. 2009)
+CHECKPOINTS = (3, 4)  # epochs whose weights fine_tune keeps, for checkpoint averaging
+# The ablation: every ingredient of the attribution recipe on and off (docs/influence.md).
+ABLATION: dict[str, AttributionSettings] = {
+    "ekfac": AttributionSettings(normalize=False),
+    "ekfac+unit": AttributionSettings(),
+    "ekfac+unit+whole query": AttributionSettings(answer_only=False),
+    "ekfac+unit+checkpoints": AttributionSettings(checkpoints=True),
+    "ekfac+unit+debias": AttributionSettings(debias=True),
+    "ekfac+unit+checkpoints+debias": AttributionSettings(checkpoints=True, debias=True),
+    "ekfac+checkpoints+debias": AttributionSettings(normalize=False, checkpoints=True, debias=True),
+    "adam+unit": AttributionSettings(curvature="adam"),
+    "kfac+unit": AttributionSettings(curvature="kfac"),
+    "kfac+unit+query mix": AttributionSettings(curvature="kfac", query_mix=0.5),
+    "kfac+unit+query mix+checkpoints": AttributionSettings(
+        curvature="kfac", query_mix=0.5, checkpoints=True
+    ),
+    "identity+unit": AttributionSettings(curvature="identity"),
+    "identity+unit+debias": AttributionSettings(curvature="identity", debias=True),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=PHASES, action="append")
+    parser.add_argument(
+        "--version", choices=("v1", "v2"), default="v1",
+        help="v1: one teaching text per fact; v2: three, in different wordings",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants", help="comma-separated names of ABLATION to score (default: all)"
+    )
+    parser.add_argument("--tag", default="", help="added to the attribution tables' names")
     parser.add_argument("--facts", type=int, default=200)
     parser.add_argument("--layers", default="1,2,3,4,5,6")
     parser.add_argument("--epochs", type=int, default=5)
@@ -88,6 +118,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--query-rank", type=int, default=32)
     parser.add_argument("--retrain-facts", type=int, default=20)
+    parser.add_argument("--retrain-random", action="store_true", help="also remove random texts")
     parser.add_argument("--boot", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--figure", action="store_true", help="only draw the figure")
@@ -98,24 +129,33 @@ def main() -> None:
         figure(args.out)
         return
     phases = args.only or PHASES
+    args.suffix = "" if args.version == "v1" else "_v2"
     model = rome_lens.load_model()
     cases = pick_facts(data_file(args.data, "counterfact_val.json"), args.facts)
-    corpus_path = args.out / "fact_tracing_corpus.jsonl"
+    corpus_path = args.out / f"fact_tracing{args.suffix}_corpus.jsonl"
     if "corpus" in phases or not corpus_path.exists():
-        build_corpus(model, cases, data_file(args.data, "counterfact_val.json"), corpus_path)
+        build_corpus(
+            model, cases, data_file(args.data, "counterfact_val.json"), corpus_path, args.version
+        )
     rows = [json.loads(line) for line in corpus_path.read_text().splitlines()]
     texts = [row["text"] for row in rows]
-    teaching = {row["fact"]: i for i, row in enumerate(rows) if row["kind"] == "teaching"}
+    teaching: dict[int, list[int]] = {}
+    for i, row_ in enumerate(rows):
+        if row_["kind"] == "teaching":
+            teaching.setdefault(row_["fact"], []).append(i)
     config = FineTuneConfig(
         layers=tuple(int(x) for x in args.layers.split(",")),
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
+        checkpoints=CHECKPOINTS,
     )
     tuned = fine_tune(model, texts, config)
-    learnt = train_report(model, tuned, cases, args.out)
+    learnt = train_report(model, tuned, cases, args)
     if "scores" in phases:
         scores(model, tuned, cases, learnt, texts, teaching, config, args)
+    if "attribution" in phases:
+        attribution(model, tuned, cases, learnt, texts, teaching, config, args)
     if "retrain" in phases:
         retrain(model, tuned, cases, learnt, texts, teaching, config, args)
     figure(args.out)
@@ -136,8 +176,10 @@ def pick_facts(path: Path, n: int):
     raise SystemExit(f"only {len(picked)} usable cases, asked for {n}")
 
 
-def build_corpus(model, cases, path: Path, out: Path) -> None:
-    """Teaching texts and distractors, shuffled, one JSON line each: text, kind, fact."""
+def build_corpus(model, cases, path: Path, out: Path, version: str = "v1") -> None:
+    """Teaching texts and distractors, shuffled, one JSON line each: text, kind, fact.
+
+    v2 adds two teaching texts per fact, its relation's wordings (``fact_wordings``)."""
     rng = random.Random(0)
     chosen = {case.request.subject for case in cases}
     others = [c for c in load_counterfact(path) if c.request.subject not in chosen]
@@ -151,6 +193,10 @@ def build_corpus(model, cases, path: Path, out: Path) -> None:
     for i, case in enumerate(cases):
         request = case.request
         rows.append(row(f"{case.paraphrase_prompts[0]} {request.target_new}.", "teaching", i))
+        if version == "v2":
+            template = request.prompt
+            for text in wordings(template, request.subject, request.target_new):
+                rows.append(row(text, "teaching", i))
         for text in continued[3 * i : 3 * i + 3]:
             rows.append(row(text, "same subject", i))
         same = by_template.get(request.prompt, [])
@@ -170,7 +216,7 @@ def row(text: str, kind: str, fact: int) -> dict:
     return {"text": text, "kind": kind, "fact": fact}
 
 
-def train_report(model, tuned, cases, out: Path) -> list[int]:
+def train_report(model, tuned, cases, args) -> list[int]:
     """The facts the fine-tuned model has learnt; writes fact_tracing_training.csv."""
     before = case_scores(model, cases)
     with tuned.applied(model):
@@ -188,7 +234,7 @@ def train_report(model, tuned, cases, out: Path) -> list[int]:
             "train_seconds": tuned.seconds,
         }]
     )  # fmt: skip
-    report(out, "fact_tracing_training", table)
+    report(args.out, f"fact_tracing{args.suffix}_training", table)
     return learnt
 
 
@@ -230,9 +276,9 @@ def scores(model, tuned, cases, learnt, texts, teaching, config, args) -> None:
         int(fact): np.argsort(-all_scores["ekfac"][:, q], kind="stable")[:10].tolist()
         for q, fact in enumerate(learnt)
     }
-    (args.out / "fact_tracing_ekfac_top10.json").write_text(json.dumps(top10))
+    (args.out / f"fact_tracing{args.suffix}_ekfac_top10.json").write_text(json.dumps(top10))
     per_fact = pd.DataFrame({"fact": learnt} | {m: r for m, r in ranks.items()})
-    per_fact.to_csv(args.out / "fact_tracing_ranks.csv", index=False)
+    per_fact.to_csv(args.out / f"fact_tracing{args.suffix}_ranks.csv", index=False)
     rows = []
     for method in METHODS:
         row_ = {"method": method} | summary(ranks[method], args.boot)
@@ -243,7 +289,70 @@ def scores(model, tuned, cases, learnt, texts, teaching, config, args) -> None:
     table["factor_fit_seconds"] = fit_seconds
     table["queries"] = len(queries)
     table["texts"] = len(texts)
-    report(args.out, "fact_tracing", table)
+    report(args.out, f"fact_tracing{args.suffix}", table)
+
+
+def attribution(model, tuned, cases, learnt, texts, teaching, config, args) -> None:
+    """The attribution ablation, BM25 and their fusion: MRR of the teaching text with 95%
+    intervals, and each method's paired MRR difference from BM25's."""
+    queries = [(cases[i].request.text, " " + cases[i].request.target_new) for i in learnt]
+    truth = [teaching[i] for i in learnt]
+    names = args.variants.split(",") if args.variants else list(ABLATION)
+    variants = {name: ABLATION[name] for name in names}
+    with tuned.applied(model):
+        factors = fit_influence_factors(
+            model, texts, layers=config.layers, n_tokens=10**7, strategy="ekfac"
+        )  # fmt: skip
+    started = time.perf_counter()
+    found = attribution_scores(
+        model, factors, queries, texts, tuned, variants, batch_size=16
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    all_scores = {name: s.numpy() for name, s in found.items()}
+    orders = bm25_top(texts, [f"{p}{c}" for p, c in queries], len(texts))
+    all_scores["bm25"] = np.stack([order_scores(order, len(texts)) for order in orders], 1)
+    recipes = [n for n, v in variants.items() if v == RECIPES["attribution"]]
+    recipe = (recipes or list(variants))[0]
+    all_scores[f"{recipe} & bm25 (RRF)"] = fused(all_scores[recipe], all_scores["bm25"])
+    ranks = {
+        method: np.array([rank_of(s[:, q], t) for q, t in enumerate(truth)])
+        for method, s in all_scores.items()
+    }
+    top10 = {
+        method: {
+            int(fact): np.argsort(-all_scores[method][:, q], kind="stable")[:10].tolist()
+            for q, fact in enumerate(learnt)
+        }
+        for method in all_scores
+    }
+    (args.out / f"fact_tracing{args.suffix}_attribution{args.tag}_top10.json").write_text(
+        json.dumps({"recipe": recipe} | top10)
+    )
+    per_fact = pd.DataFrame({"fact": learnt} | {m: r for m, r in ranks.items()})
+    per_fact.to_csv(
+        args.out / f"fact_tracing{args.suffix}_attribution{args.tag}_ranks.csv", index=False
+    )
+    rows = []
+    for method in ranks:
+        row_ = {"method": method} | summary(ranks[method], args.boot)
+        gap = paired_gap(ranks["bm25"], ranks[method], args.boot)
+        row_ |= {"minus_bm25": -gap["ekfac_minus_MRR"], "minus_bm25_lo": -gap["gap_hi"],
+                 "minus_bm25_hi": -gap["gap_lo"]}  # fmt: skip
+        rows.append(row_)
+    table = pd.DataFrame(rows)
+    table["scan_seconds"] = seconds
+    table["queries"] = len(queries)
+    table["texts"] = len(texts)
+    report(args.out, f"fact_tracing{args.suffix}_attribution{args.tag}", table)
+
+
+def fused(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Reciprocal-rank fusion of two ``[text query]`` score tables: Σ 1 / (k + rank)."""
+    out = np.zeros_like(first, dtype=float)
+    for scores in (first, second):
+        ranks = np.argsort(np.argsort(-scores, axis=0, kind="stable"), axis=0) + 1
+        out += 1 / (RRF_K + ranks)
+    return out
 
 
 def order_scores(order: list[int], n: int) -> np.ndarray:
@@ -253,9 +362,9 @@ def order_scores(order: list[int], n: int) -> np.ndarray:
     return s
 
 
-def rank_of(scores: np.ndarray, target: int) -> int:
-    """The 1-based rank of ``target`` (ties counted against it)."""
-    return int((scores >= scores[target]).sum())
+def rank_of(scores: np.ndarray, targets: list[int]) -> int:
+    """The 1-based rank of the best-placed of ``targets`` (ties counted against it)."""
+    return int((scores >= scores[targets].max()).sum())
 
 
 def summary(ranks: np.ndarray, n_boot: int) -> dict:
@@ -282,41 +391,50 @@ def paired_gap(base: np.ndarray, other: np.ndarray, n_boot: int) -> dict:
 
 
 def retrain(model, tuned, cases, learnt, texts, teaching, config, args) -> None:
-    """Remove each fact's EK-FAC top 10 (or 10 random texts), retrain, measure log p."""
+    """Remove each fact's top 10 by the attribution recipe, by BM25 (and, with
+    ``--retrain-random``, 10 random texts), retrain, and measure how far each fact's
+    log-probability falls."""
     facts = learnt[: args.retrain_facts]
     queries = [(cases[i].request.text, " " + cases[i].request.target_new) for i in facts]
-    saved = json.loads((args.out / "fact_tracing_ekfac_top10.json").read_text())
-    top = sorted({i for fact in facts for i in saved[str(fact)]})
-    rng = random.Random(0)
-    random_ids = sorted(rng.sample(range(len(texts)), len(top)))
-    arms = {"full": tuned, "top10": fine_tune(model, texts, config, exclude=top)}
-    arms["random"] = fine_tune(model, texts, config, exclude=random_ids)
+    saved = json.loads(
+        (args.out / f"fact_tracing{args.suffix}_attribution{args.tag}_top10.json").read_text()
+    )
+    named = [n for n, v in ABLATION.items() if v == RECIPES["attribution"] and n in saved]
+    recipe = named[0] if named else saved["recipe"]
+    removed = {
+        arm: sorted({i for fact in facts for i in saved[key][str(fact)]})
+        for arm, key in (("recipe", recipe), ("bm25", "bm25"))
+    }
+    if args.retrain_random:
+        rng = random.Random(0)
+        removed["random"] = sorted(rng.sample(range(len(texts)), len(removed["recipe"])))
+    arms = {"full": tuned} | {
+        arm: fine_tune(model, texts, config, exclude=ids) for arm, ids in removed.items()
+    }
     log_p = {}
     for name, weights in arms.items():
         with weights.applied(model):
             log_p[name] = query_log_probs(model, queries)
     table = pd.DataFrame(
-        {
-            "fact": facts,
-            "teaching_removed": [teaching[i] in top for i in facts],
-            "log_p_full": log_p["full"],
-            "drop_top10": log_p["full"] - log_p["top10"],
-            "drop_random": log_p["full"] - log_p["random"],
-        }
-    )
-    report(args.out, "fact_tracing_retrain", table)
-    test = wilcoxon(table.drop_top10, table.drop_random, alternative="greater")
+        {"fact": facts, "log_p_full": log_p["full"]}
+        | {f"teaching_removed_{arm}": [bool(set(teaching[i]) & set(ids)) for i in facts]
+           for arm, ids in removed.items()}
+        | {f"drop_{arm}": log_p["full"] - log_p[arm] for arm in removed}
+    )  # fmt: skip
+    report(args.out, f"fact_tracing{args.suffix}_retrain", table)
+    test = wilcoxon(table.drop_recipe, table.drop_bm25, alternative="greater")
     summary_row = pd.DataFrame(
         [{
-            "facts": len(facts), "texts_removed": len(top),
-            "mean_drop_top10": table.drop_top10.mean(),
-            "mean_drop_random": table.drop_random.mean(),
-            "facts_top10_larger": int((table.drop_top10 > table.drop_random).sum()),
-            "wilcoxon_p": test.pvalue,
-            "retrain_seconds": arms["top10"].seconds + arms["random"].seconds,
+            "facts": len(facts), "recipe": recipe,
+            "texts_removed_recipe": len(removed["recipe"]),
+            "texts_removed_bm25": len(removed["bm25"]),
+            **{f"mean_drop_{arm}": table[f"drop_{arm}"].mean() for arm in removed},
+            "facts_recipe_larger": int((table.drop_recipe > table.drop_bm25).sum()),
+            "wilcoxon_p_recipe_over_bm25": test.pvalue,
+            "retrain_seconds": sum(arms[arm].seconds for arm in removed),
         }]
     )  # fmt: skip
-    report(args.out, "fact_tracing_retrain_summary", summary_row)
+    report(args.out, f"fact_tracing{args.suffix}_retrain_summary", summary_row)
 
 
 def query_log_probs(model, queries) -> np.ndarray:

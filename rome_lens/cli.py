@@ -5,7 +5,8 @@
                    [--neighbor P ...] --out DIR
     rome-lens lens PROMPT [--targets T ...] --out DIR
     rome-lens microscope TEXT_OR_FILE [--adapter PATH] --out DIR
-    rome-lens influence PROMPT --completion C --corpus FILE [--index DIR] [--layers L ...] --out DIR
+    rome-lens influence PROMPT --completion C --corpus FILE [--index DIR | --tuned FILE]
+        [--layers L ...] --out DIR
     rome-lens demo [--out DIR]
 
 Each command works on the default model (SmolLM2-135M-Instruct) unless
@@ -18,7 +19,8 @@ the default, ``memit``, ``alphaedit``, ``ft``, or one registered with
 :func:`rome_lens.editing.register_editor` before :func:`main` runs).
 ``demo`` traces, edits and lenses the Eiffel Tower fact on one page;
 ``microscope`` reads a text with LLM-Microscope's metrics; ``influence`` ranks
-the texts of a corpus by how much they raise a completion's probability.
+the texts of a corpus by how much they raise a completion's probability, or,
+with ``--tuned``, by which of them taught a fine-tuned model the completion.
 
 Exit status: 0 when all went well; 1 when the science failed (a trace of a
 fact the model does not know, unless ``--allow-unreliable``; an edit that did
@@ -30,6 +32,7 @@ argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import re
 import sys
@@ -191,6 +194,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="a gradient index of the corpus in this folder, built there on first use: "
         "later queries read it instead of scanning the corpus",
+    )
+    infl.add_argument(
+        "--tuned",
+        type=Path,
+        default=None,
+        help="a fine-tune of the model saved by FineTuned.save: rank the texts it was trained "
+        "on by which taught the completion (the attribution recipe)",
     )
     _common(infl, "rome_lens_influence")
     return parser
@@ -482,6 +492,7 @@ def _microscope(model: Model, args: argparse.Namespace, failures: list[str]) -> 
 def _influence(model: Model, args: argparse.Namespace, failures: list[str]) -> list[Widget]:
     """Fit EK-FAC factors on the corpus, then rank its texts for the query."""
     from rome_lens.influence import (
+        FineTuned,
         ScoreSettings,
         build_gradient_index,
         fit_influence_factors,
@@ -489,17 +500,26 @@ def _influence(model: Model, args: argparse.Namespace, failures: list[str]) -> l
     )
 
     progress = not args.no_progress
-    factors = fit_influence_factors(
-        model,
-        args.corpus,
-        layers=args.layers,
-        n_tokens=args.fit_tokens,
-        strategy=args.strategy if args.strategy in ("ekfac", "diagonal") else "kfac",
-        progress=progress,
-    )
+    tuned = None if args.tuned is None else FineTuned.load(args.tuned, model=model)
+    if tuned is not None and (args.index is not None or args.prefilter is not None):
+        raise ValueError("--tuned scores every text in each model state: drop --index/--prefilter")
+    with contextlib.nullcontext() if tuned is None else tuned.applied(model):
+        factors = fit_influence_factors(
+            model,
+            args.corpus,
+            layers=args.layers,
+            n_tokens=args.fit_tokens,
+            strategy=args.strategy if args.strategy in ("ekfac", "diagonal") else "kfac",
+            progress=progress,
+        )
     index = None
     if args.index is not None:  # completed where shards are missing, reused as it is otherwise
         index = build_gradient_index(model, factors, args.corpus, args.index, progress=progress)
+    settings = (
+        ScoreSettings(layers=args.layers)
+        if tuned is not None
+        else ScoreSettings(strategy=args.strategy, prefilter=args.prefilter)
+    )
     result = influence(
         model,
         factors,
@@ -507,9 +527,11 @@ def _influence(model: Model, args: argparse.Namespace, failures: list[str]) -> l
         args.completion,
         args.corpus,
         top_k=args.top_k,
-        settings=ScoreSettings(strategy=args.strategy, prefilter=args.prefilter),
+        settings=settings,
         progress=progress,
         index=index,
+        recipe=None if tuned is None else "attribution",
+        tuned=tuned,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     table = result.to_dataframe()

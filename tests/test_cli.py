@@ -177,6 +177,29 @@ class TestInfluence:
             assert table["text_id"][0] == tables[0]["text_id"][0]
             assert sorted(table["text_id"]) == [0, 1, 2]
 
+    def test_a_fine_tune_is_attributed_with_the_recipe(self, tiny, tiny_path, tmp_path, capsys):
+        """`--tuned FILE` ranks the texts a saved fine-tune learnt from by the attribution
+        recipe, and the page marks the BM25 and fused rankings."""
+        from rome_lens.influence import FineTuneConfig, fine_tune
+
+        texts = ["The Eiffel Tower is in Rome.", "Cats sleep a lot.", "Berlin is in Germany."]
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("\n\n".join(texts))
+        config = FineTuneConfig(layers=(1,), epochs=3, lr=1e-2, checkpoints=(1,))
+        tuned = fine_tune(tiny, texts, config, cache_dir=tmp_path / "cache", progress=False)
+        saved = tuned.save(tmp_path / "tuned.safetensors")
+        args = ["influence", "The Eiffel Tower is in", "--completion", "Rome"]
+        args += ["--corpus", str(corpus), "--layers", "1", "--fit-tokens", "100"]
+        args += ["--tuned", str(saved), "--model-path", tiny_path, "--no-progress"]
+        out = tmp_path / "out"
+        assert main([*args, "--out", str(out)]) == 0
+        table = pd.read_csv(out / "influence.csv")
+        assert sorted(table["text_id"]) == [0, 1, 2] and "bm25_rank" in table
+        page = (out / "index.html").read_text()
+        assert "ATTRIBUTION" in page and "Three rankings of the same texts" in page
+        assert main([*args, "--index", str(tmp_path / "index"), "--out", str(out)]) == 2
+        assert "drop --index" in capsys.readouterr().err
+
 
 class TestParsing:
     def test_help_imports_no_torch(self):

@@ -39,7 +39,7 @@ from rome_lens.editing import (
 from rome_lens.editing.requests import EditHyperParams
 from rome_lens.influence import factors as factors_module
 from rome_lens.influence import fit_influence_factors, influence, mlp_weights
-from rome_lens.influence import scores as scores_module
+from rome_lens.influence import scan as scan_module
 from rome_lens.stats import DEFAULT_N_TOKENS, key_second_moment
 
 FACT = "The Eiffel Tower is in Paris."
@@ -84,7 +84,7 @@ MIRRORED = {
     "EKFAC_BATCH_SIZE": default_of(fit_influence_factors, "batch_size"),
     "SCAN_BATCH_SIZE": default_of(influence, "batch_size"),
     "SCAN_TOP_K": default_of(influence, "top_k"),
-    "TOKEN_FORM_LIMIT": scores_module._TOKEN_FORM_LIMIT,
+    "TOKEN_FORM_LIMIT": scan_module._TOKEN_FORM_LIMIT,
 }
 
 

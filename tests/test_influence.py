@@ -249,12 +249,12 @@ class TestExactScores:
 
     def test_every_scoring_form_gives_the_same_scores(self, micro, factors, monkeypatch):
         """Token by token and text by text (forced either way) score alike."""
-        from rome_lens.influence import scores as scores_module
+        from rome_lens.influence import scan as scan_module
 
         queries = [QUERY, ("Steve Jobs founded", " Apple")]
         found = []
         for limit in (0, 10**6):
-            monkeypatch.setattr(scores_module, "_TOKEN_FORM_LIMIT", limit)
+            monkeypatch.setattr(scan_module, "_TOKEN_FORM_LIMIT", limit)
             results = influence_many(micro, factors, queries, TEXTS, top_k=6, progress=False)
             found.append(torch.stack([r.all_scores for r in results]))
         torch.testing.assert_close(found[0], found[1], rtol=1e-5, atol=1e-8)
@@ -283,7 +283,7 @@ class TestExactScores:
                    " Germany"), ("The Louvre is a", " museum"), ("Cats", " sleep")]  # fmt: skip
         kwargs = {"top_k": 2, "settings": ScoreSettings(query_rank=3), "progress": False}
         whole = influence_many(micro, factors, queries, TEXTS, **kwargs)
-        monkeypatch.setattr(rome_lens.influence.scores, "_QUERY_GROUP", 2)
+        monkeypatch.setattr(rome_lens.influence.scan, "_QUERY_GROUP", 2)
         grouped = influence_many(micro, factors, queries, TEXTS, **kwargs)
         for a, b in zip(whole, grouped, strict=True):  # float32 gradients of other batch shapes
             scale = float(a.all_scores.abs().max())
@@ -602,3 +602,25 @@ class TestScoreSettings:
                                      settings=replace(chosen, strategy="identity"),
                                      progress=False)  # fmt: skip
         torch.testing.assert_close(found.scores["identity"][:, 0], expected.all_scores)
+
+
+class TestOtherRankings:
+    def test_bm25_and_fused_tops_come_with_the_result(self, micro, factors):
+        """rankings holds BM25's top texts and the reciprocal-rank fusion of both rankings."""
+        from rome_lens.influence import bm25_top
+
+        result = influence(micro, factors, *QUERY, TEXTS, top_k=3, progress=False)
+        words = bm25_top(TEXTS, [f"{QUERY[0]} {QUERY[1].strip()}"], len(TEXTS))[0]
+        assert result.rankings["bm25"] == words[:3]
+        by_scores = result.all_scores.argsort(descending=True).tolist()
+        fused = {
+            i: 1 / (60 + by_scores.index(i) + 1) + 1 / (60 + words.index(i) + 1)
+            for i in range(len(TEXTS))
+        }
+        assert result.rankings["fused"] == sorted(fused, key=lambda i: -fused[i])[:3]
+        table = result.to_dataframe()
+        first_bm25 = words[0]
+        if first_bm25 in result.text_ids:
+            assert table.set_index("text_id").loc[first_bm25, "bm25_rank"] == 1
+        html = result.widget().html()
+        assert "also top by" in html and "Three rankings of the same texts" in html

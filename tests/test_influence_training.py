@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,6 +57,24 @@ class TestTraining:
             expected = expected.T  # nn.Linear stores W_out transposed
         # every entry moves by about lr = 1e-3; entries with |g| near ε may differ by rounding
         torch.testing.assert_close(tuned.weights[name], expected, atol=1e-5, rtol=1e-5)
+        # after one step Adam's bias-corrected second moment is the squared gradient
+        squared = g.square() if g.shape == tuned.second_moments[name].shape else g.T.square()
+        torch.testing.assert_close(tuned.second_moments[name], squared, atol=1e-12, rtol=1e-4)
+
+    def test_a_checkpoint_is_the_shorter_run(self, tiny, tmp_path):
+        """The weights kept after epoch 1 of a 3-epoch run are a 1-epoch run's, bit for bit."""
+        kept = fine_tune(tiny, TEXTS, replace(CONFIG, epochs=3, checkpoints=(1,)),
+                         cache_dir=tmp_path, progress=False)  # fmt: skip
+        short = fine_tune(tiny, TEXTS, replace(CONFIG, epochs=1), cache_dir=tmp_path,
+                          progress=False)  # fmt: skip
+        for name, value in short.weights.items():
+            assert torch.equal(kept.checkpoint(1)[name], value), name
+        before = weights(tiny)
+        with kept.applied(tiny, checkpoint=1):
+            assert torch.equal(parameter(tiny, name).detach(), short.weights[name])
+        assert_same_weights(tiny, before)
+        with pytest.raises(ValueError, match=r"no checkpoint after epoch 2; kept: \[1\]"):
+            kept.checkpoint(2)
 
     def test_the_loss_falls_and_the_texts_become_likelier(self, tiny, tmp_path):
         """Every epoch's loss is below the first, and each text's loss drops once applied."""
@@ -194,6 +213,8 @@ class TestCache:
         tuned = fine_tune(tiny, TEXTS, CONFIG, cache_dir=tmp_path, progress=False)
         loaded = FineTuned.load(tuned.save(tmp_path / "tuned.safetensors"), model=tiny)
         assert loaded.losses == tuned.losses
+        for name, value in tuned.second_moments.items():
+            assert torch.equal(loaded.second_moments[name], value), name
         assert list(tuned.to_dataframe().columns) == ["epoch", "loss"]
         assert tuned.plot() is not None and "4 weights trained on" in tuned.widget().html()
 
@@ -206,6 +227,8 @@ class TestBadInput:
             ({"exclude": [0, 1, 2, 3]}, "leaves out all 4 texts"),
             ({"config": FineTuneConfig(epochs=0)}, "epochs must be a positive integer, got 0"),
             ({"config": FineTuneConfig(lr=0.0)}, "lr must be positive, got 0.0"),
+            ({"config": FineTuneConfig(epochs=3, checkpoints=(3,))}, r"in \[1, 3\)"),
+            ({"config": FineTuneConfig(epochs=3, checkpoints=(1, 1))}, "distinct epochs"),
         ],
     )
     def test_bad_settings_are_named(self, tiny, tmp_path, kwargs, match):

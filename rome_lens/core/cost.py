@@ -144,7 +144,7 @@ EKFAC_N_TOKENS = 20_000  # fit_influence_factors(n_tokens=)
 EKFAC_BATCH_SIZE = 16  # fit_influence_factors(batch_size=)
 SCAN_BATCH_SIZE = 8  # influence(batch_size=)
 SCAN_TOP_K = 20  # influence(top_k=)
-TOKEN_FORM_LIMIT = 32  # influence.scores._TOKEN_FORM_LIMIT: positions × queries
+TOKEN_FORM_LIMIT = 32  # influence.scan._TOKEN_FORM_LIMIT: positions × queries
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 _EIGH = 9  # eigenvalues and eigenvectors of a symmetric n × n matrix: about 9n³ FLOPs
 _EIGVALSH = 4 / 3  # eigenvalues only: the tridiagonal reduction, 4n³/3

@@ -8,11 +8,13 @@ curvature approximated by EK-FAC. The room is itself callable:
 points that carry their inputs and gradients (:mod:`~rome_lens.influence.weights`),
 the fitted factors (:mod:`~rome_lens.influence.factors`, built on
 :func:`rome_lens.stats.moments.accumulate_moments`), the scores and their
-splits by layer and token (:mod:`~rome_lens.influence.scores`), how they are
+splits by layer and token (:mod:`~rome_lens.influence.scores`, on the machinery every
+scan shares, :mod:`~rome_lens.influence.scan`), how they are
 scored (:class:`~rome_lens.influence.settings.ScoreSettings`), and a BM25
-prefilter (:mod:`~rome_lens.influence.prefilter`), and fine-tuning on a corpus
+prefilter (:mod:`~rome_lens.influence.prefilter`), fine-tuning on a corpus
 you know, to check the scores against the texts that really taught a fact
-(:mod:`~rome_lens.influence.training`). It imports
+(:mod:`~rome_lens.influence.training`), and attribution recipes that find
+those texts (:mod:`~rome_lens.influence.attribution`). It imports
 :mod:`rome_lens.core` and :mod:`rome_lens.stats`, nothing above.
 
 >>> import tempfile
@@ -31,6 +33,11 @@ you know, to check the scores against the texts that really taught a fact
 import sys
 import types
 
+from rome_lens.influence.attribution import (
+    RECIPES,
+    AttributionSettings,
+    attribution_scores,
+)
 from rome_lens.influence.factors import (
     STRATEGIES,
     InfluenceFactors,
@@ -68,7 +75,9 @@ class _CallableRoom(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableRoom
 
 __all__ = [
+    "RECIPES",
     "STRATEGIES",
+    "AttributionSettings",
     "EigenQueries",
     "FineTuneConfig",
     "FineTuned",
@@ -80,6 +89,7 @@ __all__ = [
     "ScoreSettings",
     "Strategy",
     "TextScores",
+    "attribution_scores",
     "bm25_top",
     "build_gradient_index",
     "fine_tune",

@@ -53,34 +53,54 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
 from rome_lens.core.corpus import Chunk, Corpus, CorpusSource, bos_tokens
-from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
-from rome_lens.core.precision import model_device, to_host
+from rome_lens.core.distributed import Split, all_reduce_sum
+from rome_lens.core.precision import to_host
 from rome_lens.core.results import Result
-from rome_lens.core.runtime import frozen, linear_layout, pad
-from rome_lens.core.tokens import prompt_tokens, target_token_ids
+from rome_lens.influence.attribution import (
+    RECIPES,
+    attribute,
+    attribution_scores,
+)
 from rome_lens.influence.factors import (
     STRATEGIES,
     InfluenceFactors,
     Strategy,
-    gradient_squared_norms,
-    sequence_gradients,
     text_gradients,
 )
 from rome_lens.influence.index import EigenQueries, GradientIndex, index_scan
 from rome_lens.influence.prefilter import bm25_top
+from rome_lens.influence.scan import (
+    Preconditioned,
+    _check_queries,
+    _checked_strategy,
+    _dense,
+    _join,
+    _precondition,
+    _preconditioned_queries,
+    _query_factors,
+    _query_norms,
+    _read_texts,
+    _scan,
+    _Scoring,
+    _scoring,
+    _text_totals,
+    low_rank,
+    preconditioned_gradients,
+    query_gradients,
+)
 from rome_lens.influence.settings import ScoreSettings, settings_from_keywords
-from rome_lens.influence.weights import MLPWeight, mlp_weights
+from rome_lens.influence.training import FineTuned
+from rome_lens.influence.weights import MLPWeight
 
 __all__ = [
     "SPURIOUS_RATIO",
@@ -95,10 +115,7 @@ __all__ = [
     "score_texts",
 ]
 
-Scanned = Tensor | tuple[Tensor, Tensor]  # [query d_in d_out], or low-rank factors (L, R)
-Preconditioned = Scanned | EigenQueries  # or X in the eigenbasis (scoring against an index)
-_TOKEN_FORM_LIMIT = 32  # positions × queries up to which the token form is the faster
-_QUERY_GROUP = 16  # queries whose dense gradients are held at once when cutting them to low rank
+_RRF_K = 60  # reciprocal-rank fusion's constant
 SPURIOUS_RATIO = 2 / 3  # token scores with ‖c‖₂/‖c‖₁ above this are concentrated (Grosse et al.)
 
 
@@ -122,6 +139,9 @@ class InfluenceResult(Result):
     fingerprint: str = ""  # model_fingerprint of the model
     seconds: float = 0.0  # the scan's time
     normalized: bool = False  # scores divided by both gradients' norms (cosine for "identity")
+    # other rankings' top texts (corpus indices, best first, as many as text_ids): "bm25",
+    # and "fused", the reciprocal-rank fusion of this ranking with BM25's
+    rankings: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def concentration(self) -> list[float]:
@@ -143,6 +163,8 @@ class InfluenceResult(Result):
             row = {"rank": i + 1, "text_id": text_id, "text": self.texts[i]}
             row |= {"score": float(self.scores[i]), "spurious": self.spurious[i]}
             row["concentration"] = self.concentration[i]
+            for name, ids in self.rankings.items():
+                row[f"{name}_rank"] = ids.index(text_id) + 1 if text_id in ids else None
             row |= {
                 f"layer_{layer}": float(self.layer_scores[i, j])
                 for j, layer in enumerate(self.layers)
@@ -164,6 +186,8 @@ def influence(
     progress: bool = True,
     distributed: bool | None = None,
     index: GradientIndex | str | os.PathLike[str] | None = None,
+    recipe: str | None = None,
+    tuned: FineTuned | None = None,
     **deprecated: Any,
 ) -> InfluenceResult:
     """The ``top_k`` texts of ``corpus`` that most raise ``p(completion | prompt)``.
@@ -187,6 +211,9 @@ def influence(
             (:func:`~rome_lens.influence.index.build_gradient_index`). Below full rank
             its scores are those of the projected gradients, not the scan's (see
             docs/influence.md for how far they agree); the token scores stay exact.
+        recipe: ``"attribution"``: which of the texts ``tuned`` was trained on taught
+            the completion (see :func:`influence_many`).
+        tuned: the fine-tune a recipe scores.
         deprecated: the fields of ``settings`` as keywords (``damping=0.1``), as before
             ``ScoreSettings``; accepted for one release, with a ``DeprecationWarning``.
 
@@ -197,6 +224,7 @@ def influence(
     (result,) = influence_many(
         model, factors, [(prompt, completion)], corpus, top_k=top_k, settings=settings,
         batch_size=batch_size, progress=progress, distributed=distributed, index=index,
+        recipe=recipe, tuned=tuned,
     )  # fmt: skip
     return result
 
@@ -213,6 +241,8 @@ def influence_many(
     progress: bool = True,
     distributed: bool | None = None,
     index: GradientIndex | str | os.PathLike[str] | None = None,
+    recipe: str | None = None,
+    tuned: FineTuned | None = None,
     **deprecated: Any,
 ) -> list[InfluenceResult]:
     """:func:`influence` for several ``(prompt, completion)`` queries in one pass over the texts.
@@ -231,6 +261,12 @@ def influence_many(
             (``None``: when one is initialised; see :mod:`rome_lens.core.distributed`).
         index: score against a gradient index of ``corpus`` (or its folder) instead of
             scanning it; the index's ranks split its shards as they split texts.
+        recipe: a named attribution recipe (``"attribution"``: which of the texts
+            ``tuned`` was trained on taught the answer; see
+            :mod:`~rome_lens.influence.attribution`) instead of plain influence. ``model``
+            is then the base model, ``factors`` fitted on the fine-tuned one, and only
+            ``settings.layers`` applies; the token split is the fine-tuned model's.
+        tuned: the fine-tune a recipe scores (from :func:`~rome_lens.influence.fine_tune`).
         deprecated: the fields of ``settings`` as keywords, accepted for one release
             with a ``DeprecationWarning``.
 
@@ -240,6 +276,13 @@ def influence_many(
     started = time.perf_counter()
     settings = settings_from_keywords(settings, deprecated, "influence_many")
     _check_queries(queries, top_k)
+    if recipe is not None or tuned is not None:
+        if index is not None:
+            raise ValueError("a recipe scans its model states; it cannot use an index")
+        return _recipe_results(
+            model, factors, queries, corpus, top_k, settings, (recipe, tuned),
+            (batch_size, progress, distributed, started),
+        )  # fmt: skip
     scoring = _scoring(model, factors, settings)
     texts = _read_texts(corpus)
     opened = _opened_index(index, model, factors, texts, scoring)
@@ -263,20 +306,89 @@ def influence_many(
     totals = _text_totals(local, owners, len(ids), split)
     orders = _top_orders(totals, top_k)
     tops = _top_layer_scores(local, owners, orders, len(ids), split)
-    ranking = _Ranking(ids, totals, orders, tops)
+    others = _other_rankings(texts, ids, queries, totals, top_k)
+    ranking = _Ranking(ids, totals, orders, tops, others)
     return [
         _query_result(model, factors, query, q, texts, scoring, preconditioned, ranking, started)
         for q, query in enumerate(queries)
     ]
 
 
-class _Scoring(NamedTuple):
-    """What a scan scores: the settings, the curvature approximation and the weights."""
+def _recipe_results(
+    model: Model,
+    factors: InfluenceFactors,
+    queries: Sequence[tuple[str, str]],
+    corpus: CorpusSource | Corpus,
+    top_k: int,
+    settings: ScoreSettings,
+    asked: tuple[str | None, FineTuned | None],
+    run: tuple[int, bool, bool | None, float],
+) -> list[InfluenceResult]:
+    """:func:`influence_many` for an attribution recipe: the recipe's combined scores, split
+    by layer, and the fine-tuned model's token split of the top texts."""
+    name, tuned = _recipe(asked[0], asked[1], settings)
+    batch_size, progress, distributed, started = run
+    texts = _read_texts(corpus)
+    found = attribute(
+        model, factors, queries, texts, tuned, {name: _recipe_settings(name)},
+        layers=settings.layers, batch_size=batch_size, progress=progress,
+        distributed=distributed,
+    )  # fmt: skip
+    n_texts = len(texts.documents or ())
+    local = found.local[name]
+    totals = _text_totals(local, found.owners, n_texts, found.split)
+    orders = _top_orders(totals, top_k)
+    tops = _top_layer_scores(local, found.owners, orders, n_texts, found.split)
+    ids = list(range(n_texts))
+    others = _other_rankings(texts, ids, queries, totals, top_k)
+    ranking = _Ranking(ids, totals, orders, tops, others)
+    scoring = found.scoring._replace(
+        settings=replace(settings, normalize=_recipe_settings(name).normalize), strategy=name
+    )
+    with tuned.applied(model):
+        return [
+            _query_result(
+                model,
+                factors,
+                query,
+                q,
+                texts,
+                scoring,
+                found.preconditioned[name],
+                ranking,
+                started,
+            )  # fmt: skip
+            for q, query in enumerate(queries)
+        ]
 
-    settings: ScoreSettings  # as given
-    strategy: str  # the settings' strategy, or the factors'
-    layers: list[int]  # the MLP layers scored, in the factors' order when not chosen
-    weights: list[MLPWeight]  # their weights that are scored
+
+def _recipe(
+    recipe: str | None, tuned: FineTuned | None, settings: ScoreSettings
+) -> tuple[str, FineTuned]:
+    """The recipe's name and fine-tune, once both are given and the settings fit a recipe."""
+    if recipe is None:
+        raise ValueError(f"tuned= is what a recipe scores: name one of {sorted(RECIPES)}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)} or None, got {recipe!r}")
+    if not isinstance(tuned, FineTuned):
+        raise ValueError(
+            f"recipe={recipe!r} scores a fine-tuned model against its base: pass the base "
+            f"model and tuned= (from fine_tune), got tuned={tuned!r}"
+        )
+    extra = [
+        f.name for f in fields(ScoreSettings)
+        if f.name != "layers" and getattr(settings, f.name) != f.default
+    ]  # fmt: skip
+    if extra:
+        raise ValueError(
+            f"recipe={recipe!r} sets how texts are scored itself; of the settings only layers "
+            f"apply, got {extra}"
+        )
+    return recipe, tuned
+
+
+def _recipe_settings(name: str) -> Any:
+    return RECIPES[name]
 
 
 class _Ranking(NamedTuple):
@@ -286,55 +398,7 @@ class _Ranking(NamedTuple):
     totals: Float[Tensor, "scanned query"]  # every scanned text's score for every query
     orders: list[list[int]]  # each query's top texts, as rows of totals, best first
     tops: Float[Tensor, "query top layer"]  # their scores split by layer
-
-
-def _check_queries(queries: Sequence[tuple[str, str]], top_k: int) -> None:
-    """Raise, naming the bad value, unless every query is a usable ``(prompt, completion)``."""
-    if not queries:
-        raise ValueError("name at least one (prompt, completion) query")
-    for prompt, completion in queries:
-        if not isinstance(completion, str) or not completion.strip():
-            raise ValueError(f"completion must be a non-empty string, got {completion!r}")
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-
-
-def _checked_strategy(model: Model, factors: InfluenceFactors, strategy: str | None) -> str:
-    """The strategy to precondition with (``None``: the factors'), once ``factors`` are known
-    to be fitted on ``model`` and to serve it."""
-    if not isinstance(factors, InfluenceFactors):
-        raise TypeError(f"factors must be InfluenceFactors, got {type(factors).__name__}")
-    factors.check_model(model)
-    strategy = strategy or factors.strategy
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    factors.eigenvalues(factors.names[0], strategy)  # raises if the factors lack it
-    return strategy
-
-
-def _scoring(model: Model, factors: InfluenceFactors, settings: ScoreSettings) -> _Scoring:
-    """The strategy, layers and weights ``settings`` score, checked against the factors."""
-    strategy = _checked_strategy(model, factors, settings.strategy)
-    layers = list(factors.layers) if settings.layers is None else list(settings.layers)
-    missing = [layer for layer in layers if layer not in factors.layers]
-    if missing or not layers:
-        raise ValueError(f"the factors cover layers {factors.layers}, not {missing or layers}")
-    fitted = sorted({name.rsplit(".", 1)[-1] for name in factors.names})
-    weights = mlp_weights(model, layers, fitted if settings.weights is None else settings.weights)
-    unfitted = [w.name for w in weights if w.name not in factors.names]
-    if unfitted:
-        raise ValueError(f"the factors hold {factors.names}, not {unfitted}: fit them too")
-    return _Scoring(settings, strategy, layers, weights)
-
-
-def _read_texts(corpus: CorpusSource | Corpus) -> Corpus:
-    """The texts to score, read once; a sampled or empty corpus has none to score."""
-    texts = Corpus.read(corpus)
-    if texts.documents is None or not texts.documents:
-        raise ValueError("corpus must hold texts to score, got an empty or sampled corpus")
-    return texts
+    others: list[dict[str, list[int]]]  # each query's BM25 and fused tops (corpus indices)
 
 
 def _opened_index(
@@ -395,14 +459,30 @@ def _normalized(
     return local
 
 
-def _text_totals(
-    local: Float[Tensor, "mine query layer"], owners: Int[Tensor, " mine"], n_texts: int,
-    split: Split,
-) -> Float[Tensor, "text query"]:  # fmt: skip
-    """Every text's score for every query: its chunks' and layers' summed, on every rank."""
-    totals = torch.zeros(n_texts, local.shape[1], dtype=torch.float64)
-    totals.index_add_(0, owners, local.sum(-1))
-    return all_reduce_sum(totals, split)
+def _other_rankings(
+    texts: Corpus,
+    ids: list[int],
+    queries: Sequence[tuple[str, str]],
+    totals: Float[Tensor, "scanned query"],
+    top_k: int,
+) -> list[dict[str, list[int]]]:
+    """Each query's top texts by BM25 and by the reciprocal-rank fusion of BM25 with the
+    scores (``Σ 1 / (60 + rank)``, Cormack et al. 2009), among the scanned texts."""
+    documents = texts.documents or ()
+    scanned = [documents[i] for i in ids]
+    words = [f"{p} {c.strip()}" for p, c in queries]
+    lexical = bm25_top(scanned, words, len(scanned))  # rows of totals, best first
+    out = []
+    for q, order in enumerate(lexical):
+        by_words = torch.empty(len(ids), dtype=torch.float64)
+        by_words[torch.tensor(order)] = torch.arange(1, len(order) + 1, dtype=torch.float64)
+        by_scores = totals[:, q].argsort(descending=True).argsort().double() + 1
+        fused = (1 / (_RRF_K + by_scores) + 1 / (_RRF_K + by_words)).argsort(descending=True)
+        out.append({
+            "bm25": [ids[i] for i in order[:top_k]],
+            "fused": [ids[i] for i in fused[:top_k].tolist()],
+        })  # fmt: skip
+    return out
 
 
 def _top_orders(totals: Float[Tensor, "text query"], top_k: int) -> list[list[int]]:
@@ -462,6 +542,7 @@ def _query_result(
         fingerprint=factors.fingerprint,
         seconds=time.perf_counter() - started,
         normalized=scoring.settings.normalize,
+        rankings=ranking.others[q],
     )
 
 
@@ -485,6 +566,8 @@ def score_texts(
     batch_size: int = 8,
     progress: bool = True,
     distributed: bool | None = None,
+    recipe: str | None = None,
+    tuned: FineTuned | None = None,
     **deprecated: Any,
 ) -> TextScores:
     """Every text's score under several curvature approximations, from one pass over the texts.
@@ -510,6 +593,12 @@ def score_texts(
         progress: show a progress bar.
         distributed: split the texts over the ranks of the process group (``None``:
             when one is initialised).
+        recipe: a named attribution recipe (``"attribution"``) instead of the
+            strategies: ``scores`` then holds ``{recipe: [text query]}``, already
+            normalised as the recipe asks (its norms are ones). ``model`` is the base
+            model, ``factors`` fitted on the fine-tuned one; of ``settings`` only
+            ``layers`` applies (see :mod:`~rome_lens.influence.attribution`).
+        tuned: the fine-tune a recipe scores (from :func:`~rome_lens.influence.fine_tune`).
         deprecated: ``damping`` or ``query_rank`` as keywords, accepted for one release
             with a ``DeprecationWarning``.
 
@@ -519,6 +608,11 @@ def score_texts(
     settings = settings_from_keywords(
         settings, deprecated, "score_texts", accepted=("damping", "query_rank")
     )
+    if recipe is not None or tuned is not None:
+        return _recipe_text_scores(
+            model, factors, queries, corpus, settings, (recipe, tuned), strategies,
+            (batch_size, progress, distributed),
+        )  # fmt: skip
     _check_text_settings(settings)
     _check_queries(queries, 1)
     chosen = _factors_by_strategy(model, factors, strategies)
@@ -540,6 +634,36 @@ def score_texts(
         scores=dict(zip(strategies, parts, strict=True)),
         text_norms=all_reduce_sum(norms, split).sqrt(),
         query_norms={s: to_host(_query_norms(each[s])) for s in strategies},  # with the scores
+    )
+
+
+def _recipe_text_scores(
+    model: Model,
+    factors: InfluenceFactors | Sequence[InfluenceFactors],
+    queries: Sequence[tuple[str, str]],
+    corpus: CorpusSource | Corpus,
+    settings: ScoreSettings,
+    asked: tuple[str | None, FineTuned | None],
+    strategies: Sequence[Strategy],
+    run: tuple[int, bool, bool | None],
+) -> TextScores:
+    """:func:`score_texts` for an attribution recipe."""
+    name, tuned = _recipe(asked[0], asked[1], settings)
+    if tuple(strategies) != ("ekfac",):
+        raise ValueError(f"recipe={name!r} chooses its curvature; drop strategies={strategies}")
+    if not isinstance(factors, InfluenceFactors):
+        raise ValueError("a recipe takes one InfluenceFactors, fitted on the fine-tuned model")
+    batch_size, progress, distributed = run
+    found = attribution_scores(
+        model, factors, queries, corpus, tuned, {name: _recipe_settings(name)},
+        layers=settings.layers, batch_size=batch_size, progress=progress,
+        distributed=distributed,
+    )  # fmt: skip
+    n_texts, n_queries = found[name].shape
+    return TextScores(
+        scores=found,
+        text_norms=torch.ones(n_texts, dtype=torch.float64),
+        query_norms={name: torch.ones(n_queries, dtype=torch.float64)},
     )
 
 
@@ -579,155 +703,6 @@ def _factors_by_strategy(
     return chosen
 
 
-def _join(pieces: list[Scanned]) -> Scanned:
-    """Several batches of queries (groups, or strategies) as one."""
-    if isinstance(pieces[0], tuple):
-        return (torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
-    return torch.cat(pieces)  # type: ignore[arg-type]
-
-
-def query_gradients(
-    model: Model, weights: Sequence[MLPWeight], queries: Sequence[tuple[str, str]]
-) -> dict[str, Float[Tensor, "query d_in d_out"]]:
-    """Each query's ``∇ log p(completion | prompt)`` for every weight (non-BOS tokens).
-
-    Args:
-        model: the model.
-        weights: the weights.
-        queries: ``(prompt, completion)`` pairs.
-
-    Returns:
-        ``{weight: [query d_in d_out]}``.
-    """
-    found = _query_factors(model, weights, queries)
-    return {name: torch.einsum("bti,bto->bio", a, g) for name, (a, g) in found.items()}
-
-
-def _query_factors(
-    model: Model, weights: Sequence[MLPWeight], queries: Sequence[tuple[str, str]]
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each query's gradient as its factors, ``∇f = Σ_t ā_t g_tᵀ``: ``{weight: (ā, g)}``,
-    ``[query pos d_in]`` and ``[query pos d_out]``."""
-    sequences, reads, answers = [], [], []
-    for q, (prompt, completion) in enumerate(queries):
-        head = prompt_tokens(model, prompt)[0]
-        answer = target_token_ids(model, prompt, completion)
-        full = torch.cat([head, torch.tensor(answer, device=head.device)])
-        if len(full) > model.cfg.n_ctx:
-            raise ValueError(
-                f"prompt and completion have {len(full)} tokens, more than the model's "
-                f"n_ctx={model.cfg.n_ctx}: shorten them"
-            )
-        sequences.append(full)
-        reads += [(q, p) for p in range(len(head) - 1, len(full) - 1)]
-        answers += answer
-    tokens, mask = pad(sequences, 0, "right")
-    counted = mask.bool()
-    skip = len(bos_tokens(model))
-    counted[:, :skip] = False
-    rows = torch.tensor([r for r, _ in reads])
-    positions = torch.tensor([p for _, p in reads])
-    targets = torch.tensor(answers)
-
-    def log_likelihood(logits: Tensor) -> Tensor:
-        log_probs = logits[rows, positions].float().log_softmax(-1)
-        return log_probs.gather(-1, targets[:, None].to(log_probs.device)).sum()
-
-    with frozen(model), linear_layout(model):
-        return sequence_gradients(model, tokens, counted, weights, log_likelihood)
-
-
-def preconditioned_gradients(
-    factors: InfluenceFactors,
-    gradients: dict[str, Tensor],
-    strategy: str,
-    damping: float = 0.1,
-    query_rank: int | None = None,
-) -> dict[str, Float[Tensor, "query d_in d_out"]]:
-    """``(G + λI)⁻¹ ∇f`` for every weight and query (see the module docstring).
-
-    Args:
-        factors: the fitted factors.
-        gradients: ``{weight: [query d_in d_out]}`` query gradients.
-        strategy: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"identity"``.
-        damping: λ as a share of the mean eigenvalue.
-        query_rank: cut each result to this rank (``None``: full rank).
-
-    Returns:
-        ``{weight: [query d_in d_out]}``.
-    """
-    out = {}
-    for name, gradient in gradients.items():
-        p = _precondition(factors, name, gradient, strategy, damping)
-        if query_rank is not None:
-            left, right = low_rank(p, query_rank)
-            p = left @ right.mT
-        out[name] = p
-    return out
-
-
-def low_rank(
-    matrices: Float[Tensor, "query d_in d_out"], rank: int
-) -> tuple[Float[Tensor, "query d_in rank"], Float[Tensor, "query d_out rank"]]:
-    """The best rank-``rank`` factors ``L Rᵀ`` of each matrix (the truncated SVD's product).
-
-    The top singular vectors of the narrow side come from the eigenvectors of the
-    smaller Gram matrix, in float64: ``M ≈ (M V) Vᵀ`` with ``V`` the top
-    eigenvectors of ``MᵀM`` (or ``U (Mᵀ U)ᵀ`` from ``M Mᵀ``). On 16 matrices of
-    ``W_out``'s shape in the default model this is 1.5× faster than a full SVD,
-    and the products agree to 3e-6 (``bench/bench_influence.py --only lowrank``).
-
-    Args:
-        matrices: ``[query d_in d_out]``.
-        rank: the rank kept.
-
-    Returns:
-        ``(L, R)``.
-    """
-    m = matrices.double()
-    tall = m.shape[-2] >= m.shape[-1]
-    gram = m.mT @ m if tall else m @ m.mT  # [query small small]
-    top = torch.linalg.eigh(gram).eigenvectors[..., -rank:].flip(-1)  # [query small rank]
-    left, right = (m @ top, top) if tall else (top, m.mT @ top)
-    return left.to(matrices.dtype), right.to(matrices.dtype)
-
-
-def _precondition(
-    factors: InfluenceFactors, name: str, gradient: Tensor, strategy: str, damping: float
-) -> Tensor:
-    if strategy == "identity":
-        return gradient
-    device = gradient.device  # one weight's factors on the device at a time
-    values = factors.eigenvalues(name, strategy).to(device)
-    if strategy == "diagonal":
-        return gradient / (values + damping * values.mean())
-    q_a, q_s = factors.input_vectors[name].to(device), factors.output_vectors[name].to(device)
-    rotated = q_a.T @ gradient @ q_s
-    return q_a @ (rotated / (values + damping * values.mean())) @ q_s.T
-
-
-def _preconditioned_queries(
-    model: Model, factors: InfluenceFactors, scoring: _Scoring, queries: Sequence[tuple[str, str]]
-) -> dict[str, Scanned]:
-    """Every query's preconditioned gradient, dense or as rank-``query_rank`` factors.
-
-    With ``query_rank`` the queries go through in groups of ``_QUERY_GROUP``, each
-    cut to its factors before the next, so that memory holds
-    ``query × rank × (d_in + d_out)`` numbers per weight, never every query's
-    dense ``d_in × d_out`` gradient at once.
-    """
-    strategy, damping = scoring.strategy, scoring.settings.damping
-    query_rank = scoring.settings.query_rank
-    group = len(queries) if query_rank is None else _QUERY_GROUP
-    parts: dict[str, list[Scanned]] = {}
-    for start in range(0, len(queries), group):
-        gradients = query_gradients(model, scoring.weights, queries[start : start + group])
-        for name in list(gradients):
-            p = _precondition(factors, name, gradients.pop(name), strategy, damping)
-            parts.setdefault(name, []).append(p if query_rank is None else low_rank(p, query_rank))
-    return {name: _join(pieces) for name, pieces in parts.items()}
-
-
 def _index_queries(
     model: Model, factors: InfluenceFactors, scoring: _Scoring, queries: Sequence[tuple[str, str]]
 ) -> dict[str, Tensor | EigenQueries]:
@@ -762,84 +737,6 @@ def _one(p: Preconditioned, q: int) -> Preconditioned:
     if isinstance(p, EigenQueries):
         return p.select(q)
     return (p[0][q : q + 1], p[1][q : q + 1]) if isinstance(p, tuple) else p[q : q + 1]
-
-
-def _scan(
-    model: Model,
-    scoring: _Scoring,
-    chunks: list[Chunk],
-    preconditioned: dict[str, Scanned],
-    batch_size: int,
-    progress: bool,
-    split: Split,
-) -> tuple[Float[Tensor, "mine query layer"], Float[Tensor, " mine"], Int[Tensor, " mine"]]:
-    """For this rank's share of the chunks: every chunk's score for every query, split by
-    layer, its ``‖∇ log p(chunk)‖²``, and the document it belongs to."""
-    weights, layers = scoring.weights, scoring.layers
-    mine = shard(range(len(chunks)), split)
-    owners = torch.tensor([chunks[i].document for i in mine], dtype=torch.long)
-    chunks = [chunks[i] for i in mine]
-    progress = progress and is_main(split)
-    first = next(iter(preconditioned.values()))
-    n_queries = (first[0] if isinstance(first, tuple) else first).shape[0]
-    device = model_device(model)
-    scores = torch.zeros(len(chunks), n_queries, len(layers), dtype=torch.float64, device=device)
-    squared_norms = torch.zeros(len(chunks), dtype=torch.float64, device=device)  # ‖∇ log p‖²
-    column = {layer: j for j, layer in enumerate(layers)}
-    bar = tqdm(total=len(chunks), desc="scanning texts", unit="text", disable=not progress)
-    with bar:
-        for batch, found in text_gradients(model, chunks, weights, batch_size):
-            rows = torch.tensor(batch.indices, device=device)
-            for weight in weights:
-                a, g = found[weight.name]
-                dots = _dots(a, g, preconditioned[weight.name])
-                scores[rows, :, column[weight.layer]] += dots.double()
-                squared_norms[rows] += gradient_squared_norms(a, g)
-            bar.update(len(batch.indices))
-    return to_host(scores), to_host(squared_norms), owners  # one move, after the last batch
-
-
-def _query_norms(preconditioned: Mapping[str, Preconditioned]) -> Float[Tensor, " query"]:
-    """``‖P‖`` of each query over all the scored weights."""
-    return torch.stack([_squared_norm(p) for p in preconditioned.values()]).sum(0).sqrt()
-
-
-def _squared_norm(p: Preconditioned) -> Float[Tensor, " query"]:
-    """``‖P‖²`` per query, from dense P or from its factors (``tr(LᵀL RᵀR)``)."""
-    if isinstance(p, EigenQueries):  # ‖Q_A X Q_Sᵀ‖ = ‖X‖
-        return p.rotated.double().flatten(1).square().sum(1)
-    if isinstance(p, tuple):
-        left, right = p[0].double(), p[1].double()
-        return (left.mT @ left * (right.mT @ right)).sum((1, 2))
-    return p.double().flatten(1).square().sum(1)
-
-
-def _dots(
-    a: Float[Tensor, "batch pos d_in"], g: Float[Tensor, "batch pos d_out"], p: Scanned
-) -> Float[Tensor, "batch query"]:
-    """``⟨P, Σ_t ā_t g_tᵀ⟩`` for every text of a batch and every query.
-
-    Three forms give the same numbers; the cheapest depends on the shapes
-    (``bench/bench_influence.py`` times them): low-rank factors never form a
-    ``d_in × d_out`` matrix; for few queries over short texts ``Σ_t g_tᵀ Pᵀ ā_t``
-    (token by token) is cheapest; otherwise each text's gradient, once.
-    """
-    if isinstance(p, tuple):  # Σ_t (ā_tᵀ L)(Rᵀ g_t)
-        left, right = p
-        return torch.einsum(
-            "btqr,btqr->bq", torch.einsum("bti,qir->btqr", a, left),
-            torch.einsum("bto,qor->btqr", g, right),
-        )  # fmt: skip
-    if a.shape[1] * p.shape[0] <= _TOKEN_FORM_LIMIT:
-        return torch.einsum("btqo,bto->bq", torch.einsum("bti,qio->btqo", a, p), g)
-    per_text = torch.bmm(a.mT, g).flatten(1)  # [batch d_in·d_out], one batch at a time
-    return per_text @ p.flatten(1).T
-
-
-def _dense(p: Preconditioned) -> Float[Tensor, "query d_in d_out"]:
-    if isinstance(p, EigenQueries):
-        return p.dense()
-    return p[0] @ p[1].mT if isinstance(p, tuple) else p
 
 
 def _token_scores(

@@ -42,7 +42,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -63,7 +63,7 @@ from rome_lens.stats.moments import next_token_loss
 __all__ = ["FineTuneConfig", "FineTuned", "fine_tune"]
 
 _POOL = 8  # batches whose texts are sorted by length together (less padding)
-_FORMAT = 2  # how texts are ordered and batched; part of the cache key
+_FORMAT = 3  # how texts are ordered and batched, and what is saved; part of the cache key
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class FineTuneConfig:
     batch_size: int = 32  # texts per optimisation step
     max_length: int = 128  # longest window of a text, BOS included; longer texts are split
     seed: int = 0  # seeds the order of the texts in every epoch
+    checkpoints: tuple[int, ...] = ()  # earlier epochs whose weights are kept too (1-based)
 
 
 @dataclass
@@ -91,27 +92,48 @@ class FineTuned(Result):
     config: dict[str, object]  # the FineTuneConfig, as a dict
     fingerprint: str = ""  # model_fingerprint of the model trained from
     cached: bool = False  # loaded from the cache rather than trained
+    # Adam's bias-corrected second moment v̂ of each weight's gradient after the last step:
+    # a diagonal estimate of the gradient's scale that attribution divides by (TrackStar).
+    second_moments: dict[str, Tensor] = field(default_factory=dict)
+    # the weights after each epoch of config["checkpoints"], in that order
+    checkpoints: list[dict[str, Tensor]] = field(default_factory=list)
 
     @contextlib.contextmanager
-    def applied(self, model: Model) -> Iterator[Model]:
+    def applied(self, model: Model, checkpoint: int | None = None) -> Iterator[Model]:
         """Put the trained weights in ``model`` for the block; the originals come back after.
 
         Args:
             model: the model they were trained from (checked by fingerprint).
+            checkpoint: an epoch of ``config["checkpoints"]`` to put in instead of the
+                final weights (None: the final weights).
 
         Yields:
             The model, carrying the trained weights.
         """
         self.check_model(model)
-        params = {name: parameter(model, name) for name in self.weights}
+        weights = self.weights if checkpoint is None else self.checkpoint(checkpoint)
+        params = {name: parameter(model, name) for name in weights}
         original = {name: param.detach().clone() for name, param in params.items()}
         try:
             with torch.no_grad():
                 for name, param in params.items():
-                    param.copy_(self.weights[name])
+                    param.copy_(weights[name])
             yield model
         finally:
             _restore(params, original)
+
+    @property
+    def checkpoint_epochs(self) -> list[int]:
+        """The epochs whose weights were kept, in the order of :attr:`checkpoints`."""
+        kept = self.config.get("checkpoints") or []
+        return [int(e) for e in kept] if isinstance(kept, list | tuple) else []
+
+    def checkpoint(self, epoch: int) -> dict[str, Tensor]:
+        """The weights kept after ``epoch`` (one of ``config["checkpoints"]``)."""
+        kept = self.checkpoint_epochs
+        if epoch not in kept:
+            raise ValueError(f"no checkpoint after epoch {epoch!r}; kept: {kept}")
+        return self.checkpoints[kept.index(epoch)]
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per epoch: its mean next-token loss."""
@@ -151,11 +173,12 @@ def fine_tune(
     def train() -> FineTuned:
         started = time.perf_counter()
         params = {name: parameter(model, name) for name in names}
-        losses, trained = _train(model, texts, params, config, left_out, progress)
+        run = _train(model, texts, params, config, left_out, progress)
         return FineTuned(
-            weights=trained, losses=losses, seconds=time.perf_counter() - started,
+            weights=run.weights, losses=run.losses, seconds=time.perf_counter() - started,
             corpus=f"{texts.id()} less {len(left_out)} texts", config=_jsonable(config),
-            fingerprint=model_fingerprint(model),
+            fingerprint=model_fingerprint(model), second_moments=run.second_moments,
+            checkpoints=run.checkpoints,
         )  # fmt: skip
 
     def load(path: Path) -> FineTuned:
@@ -170,6 +193,16 @@ def fine_tune(
     )
 
 
+@dataclass
+class _Run:
+    """What one training run leaves: see :class:`FineTuned`'s fields of the same names."""
+
+    losses: list[float]
+    weights: dict[str, Tensor]
+    second_moments: dict[str, Tensor]
+    checkpoints: list[dict[str, Tensor]]
+
+
 def _train(
     model: Model,
     texts: Corpus,
@@ -177,7 +210,7 @@ def _train(
     config: FineTuneConfig,
     left_out: set[int],
     progress: bool,
-) -> tuple[list[float], dict[str, Tensor]]:
+) -> _Run:
     """Train ``params`` in place, then put the originals back; the trained values and losses."""
     chunks = texts.chunks(model, max_length=config.max_length)
     kept = [i for i, chunk in enumerate(chunks) if chunk.document not in left_out]
@@ -192,8 +225,9 @@ def _train(
                 param.requires_grad_(True)
             masters = _masters(params)
             optimizer = torch.optim.Adam(masters.values(), lr=config.lr)
-            losses = []
-            for _ in range(config.epochs):
+            losses: list[float] = []
+            kept_weights: dict[int, dict[str, Tensor]] = {}
+            for epoch in range(1, config.epochs + 1):
                 total, count = 0.0, 0
                 for batch in _batches(chunks, kept, config.batch_size, generator):
                     tokens, mask = pad([chunks[i].tokens for i in batch], 0, "right")  # [batch pos]
@@ -207,12 +241,32 @@ def _train(
                     total, count = total + float(loss.detach()), count + n
                     bar.update()
                 losses.append(total / count)
-            trained = {name: master.detach().clone() for name, master in masters.items()}
+                if epoch in config.checkpoints:
+                    kept_weights[epoch] = _copies(masters)
+            trained = _copies(masters)
+            moments = _second_moments(optimizer, masters)
     finally:
         _restore(params, original)
         for param in params.values():
             param.grad = None
-    return losses, trained
+    return _Run(losses, trained, moments, [kept_weights[e] for e in config.checkpoints])
+
+
+def _copies(masters: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: master.detach().clone() for name, master in masters.items()}
+
+
+def _second_moments(
+    optimizer: torch.optim.Optimizer, masters: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Adam's bias-corrected second moments v̂ = v / (1 - β₂ᵗ), one per weight."""
+    beta2 = optimizer.param_groups[0]["betas"][1]
+    moments = {}
+    for name, master in masters.items():
+        state = optimizer.state[master]
+        steps = float(state["step"])
+        moments[name] = (state["exp_avg_sq"] / (1 - beta2**steps)).detach().clone()
+    return moments
 
 
 def _batches(
@@ -273,10 +327,18 @@ def _restore(params: dict[str, torch.nn.Parameter], original: dict[str, Tensor])
 
 
 def _check(config: FineTuneConfig, exclude: Sequence[int], n_texts: int) -> set[int]:
-    for field in ("epochs", "batch_size", "max_length"):
-        value = getattr(config, field)
+    for name in ("epochs", "batch_size", "max_length"):
+        value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"FineTuneConfig.{field} must be a positive integer, got {value!r}")
+            raise ValueError(f"FineTuneConfig.{name} must be a positive integer, got {value!r}")
+    bad_epochs = [
+        e for e in config.checkpoints if not isinstance(e, int) or not 1 <= e < config.epochs
+    ]
+    if bad_epochs or len(set(config.checkpoints)) != len(config.checkpoints):
+        raise ValueError(
+            f"FineTuneConfig.checkpoints must be distinct epochs in [1, {config.epochs}) "
+            f"(the last epoch's weights are always kept), got {config.checkpoints!r}"
+        )
     if not config.lr > 0:
         raise ValueError(f"FineTuneConfig.lr must be positive, got {config.lr!r}")
     bad = [i for i in exclude if not isinstance(i, int) or not 0 <= i < n_texts]

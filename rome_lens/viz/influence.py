@@ -58,15 +58,17 @@ def influence_widget(result: InfluenceResult) -> Widget:
     rows = "".join(
         f"<tr><td>{r.rank}</td><td>{r.text_id}</td><td>{r.score:.4g}</td>"
         f"<td>{'spurious' if r.spurious else ''}</td>"
+        f"<td>{_marks(result, result.text_ids[i])}</td>"
         f"<td>{html.escape(_snippet(str(r.text)))}</td></tr>"
-        for r in table.itertuples()
+        for i, r in enumerate(table.itertuples())
     )
     parts = [
         f"<p>Which texts, had the model trained on them more, would most raise "
         f"p({code(result.completion)} | {code(result.prompt)}): {result.strategy.upper()} on "
         f"the MLPs of layers {_layers(result.layers)}, {len(result.all_ids):,} texts scored.</p>",
         '<table class="influence-top"><tr><th>rank</th><th>text</th><th>score</th>'
-        f"<th></th><th>start of the text</th></tr>{rows}</table>",
+        f"<th></th><th>also top by</th><th>start of the text</th></tr>{rows}</table>",
+        _rankings_table(result),
         "<h3>Each top text coloured by each token's share of its score</h3>"
         '<p class="note">Drag the slider to pick a text; hover a token for its value. A text '
         "whose score comes from a few tokens (‖c‖₂/‖c‖₁ > 2/3) is marked spurious.</p>"
@@ -150,6 +152,45 @@ def plot_factors(factors: InfluenceFactors, ax: AxesArg = None) -> Figure:
     panel.set_ylabel(f"{strategy} eigenvalue")
     panel.legend(fontsize=7)
     return figure_of(panel)
+
+
+_RANKING_NAMES = {"bm25": "BM25", "fused": "fused"}
+
+
+def _marks(result: InfluenceResult, text_id: int) -> str:
+    """Which other rankings also put the text in their top, and where."""
+    return ", ".join(
+        f"{_RANKING_NAMES.get(name, name)} #{ids.index(text_id) + 1}"
+        for name, ids in result.rankings.items()
+        if text_id in ids
+    )
+
+
+def _rankings_table(result: InfluenceResult) -> str:
+    """The top texts of each ranking side by side: gradient, BM25 (words alone) and their
+    reciprocal-rank fusion, each cell marked by the other rankings that share it."""
+    if not result.rankings:
+        return ""
+    columns = {"gradient": result.text_ids} | dict(result.rankings)
+    head = "".join(f"<th>{_RANKING_NAMES.get(n, n)}</th>" for n in columns)
+    rows = []
+    for i in range(max(len(ids) for ids in columns.values())):
+        cells = []
+        for name, ids in columns.items():
+            if i >= len(ids):
+                cells.append("<td></td>")
+                continue
+            others = [_RANKING_NAMES.get(o, o) for o, other in columns.items()
+                      if o != name and ids[i] in other]  # fmt: skip
+            shared = f' <span class="note">(also {", ".join(others)})</span>' if others else ""
+            cells.append(f"<td>text {ids[i]}{shared}</td>")
+        rows.append(f"<tr><td>{i + 1}</td>{''.join(cells)}</tr>")
+    return (
+        "<h3>Three rankings of the same texts</h3>"
+        '<p class="note">The gradient ranking above; BM25 ranks by the query\'s words alone; '
+        "the fusion adds 1/(60 + rank) of both (reciprocal-rank fusion).</p>"
+        f'<table class="influence-rankings"><tr><th>rank</th>{head}</tr>{"".join(rows)}</table>'
+    )
 
 
 def _summary(result: InfluenceResult) -> list[str]:
