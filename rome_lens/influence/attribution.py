@@ -206,7 +206,24 @@ def attribute(
     distributed: bool | None = None,
 ) -> Attributed:
     """:func:`attribution_scores` before the chunks are summed into texts: one pass over
-    ``texts`` per model state that some variant needs (see the module docstring)."""
+    ``texts`` per model state that some variant needs (see the module docstring).
+
+    Args:
+        model: the model ``tuned`` was trained from (the base; not changed).
+        factors: fitted on the fine-tuned model.
+        queries: ``(prompt, completion)`` pairs.
+        texts: the texts to rank, read.
+        tuned: the fine-tune.
+        variants: named settings to score together (``None``: ``RECIPES``).
+        layers: the MLP layers scored (``None``: every layer of the factors).
+        batch_size: texts per forward and backward pass.
+        progress: show a progress bar.
+        distributed: split the texts over the ranks of the process group.
+
+    Returns:
+        Each variant's chunk scores split by layer, the chunks' texts, and the
+        fine-tuned model's preconditioned queries (for the split by token).
+    """
     variants = dict(RECIPES if variants is None else variants)
     if not variants:
         raise ValueError("name at least one AttributionSettings to score")

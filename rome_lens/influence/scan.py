@@ -182,7 +182,8 @@ def preconditioned_gradients(
     damping: float = 0.1,
     query_rank: int | None = None,
 ) -> dict[str, Float[Tensor, "query d_in d_out"]]:
-    """``(G + λI)⁻¹ ∇f`` for every weight and query (see the module docstring).
+    """The preconditioned gradient ``(G + λI)⁻¹ ∇f`` of every weight and query (the
+    strategies are described in :mod:`~rome_lens.influence.scores`).
 
     Args:
         factors: the fitted factors.
