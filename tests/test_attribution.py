@@ -8,7 +8,6 @@ import torch
 from rome_lens.core.backend import Model
 from rome_lens.core.corpus import bos_tokens
 from rome_lens.influence import (
-    RECIPES,
     AttributionSettings,
     FineTuneConfig,
     FineTuned,
@@ -241,10 +240,6 @@ class TestRecipe:
         assert result.text_ids == order
         torch.testing.assert_close(result.layer_scores.sum(-1), result.scores)
         assert result.strategy == "attribution" and result.normalized
-
-    def test_the_recipe_is_named_settings(self):
-        """The recipe a user asks for by name is a plain AttributionSettings."""
-        assert isinstance(RECIPES["attribution"], AttributionSettings)
 
 
 class TestBadInput:

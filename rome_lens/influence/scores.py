@@ -303,11 +303,7 @@ def influence_many(
         )
     if settings.normalize:
         local = _normalized(local, squared_norms, preconditioned)
-    totals = _text_totals(local, owners, len(ids), split)
-    orders = _top_orders(totals, top_k)
-    tops = _top_layer_scores(local, owners, orders, len(ids), split)
-    others = _other_rankings(texts, ids, queries, totals, top_k)
-    ranking = _Ranking(ids, totals, orders, tops, others)
+    ranking = _ranking(texts, ids, queries, (local, owners, split), top_k)
     return [
         _query_result(model, factors, query, q, texts, scoring, preconditioned, ranking, started)
         for q, query in enumerate(queries)
@@ -330,34 +326,21 @@ def _recipe_results(
     batch_size, progress, distributed, started = run
     texts = _read_texts(corpus)
     found = attribute(
-        model, factors, queries, texts, tuned, {name: _recipe_settings(name)},
+        model, factors, queries, texts, tuned, {name: RECIPES[name]},
         layers=settings.layers, batch_size=batch_size, progress=progress,
         distributed=distributed,
     )  # fmt: skip
-    n_texts = len(texts.documents or ())
-    local = found.local[name]
-    totals = _text_totals(local, found.owners, n_texts, found.split)
-    orders = _top_orders(totals, top_k)
-    tops = _top_layer_scores(local, found.owners, orders, n_texts, found.split)
-    ids = list(range(n_texts))
-    others = _other_rankings(texts, ids, queries, totals, top_k)
-    ranking = _Ranking(ids, totals, orders, tops, others)
+    ids = list(range(len(texts.documents or ())))
+    ranking = _ranking(texts, ids, queries, (found.local[name], found.owners, found.split), top_k)
     scoring = found.scoring._replace(
-        settings=replace(settings, normalize=_recipe_settings(name).normalize), strategy=name
+        settings=replace(settings, normalize=RECIPES[name].normalize), strategy=name
     )
+    preconditioned = found.preconditioned[name]
     with tuned.applied(model):
         return [
             _query_result(
-                model,
-                factors,
-                query,
-                q,
-                texts,
-                scoring,
-                found.preconditioned[name],
-                ranking,
-                started,
-            )  # fmt: skip
+                model, factors, query, q, texts, scoring, preconditioned, ranking, started
+            )
             for q, query in enumerate(queries)
         ]
 
@@ -387,8 +370,21 @@ def _recipe(
     return recipe, tuned
 
 
-def _recipe_settings(name: str) -> Any:
-    return RECIPES[name]
+def _ranking(
+    texts: Corpus,
+    ids: list[int],
+    queries: Sequence[tuple[str, str]],
+    scanned: tuple[Float[Tensor, "mine query layer"], Int[Tensor, " mine"], Split],
+    top_k: int,
+) -> _Ranking:
+    """The scanned texts' totals, each query's top texts with their layer split, and the
+    other rankings' tops, from this rank's chunk scores ``(local, owners, split)``."""
+    local, owners, split = scanned
+    totals = _text_totals(local, owners, len(ids), split)
+    orders = _top_orders(totals, top_k)
+    tops = _top_layer_scores(local, owners, orders, len(ids), split)
+    others = _other_rankings(texts, ids, queries, totals, top_k)
+    return _Ranking(ids, totals, orders, tops, others)
 
 
 class _Ranking(NamedTuple):
@@ -655,7 +651,7 @@ def _recipe_text_scores(
         raise ValueError("a recipe takes one InfluenceFactors, fitted on the fine-tuned model")
     batch_size, progress, distributed = run
     found = attribution_scores(
-        model, factors, queries, corpus, tuned, {name: _recipe_settings(name)},
+        model, factors, queries, corpus, tuned, {name: RECIPES[name]},
         layers=settings.layers, batch_size=batch_size, progress=progress,
         distributed=distributed,
     )  # fmt: skip
