@@ -27,11 +27,13 @@ Phases (tables in ``--out``, numbers in docs/figures/influence_numbers.txt):
 * ``index``: a gradient index of the fact-tracing corpus (2,300 texts,
   ``bench/results/fact_tracing_corpus.jsonl``) against today's scan, W_out of
   every layer with EK-FAC: ten CounterFact queries scored exactly by one scan,
-  then from an index built once per basis (``--index-bases``) at rank
-  ``--index-rank`` (sub-blocks of it give every lower rank: the bases are
-  nested). Spearman correlation with the exact scores and top-10 agreement
-  per rank; build and query times against one single-query scan, disk bytes
-  per text, and what 10⁶ texts would cost;
+  then from an index built once per basis (``--index-bases``): a projected
+  one at rank ``--index-rank`` (sub-blocks of it give every lower rank: the
+  bases are nested), a tokens one (float32 or bfloat16) scored with queries
+  cut to ranks 8, 16, 32, 64 and at full rank. Spearman correlation with the exact
+  scores and top-10 agreement per rank; for ``--timed-bases``, build and
+  query times against one single-query scan (the query's preparation and the
+  products apart), disk bytes per text, and what 10⁶ texts would cost;
 * ``fit100k``: EK-FAC factors of every MLP weight of all 30 layers over
   100,000 tokens the model samples itself, the default path (not in the
   default run).
@@ -83,8 +85,12 @@ def main() -> None:
     parser.add_argument("--fit-texts", type=int, default=1000, help="texts the factors fit on")
     parser.add_argument("--scan-texts", type=int, default=512, help="texts scored per query")
     parser.add_argument("--index-rank", type=int, default=64, help="rank swept up to")
-    parser.add_argument("--timed-rank", type=int, default=32, help="rank of the timed index")
-    parser.add_argument("--index-bases", default="eigen,random,whitened", help="bases built")
+    parser.add_argument("--timed-rank", type=int, default=32, help="rank of a timed projection")
+    parser.add_argument("--timed-query-rank", type=int, default=32,
+                        help="query rank against a timed tokens index")  # fmt: skip
+    parser.add_argument("--index-bases", default="tokens,tokens-bf16,eigen,random,whitened",
+                        help="indexes built and compared")  # fmt: skip
+    parser.add_argument("--timed-bases", default="tokens,tokens-bf16", help="indexes timed")
     parser.add_argument("--index-texts", type=int, help="the corpus's first texts (a quick run)")
     data_argument(parser)
     args = parser.parse_args()
@@ -529,6 +535,7 @@ def rank(model, fit_texts, texts, queries, args) -> list[str]:
 # --------------------------------------------------------------------------- index
 
 INDEX_RANKS = (8, 16, 32, 64, 128)
+QUERY_RANKS = (8, 16, 32, 64)
 MILLION = 1_000_000
 
 
@@ -545,42 +552,94 @@ def index_speed(model, fit_texts, args) -> list[str]:
                                    progress=False)  # fmt: skip
     exact = influence_many(model, factors, queries, texts, top_k=10, progress=False)
     exact_scores = torch.stack([r.all_scores for r in exact], 1)  # [text query]
-    dense = dense_queries(model, factors, queries)
     agreement = []
     for basis in args.index_bases.split(","):
-        settings = IndexSettings(rank_in=args.index_rank, rank_out=args.index_rank, basis=basis)
+        if basis.startswith("tokens"):
+            agreement += token_agreement(model, factors, texts, queries, exact_scores, basis)
+            continue
+        settings = index_settings(basis, args.index_rank)
         folder = Path(tempfile.mkdtemp(prefix=f"index-{basis}-"))
         index = build_gradient_index(model, factors, texts, folder, settings=settings,
                                      progress=False)  # fmt: skip
+        dense = dense_queries(model, factors, queries)
         for rank in [r for r in INDEX_RANKS if r <= args.index_rank]:
             approx = sliced_scores(model, factors, index, dense, texts, rank)
             size = index.bytes_per_text * rank**2 // args.index_rank**2
-            row = {"basis": basis, "rank": rank, "bytes_per_text": size}
+            row = {"basis": basis, "rank": rank, "query_rank": "full", "bytes_per_text": size}
             agreement.append(row | agreement_row(exact_scores, approx))
         shutil.rmtree(folder)
-    settings = IndexSettings(rank_in=args.timed_rank, rank_out=args.timed_rank)
+    agree = pd.DataFrame(agreement)
+    report(args.out, "influence_index_agreement", agree)
+    times = pd.DataFrame([
+        index_timing(model, factors, texts, queries, exact_scores, (scan_s, scan_mib), basis, args)
+        for basis in args.timed_bases.split(",")
+    ])  # fmt: skip
+    report(args.out, "influence_index_speed", times)
+    return index_numbers(agree, times, len(texts))
+
+
+def index_settings(basis: str, rank: int) -> IndexSettings:
+    """``"eigen"``, ``"random"``, ``"whitened"`` at ``rank``; ``"tokens"`` or ``"tokens-bf16"``."""
+    if basis.startswith("tokens"):
+        dtype = "bfloat16" if basis.endswith("bf16") else "float32"
+        return IndexSettings(basis="tokens", dtype=dtype, chunks_per_shard=256)
+    return IndexSettings(rank_in=rank, rank_out=rank, basis=basis)
+
+
+def token_agreement(model, factors, texts, queries, exact_scores, basis) -> list[dict]:
+    """A tokens index scored at every query rank (and at full rank, in float32)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"index-{basis}-"))
+    index = build_gradient_index(model, factors, texts, folder,
+                                 settings=index_settings(basis, 0), progress=False)  # fmt: skip
+    rows = []
+    query_ranks = [*QUERY_RANKS, None] if index.settings.dtype == "float32" else QUERY_RANKS
+    for query_rank in query_ranks:
+        settings = ScoreSettings(query_rank=query_rank)
+        found = influence_many(model, factors, queries, texts, top_k=10, index=index,
+                               settings=settings, progress=False)  # fmt: skip
+        approx = torch.stack([r.all_scores for r in found], 1)
+        row = {"basis": basis, "rank": "exact", "query_rank": query_rank or "full",
+               "bytes_per_text": index.bytes_per_text}  # fmt: skip
+        rows.append(row | agreement_row(exact_scores, approx))
+    shutil.rmtree(folder)
+    return rows
+
+
+def index_timing(model, factors, texts, queries, exact_scores, scan, basis, args) -> dict:
+    """Build once, then each query through ``influence(..., index=)``; the products alone."""
+    from rome_lens.core.distributed import Split
+    from rome_lens.influence import index as index_module
+    from rome_lens.influence import scan as scan_module
+    from rome_lens.influence import scores as scores_module
+
+    scan_s, scan_mib = scan
+    tokens = basis.startswith("tokens")
+    settings = index_settings(basis, args.timed_rank)
+    scoring = ScoreSettings(query_rank=args.timed_query_rank if tokens else None)
     folder = Path(tempfile.mkdtemp(prefix="index-timed-"))
     index, build_s, build_mib = timed(build_gradient_index, model, factors, texts, folder,
                                       settings=settings, progress=False)  # fmt: skip
-    one = {"top_k": 10, "index": index, "progress": False}
+    one = {"top_k": 10, "index": index, "progress": False, "settings": scoring}
     cold = timed(influence, model, factors, *queries[0], texts, **one)[1]
     runs = [timed(influence, model, factors, *q, texts, **one) for q in queries]
     warm = [seconds for _, seconds, _ in runs]
     through_api = torch.stack([result.all_scores for result, _, _ in runs], 1)
-    products_s = timed(sliced_scores, model, factors, index, dense[:1], texts,
-                       args.timed_rank)[1]  # fmt: skip
-    timing = [{
-        "basis": settings.basis, "rank": args.timed_rank, "scan_s": scan_s, "build_s": build_s,
+    chosen = scan_module._scoring(model, factors, scoring)
+    prepare = scan_module._preconditioned_queries if tokens else scores_module._index_queries
+    prepared, prepare_s, _ = timed(prepare, model, factors, chosen, queries[:1])
+    corpus = Corpus.read(texts)
+    products_s = timed(index_module.index_scan, model, factors, index, corpus, chosen.weights,
+                       chosen.layers, prepared, Split.of(False))[1]  # fmt: skip
+    shutil.rmtree(folder)
+    return {
+        "basis": basis, "rank": "exact" if tokens else args.timed_rank,
+        "query_rank": scoring.query_rank or "full", "scan_s": scan_s, "build_s": build_s,
         "build_over_scan": build_s / scan_s, "query_cold_s": cold,
         "query_warm_s": float(np.median(warm)), "speedup": scan_s / float(np.median(warm)),
-        "products_s": products_s, "bytes_per_text": index.bytes_per_text,
-        "build_peak_MiB": build_mib, "scan_peak_MiB": scan_mib,
-    } | agreement_row(exact_scores, through_api)]  # fmt: skip
-    shutil.rmtree(folder)
-    agree, times = pd.DataFrame(agreement), pd.DataFrame(timing)
-    report(args.out, "influence_index_agreement", agree)
-    report(args.out, "influence_index_speed", times)
-    return index_numbers(agree, times, len(texts))
+        "prepare_s": prepare_s, "products_s": products_s,
+        "bytes_per_text": index.bytes_per_text, "build_peak_MiB": build_mib,
+        "scan_peak_MiB": scan_mib,
+    } | agreement_row(exact_scores, through_api)  # fmt: skip
 
 
 def dense_queries(model, factors, queries):
@@ -635,7 +694,8 @@ def index_numbers(agree, times, n_texts) -> list[str]:
     lines = []
     for row in agree.itertuples():
         lines.append(
-            f"index {row.basis} rank {row.rank}: Spearman mean {row.spearman_mean:.4f} "
+            f"index {row.basis} rank {row.rank}, query rank {row.query_rank}: Spearman mean "
+            f"{row.spearman_mean:.4f} "
             f"(lowest {row.spearman_min:.4f}), same top-10 {row.same_top10_share:.0%}, "
             f"top-10 overlap {row.top10_overlap:.2f}, {row.bytes_per_text:,} B/text"
         )
@@ -643,10 +703,12 @@ def index_numbers(agree, times, n_texts) -> list[str]:
         million_gb = row.bytes_per_text * MILLION / 1e9
         million_build_h = row.build_s / n_texts * MILLION / 3600
         lines.append(
-            f"index {row.basis} rank {row.rank} on {n_texts:,} texts: build {row.build_s:.0f} s "
+            f"index {row.basis} rank {row.rank}, query rank {row.query_rank}, on {n_texts:,} "
+            f"texts: build {row.build_s:.0f} s "
             f"= {row.build_over_scan:.2f}x one scan ({row.scan_s:.0f} s); "
             f"query {row.query_warm_s:.2f} s warm ({row.speedup:.0f}x faster than the scan), "
-            f"{row.query_cold_s:.2f} s cold; products {row.products_s:.2f} s; "
+            f"{row.query_cold_s:.2f} s cold; query preparation {row.prepare_s:.2f} s, "
+            f"products {row.products_s:.2f} s; "
             f"10^6 texts: {million_gb:.0f} GB, build {million_build_h:.0f} h on this machine, "
             f"products {row.products_s / n_texts * MILLION:.0f} s a query; through influence(): "
             f"Spearman mean {row.spearman_mean:.4f}, same top-10 {row.same_top10_share:.0%}"

@@ -114,11 +114,12 @@ def main() -> None:
     found["scan"] = worst
 
     folder = sys.argv[1] + ".index"  # shared by the ranks: each writes its own shards
-    for per_shard in (2, 7):  # four shards, two each; one shard, rank 1 none
-        settings = IndexSettings(rank_in=8, rank_out=8, chunks_per_shard=per_shard)
+    for per_shard, basis in ((2, "tokens"), (7, "tokens"), (2, "eigen")):  # 4 shards; 1 shard
+        settings = IndexSettings(rank_in=8, rank_out=8, chunks_per_shard=per_shard, basis=basis)
         index = build_gradient_index(
-            model, factors, TEXTS, f"{folder}{per_shard}", settings=settings, progress=False
-        )
+            model, factors, TEXTS, f"{folder}{per_shard}{basis}", settings=settings,
+            progress=False,
+        )  # fmt: skip
         split, alone = both(influence_many, model, factors, QUERIES, TEXTS, top_k=4,
                             progress=False, index=index)  # fmt: skip
         worst = 0.0
@@ -126,7 +127,7 @@ def main() -> None:
             worst = max(
                 worst, relative(s.all_scores, a.all_scores), float(s.text_ids != a.text_ids)
             )
-        found[f"index, {per_shard} chunks a shard"] = worst
+        found[f"{basis} index, {per_shard} chunks a shard"] = worst
 
     split, alone = both(
         average_causal_effects, model, FACTS, kinds=("mlp",), samples=2, progress=False

@@ -18,6 +18,7 @@ from rome_lens.influence import (
     influence_many,
 )
 from rome_lens.influence import index as index_module
+from rome_lens.influence import scores as scores_module
 
 from . import test_influence
 from .conftest import assert_same_weights, hooks_left, micro_model, weights
@@ -28,7 +29,8 @@ QUERIES = [
     ("The Eiffel Tower is located in the city of", " Paris"),
     ("Steve Jobs founded", " Apple"),
 ]
-FULL = IndexSettings(rank_in=10_000, rank_out=10_000, chunks_per_shard=3)  # every direction
+FULL = IndexSettings(basis="eigen", rank_in=10_000, rank_out=10_000, chunks_per_shard=3)
+TOKENS = IndexSettings(basis="tokens", chunks_per_shard=3)  # every token's ā_t and g_t
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,12 @@ def full_index(micro, factors, tmp_path_factory) -> GradientIndex:
     return build_gradient_index(micro, factors, TEXTS, folder, settings=FULL, progress=False)
 
 
+@pytest.fixture(scope="module")
+def token_index(micro, factors, tmp_path_factory) -> GradientIndex:
+    folder = tmp_path_factory.mktemp("tokens")
+    return build_gradient_index(micro, factors, TEXTS, folder, settings=TOKENS, progress=False)
+
+
 def scan_and_index(model, factors, index, settings=None):
     """The same queries scored by a scan and from ``index``."""
     common = {"top_k": len(TEXTS), "settings": settings, "progress": False}
@@ -66,7 +74,7 @@ class TestScores:
         [
             None,
             ScoreSettings(strategy="kfac", normalize=True),
-            ScoreSettings(strategy="identity", layers=(1,)),
+            ScoreSettings(strategy="identity", layers=(1,), normalize=True),
             ScoreSettings(query_rank=2),
         ],
     )
@@ -80,10 +88,67 @@ class TestScores:
             torch.testing.assert_close(i.layer_scores, s.layer_scores, rtol=1e-4, atol=1e-6)
             assert i.text_ids == s.text_ids
 
+    @pytest.mark.parametrize(
+        "settings",
+        [
+            None,
+            ScoreSettings(strategy="kfac", normalize=True),
+            ScoreSettings(strategy="identity", layers=(1,), normalize=True),
+            ScoreSettings(query_rank=2),
+        ],
+    )
+    def test_a_tokens_index_gives_the_scans_scores(self, micro, factors, token_index,
+                                                   settings):  # fmt: skip
+        """Storing each token's ā_t and g_t loses nothing: the scores, layer splits and ranking
+        are the scan's for any strategy, normalised, a subset of layers, low-rank queries."""
+        scanned, indexed = scan_and_index(micro, factors, token_index, settings)
+        for s, i in zip(scanned, indexed, strict=True):
+            torch.testing.assert_close(i.all_scores, s.all_scores, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(i.layer_scores, s.layer_scores, rtol=1e-4, atol=1e-6)
+            assert i.text_ids == s.text_ids
+
+    def test_the_token_split_needs_no_pass(self, micro, factors, token_index, monkeypatch):
+        """The top texts' scores by token are read from the index, with no forward pass, and
+        equal the scan's."""
+        scanned, _ = scan_and_index(micro, factors, token_index)
+        monkeypatch.setattr(scores_module, "text_gradients", None)  # a pass would fail
+        indexed = influence_many(micro, factors, QUERIES, TEXTS, top_k=len(TEXTS),
+                                 index=token_index, progress=False)  # fmt: skip
+        for s, i in zip(scanned, indexed, strict=True):
+            assert i.str_tokens == s.str_tokens
+            for mine, theirs in zip(i.token_scores, s.token_scores, strict=True):
+                torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+    def test_a_tokens_shard_holds_each_texts_gradient(self, micro, factors, token_index):
+        """Σ_t ā_t g_tᵀ over a chunk's stored tokens is its gradient, from torch.func."""
+        shard = index_module._read_shard(token_index, 0)
+        assert shard is not None
+        for row, document in enumerate(shard["documents"].tolist()):
+            expected = text_gradient(micro, TEXTS[document])
+            mine = shard["token_chunks"] == row
+            for name in factors.names:
+                a, g = shard[f"{name}.inputs"][mine], shard[f"{name}.gradients"][mine]
+                torch.testing.assert_close((a.T @ g).double(), expected[name].detach().double(),
+                                           rtol=1e-4, atol=1e-6)  # fmt: skip
+
+    def test_bfloat16_halves_the_bytes(self, micro, factors, token_index, tmp_path):
+        """Tokens kept in bfloat16 take half the bytes; the scores stay within bfloat16's
+        rounding of the float32 ones."""
+        half = IndexSettings(basis="tokens", dtype="bfloat16", chunks_per_shard=3)
+        index = build_gradient_index(micro, factors, TEXTS, tmp_path, settings=half,
+                                     progress=False)  # fmt: skip
+        assert abs(index.bytes_per_text * 2 - token_index.bytes_per_text) <= 1  # rounding
+        _, exact = scan_and_index(micro, factors, token_index)
+        _, rounded = scan_and_index(micro, factors, index)
+        for e, r in zip(exact, rounded, strict=True):
+            scale = e.all_scores.abs().max()
+            torch.testing.assert_close(r.all_scores / scale, e.all_scores / scale, rtol=0,
+                                       atol=3e-2)  # fmt: skip
+
     def test_a_cut_basis_scores_the_projected_gradients(self, micro, factors, tmp_path):
         """At rank r the score is ⟨M_inᵀ ∇f M_out, M_inᵀ G M_out⟩ with the top-r eigenvectors,
         ∇f and each text's G from torch.func."""
-        settings = IndexSettings(rank_in=5, rank_out=3)
+        settings = IndexSettings(basis="eigen", rank_in=5, rank_out=3)
         index = build_gradient_index(micro, factors, TEXTS, tmp_path, settings=settings,
                                      progress=False)  # fmt: skip
         result = influence(micro, factors, *QUERIES[0], TEXTS, top_k=3, index=index,
@@ -122,11 +187,13 @@ class TestScores:
         average = (torch.stack(draws).mean(0) - exact).abs().max()
         assert average < one_draw / 2
 
-    def test_texts_longer_than_the_context_sum_their_chunks(self, micro, factors, tmp_path):
+    @pytest.mark.parametrize("built", [FULL, TOKENS], ids=["eigen", "tokens"])
+    def test_texts_longer_than_the_context_sum_their_chunks(self, micro, factors, tmp_path,
+                                                            built):  # fmt: skip
         """A text cut into several chunks gets their summed score and token scores over all of
         them, as in the scan."""
         texts = [*TEXTS[:3], " ".join(TEXTS * 3)]  # the last is longer than n_ctx 64
-        index = build_gradient_index(micro, factors, texts, tmp_path, settings=FULL,
+        index = build_gradient_index(micro, factors, texts, tmp_path, settings=built,
                                      progress=False)  # fmt: skip
         assert index.n_chunks > index.n_texts
         scanned = influence(micro, factors, *QUERIES[0], texts, top_k=4, progress=False)
@@ -148,10 +215,23 @@ class TestFiles:
         assert reopened.n_shards == 3  # 7 chunks, 3 a shard
         assert len(list(full_index.path.glob("shard-*.safetensors"))) == 3
 
-    def test_a_corrupt_shard_is_rebuilt(self, micro, factors, tmp_path):
+    @pytest.mark.parametrize("which", ["full_index", "token_index"])
+    def test_bytes_per_text_counts_the_stored_gradients(self, request, which):
+        """bytes_per_text is the stored gradients' bytes over the texts, read from the shards."""
+        index = request.getfixturevalue(which)
+        stored = 0
+        for k in range(index.n_shards):
+            shard = index_module._read_shard(index, k)
+            assert shard is not None
+            stored += sum(t.numel() * t.element_size() for name, t in shard.items()
+                          if name.startswith("blocks."))  # fmt: skip
+        assert index.bytes_per_text == round(stored / index.n_texts)
+
+    @pytest.mark.parametrize("built", [FULL, TOKENS], ids=["eigen", "tokens"])
+    def test_a_corrupt_shard_is_rebuilt(self, micro, factors, tmp_path, built):
         """A shard that no longer matches its digest is rebuilt, with a warning, and the
         scores do not change."""
-        index = build_gradient_index(micro, factors, TEXTS, tmp_path, settings=FULL,
+        index = build_gradient_index(micro, factors, TEXTS, tmp_path, settings=built,
                                      progress=False)  # fmt: skip
         before = influence(micro, factors, *QUERIES[0], TEXTS, top_k=2, index=index,
                            progress=False).all_scores  # fmt: skip
@@ -229,6 +309,17 @@ class TestBadInput:
                 influence(micro, factors, *QUERIES[0], TEXTS, index=index, settings=other,
                           progress=False)  # fmt: skip
 
+    def test_an_index_too_big_for_the_disk_is_refused(self, micro, factors, tmp_path,
+                                                      monkeypatch):  # fmt: skip
+        """An index that would not fit on the disk raises before anything is written, naming
+        the sizes and what to change."""
+        usage = index_module.shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(index_module.shutil, "disk_usage",
+                            lambda path: usage._replace(free=1000))  # fmt: skip
+        with pytest.raises(OSError, match=r"needs about [\d.]+ MB, and 0\.0 MB are free.*bfloat16"):
+            build_gradient_index(micro, factors, TEXTS, tmp_path / "big", progress=False)
+        assert not (tmp_path / "big").exists()
+
     def test_a_folder_without_an_index(self, tmp_path):
         """Opening a folder with no index.json names the missing file."""
         with pytest.raises(FileNotFoundError, match="index.json"):
@@ -239,7 +330,8 @@ class TestBadInput:
         [
             ({"rank_in": 0}, "rank_in must be a positive integer, got 0"),
             ({"chunks_per_shard": 1.5}, "chunks_per_shard must be a positive integer"),
-            ({"basis": "pca"}, "basis must be 'eigen', 'random' or 'whitened', got 'pca'"),
+            ({"basis": "pca"}, "basis must be 'eigen', 'random', 'whitened' or 'tokens', got"),
+            ({"dtype": "float16"}, "dtype must be 'float32' or 'bfloat16', got 'float16'"),
             ({"strategy": "diagonal"}, "strategy must be 'ekfac' or 'kfac', got 'diagonal'"),
             ({"damping": -1}, "damping must be a number >= 0, got -1"),
         ],

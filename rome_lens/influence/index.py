@@ -1,20 +1,33 @@
-"""A corpus gradient index: every text's gradient projected once, every later query a product.
+"""A corpus gradient index: every text's gradient stored once, every later query a product.
 
 A scan (:func:`~rome_lens.influence.influence`) runs a forward and backward
 pass over the whole corpus for every query. The index does that pass once
-(LoGra, arXiv 2405.13954): for each scored weight it keeps two thin bases,
-``M_in`` (``d_in × rank_in``) and ``M_out`` (``d_out × rank_out``), and
-stores each text chunk's gradient seen through them,
+and keeps, for each scored weight and text chunk, what the query needs to
+meet the chunk's gradient ``G = Σ_t ā_t g_tᵀ`` (``ā_t`` the weight's input at
+token ``t``, ``g_t`` the gradient at its output). The default keeps it whole:
+
+* ``basis="tokens"``: each counted token's ``ā_t`` and ``g_t`` as they are.
+  ``G`` has rank at most the chunk's length, so a short text's factors are
+  far smaller than ``G`` (on the default model's ``W_out``, 2,112 numbers a
+  token against 884,736), and nothing is lost: the query meets them as the
+  scan does, ``Σ_t ā_tᵀ P g_t``, or, cut to rank ``r``
+  (``ScoreSettings(query_rank=r)``), as ``Σ_t (ā_tᵀ L)(Rᵀ g_t)``,
+  ``r (d_in + d_out)`` multiply-adds a token. The scores are the scan's own,
+  for any strategy and damping, and the top texts' token scores are read
+  from the index too. The price is disk that grows with the corpus's tokens
+  (``dtype="bfloat16"`` halves it).
+
+Three projections trade that exactness for a fixed size a chunk (LoGra,
+arXiv 2405.13954): two thin bases per weight, ``M_in`` (``d_in × rank_in``)
+and ``M_out`` (``d_out × rank_out``), and each chunk's gradient seen through
+them,
 
     ``Π(G) = M_inᵀ G M_out = Σ_t (M_inᵀ ā_t)(M_outᵀ g_t)ᵀ``   ``[rank_in rank_out]``,
 
 formed from the projected inputs and output gradients, so that no
-``d_in × d_out`` gradient is ever built. A query's preconditioned gradient
-``P`` goes through the same bases, and its score against every chunk is one
-matrix product, ``⟨Π(P), Π(G)⟩``, streamed shard by shard.
-
-Three bases are offered, and ``bench/bench_influence.py --only index``
-measures each against exact scores:
+``d_in × d_out`` gradient is ever built; a query's preconditioned gradient
+``P`` goes through the same bases and meets every chunk in one matrix
+product, ``⟨Π(P), Π(G)⟩``:
 
 * ``basis="eigen"``: the factors' own eigenvectors with the largest
   eigenvalues. EK-FAC preconditions in exactly that basis, so
@@ -28,12 +41,15 @@ measures each against exact scores:
   the projection's error is spread over the directions the score weighs. Such
   an index serves the strategy and damping it was built with.
 
-Each chunk's exact squared gradient norm is stored too, so ``normalize=True``
-divides by the true norms. Below full rank the scores are the projected
-gradients' own, not the scan's: on the default model, EK-FAC with damping
-0.1 × mean(Λ) spreads a score over about half of each ``W_out``'s 885k
-eigen-directions (``Σ Λ / (Λ + λ)``), so no small projection reproduces it
-(docs/influence.md gives the measured agreement).
+Below full rank those scores are the projected gradients' own, not the
+scan's: on the default model, EK-FAC with damping 0.1 × mean(Λ) spreads a
+score over about half of each ``W_out``'s 885k eigen-directions
+(``Σ Λ / (Λ + λ)``), so no small projection reproduces it.
+``bench/bench_influence.py --only index`` measures every basis against
+exact scores (docs/influence.md).
+
+Each chunk's exact squared gradient norm per weight is stored too, so
+``normalize=True`` divides by the true norms of the weights scored.
 
 The index lives in a folder: ``index.json`` (what it was built from:
 the model's fingerprint, the factors' and the corpus's digests, the
@@ -52,15 +68,20 @@ not match its digest is rebuilt from the model, factors and corpus. Under
 >>> texts = ["The Eiffel Tower is in Paris.", "The Louvre is a museum.", "Berlin is in Germany."]
 >>> factors = fit_influence_factors(model, texts * 4, layers=[1, 2], n_tokens=200,
 ...                                 cache_dir=tempfile.mkdtemp(), progress=False)
->>> index = build_gradient_index(model, factors, texts, tempfile.mkdtemp(),
-...                              settings=IndexSettings(rank_in=16, rank_out=16),
-...                              progress=False)
->>> index.n_texts, index.bytes_per_text
-(3, 4096)
+>>> index = build_gradient_index(model, factors, texts, tempfile.mkdtemp(), progress=False)
+>>> index.weights
+('blocks.1.mlp.W_in', 'blocks.1.mlp.W_out', 'blocks.2.mlp.W_in', 'blocks.2.mlp.W_out')
+>>> index.n_texts, index.n_tokens, index.bytes_per_text  # 4 × 321 float32 numbers a token
+(3, 24, 41088)
 >>> result = influence(model, factors, "The Eiffel Tower is in", " Paris", texts, top_k=2,
 ...                    index=index, progress=False)
 >>> result.text_ids[0]  # the fact itself first, as the scan finds
 0
+>>> projected = build_gradient_index(model, factors, texts, tempfile.mkdtemp(),
+...                                  settings=IndexSettings(basis="eigen", rank_in=16,
+...                                                         rank_out=16), progress=False)
+>>> projected.bytes_per_text  # 4 × 16 × 16 float32 numbers a chunk
+4096
 """
 
 from __future__ import annotations
@@ -68,9 +89,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -82,7 +104,7 @@ from tqdm.auto import tqdm
 
 from rome_lens.core.backend import Model
 from rome_lens.core.cache import CacheError, load_tensors, save_tensors
-from rome_lens.core.corpus import Chunk, Corpus, CorpusSource
+from rome_lens.core.corpus import Chunk, Corpus, CorpusSource, bos_tokens
 from rome_lens.core.distributed import Split, all_reduce_sum, is_main, shard
 from rome_lens.core.fingerprint import model_fingerprint
 from rome_lens.core.precision import model_device, to_host
@@ -101,12 +123,16 @@ __all__ = [
     "factors_digest",
     "Projection",
     "index_scan",
+    "indexed_token_scores",
     "project",
 ]
 
-Basis = Literal["eigen", "random", "whitened"]
+Basis = Literal["eigen", "random", "whitened", "tokens"]
+StoredDtype = Literal["float32", "bfloat16"]
 _MANIFEST = "index.json"
-_FORMAT = 1  # bumped when the files' layout changes
+_FORMAT = 2  # bumped when the files' layout changes
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TOKEN_BLOCK = 4096  # tokens scored at once against dense queries (bounds their product)
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of shards this process checked
 
 
@@ -133,7 +159,7 @@ class EigenQueries:
         return self.input_vectors @ self.rotated @ self.output_vectors.T
 
 
-Query = Tensor | EigenQueries  # [query d_in d_out] dense, or in the eigenbasis
+Query = Tensor | EigenQueries | tuple[Tensor, Tensor]  # dense, eigenbasis, or factors (L, R)
 
 
 def project(
@@ -144,13 +170,17 @@ def project(
     """``M_inᵀ P M_out`` for every query, from a dense ``P`` or from its eigenbasis form.
 
     Args:
-        query: ``P`` as ``[query d_in d_out]``, or :class:`EigenQueries`.
+        query: ``P`` as ``[query d_in d_out]``, :class:`EigenQueries`, or low-rank factors
+            ``(L [query d_in r], R [query d_out r])`` with ``P = L Rᵀ``.
         input_basis: ``M_in``.
         output_basis: ``M_out``.
 
     Returns:
         ``[query rank_in rank_out]``.
     """
+    if isinstance(query, tuple):
+        left, right = query
+        return (input_basis.T @ left) @ (output_basis.T @ right).mT
     if isinstance(query, EigenQueries):
         input_basis, output_basis = (
             query.input_vectors.T @ input_basis,
@@ -206,29 +236,41 @@ class IndexSettings:
     """Input directions kept per weight (capped at the weight's ``d_in``)."""
     rank_out: int = 32
     """Output directions kept per weight (capped at ``d_out``)."""
-    basis: Basis = "eigen"
-    """``"eigen"``: the factors' eigenvectors with the largest eigenvalues; ``"random"``: a
-    seeded Gaussian basis; ``"whitened"``: the same Gaussian basis applied to the gradient
-    in the eigenbasis divided by ``√(Λ + λ)``, so that the preconditioning is split evenly
-    between query and text."""
+    basis: Basis = "tokens"
+    """``"tokens"``: no projection, each counted token's ``ā_t`` and ``g_t`` themselves, so
+    that the scores are the scan's own (the ranks are unused); ``"eigen"``: the factors'
+    eigenvectors with the largest eigenvalues; ``"random"``: a seeded Gaussian basis;
+    ``"whitened"``: the same Gaussian basis applied to the gradient in the eigenbasis divided
+    by ``√(Λ + λ)``, so that the preconditioning is split evenly between query and text."""
+    dtype: StoredDtype = "float32"
+    """How the stored numbers are kept: ``"bfloat16"`` halves the disk and the bytes a
+    query streams, at about three significant digits per number."""
     seed: int = 0
     """Seeds the random bases."""
     strategy: Literal["ekfac", "kfac"] = "ekfac"
     """The curvature a whitened index divides by (the queries must use the same)."""
     damping: float = 0.1
     """Its damping, as :class:`~rome_lens.influence.settings.ScoreSettings` (whitened only)."""
-    chunks_per_shard: int = 1024
-    """Text chunks per shard file: the unit written, verified, rebuilt and streamed."""
+    chunks_per_shard: int | None = None
+    """Text chunks per shard file: the unit written, verified, rebuilt and streamed, and held
+    in memory while it is built (``None``: 1024, or 64 for ``basis="tokens"``, whose shards
+    hold ``d_in + d_out`` numbers per token and weight)."""
     layers: tuple[int, ...] | None = None
     """The MLP layers indexed (``None``: every layer of the factors)."""
 
     def __post_init__(self) -> None:
+        if self.chunks_per_shard is None:
+            object.__setattr__(self, "chunks_per_shard", 64 if self.basis == "tokens" else 1024)
         for name in ("rank_in", "rank_out", "chunks_per_shard"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.basis not in ("eigen", "random", "whitened"):
-            raise ValueError(f"basis must be 'eigen', 'random' or 'whitened', got {self.basis!r}")
+        if self.basis not in ("eigen", "random", "whitened", "tokens"):
+            raise ValueError(
+                f"basis must be 'eigen', 'random', 'whitened' or 'tokens', got {self.basis!r}"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.strategy not in ("ekfac", "kfac"):
             raise ValueError(f"strategy must be 'ekfac' or 'kfac', got {self.strategy!r}")
         if not isinstance(self.damping, int | float) or not self.damping >= 0:
@@ -267,8 +309,9 @@ class GradientIndex:
     corpus: str  # Corpus.id() of the texts
     n_texts: int  # texts indexed
     n_chunks: int  # their chunks (a text longer than n_ctx has several)
+    n_tokens: int  # their counted tokens (every one but BOS)
     weights: tuple[str, ...]  # the weights indexed, e.g. "blocks.3.mlp.W_out"
-    ranks: tuple[tuple[int, int], ...]  # each weight's (rank_in, rank_out)
+    ranks: tuple[tuple[int, int], ...]  # each weight's (rank_in, rank_out), or (d_in, d_out)
     settings: IndexSettings  # as built
 
     @classmethod
@@ -301,13 +344,23 @@ class GradientIndex:
     @property
     def n_shards(self) -> int:
         """How many shard files hold the chunks."""
-        return -(-self.n_chunks // self.settings.chunks_per_shard)
+        return -(-self.n_chunks // self.chunks_per_shard)
+
+    @property
+    def chunks_per_shard(self) -> int:
+        """Text chunks per shard file."""
+        assert self.settings.chunks_per_shard is not None  # resolved by IndexSettings
+        return self.settings.chunks_per_shard
 
     @property
     def bytes_per_text(self) -> int:
-        """Disk bytes per text (float32 projected gradients; norms and owners aside)."""
-        per_chunk = 4 * sum(r_in * r_out for r_in, r_out in self.ranks)
-        return round(per_chunk * self.n_chunks / max(self.n_texts, 1))
+        """Disk bytes per text (the stored gradients; norms and owners aside)."""
+        itemsize = _DTYPES[self.settings.dtype].itemsize
+        if self.settings.basis == "tokens":
+            stored = self.n_tokens * sum(d_in + d_out for d_in, d_out in self.ranks)
+        else:
+            stored = self.n_chunks * sum(r_in * r_out for r_in, r_out in self.ranks)
+        return round(itemsize * stored / max(self.n_texts, 1))
 
     def check(self, model: Model, factors: InfluenceFactors, corpus: Corpus) -> None:
         """Raise, naming what differs, unless the index was built from these three.
@@ -339,6 +392,7 @@ class GradientIndex:
         return {
             "format": _FORMAT, "model": self.model, "factors": self.factors,
             "corpus": self.corpus, "n_texts": self.n_texts, "n_chunks": self.n_chunks,
+            "n_tokens": self.n_tokens,
             "weights": list(self.weights), "ranks": [list(r) for r in self.ranks],
             "layers": list(layers) if layers is not None else None, "settings": settings,
         }  # fmt: skip
@@ -388,14 +442,14 @@ def build_gradient_index(
     index = GradientIndex(
         path=Path(path), model=model_fingerprint(model), factors=factors_digest(factors),
         corpus=texts.id(), n_texts=len(texts.documents), n_chunks=len(chunks),
-        weights=tuple(w.name for w in weights),
-        ranks=tuple((p.input_basis.shape[1], p.output_basis.shape[1]) for p in bases.values()),
-        settings=settings,
+        n_tokens=_counted_tokens(model, chunks), weights=tuple(w.name for w in weights),
+        ranks=_stored_ranks(factors, weights, bases), settings=settings,
     )  # fmt: skip
     split = Split.of(distributed)
+    mine = shard(range(index.n_shards), split)
+    _check_disk(index, [k for k in mine if not index.shard_path(k).exists()], split)
     _claim_folder(index, write=is_main(split))
     all_reduce_sum(torch.zeros(1), split)  # the manifest is written before any shard
-    mine = shard(range(index.n_shards), split)
     todo = [k for k in mine if _read_shard(index, k) is None]
     total = sum(len(_shard_chunks(chunks, index, k)) for k in todo)
     quiet = not progress or not is_main(split)
@@ -405,6 +459,26 @@ def build_gradient_index(
             _build_shard(model, weights, bases, index, k, chunks, batch_size, bar)
     all_reduce_sum(torch.zeros(1), split)  # every rank's shards are written before anyone reads
     return index
+
+
+def _check_disk(index: GradientIndex, missing: list[int], split: Split) -> None:
+    """Raise on every rank, before anything is written, if some rank's missing shards would
+    not fit on its disk (a tokens index grows with the corpus's tokens)."""
+    share = sum(min(index.chunks_per_shard, index.n_chunks - k * index.chunks_per_shard)
+                for k in missing) / max(index.n_chunks, 1)  # fmt: skip
+    needed = index.bytes_per_text * index.n_texts * share
+    folder = index.path
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    short = all_reduce_sum(torch.tensor([float(needed > free)]), split)
+    if short.item() > 0:
+        raise OSError(
+            f"the gradient index in {index.path} needs about {needed / 1e6:,.1f} MB, and "
+            f"{free / 1e6:,.1f} MB are free there (on one rank at least): index fewer layers "
+            "(IndexSettings(layers=...)), keep bfloat16 (dtype='bfloat16'), or project "
+            "(basis='eigen')"
+        )
 
 
 def _indexed_weights(
@@ -419,10 +493,32 @@ def _indexed_weights(
     return [w for w in mlp_weights(model, chosen, fitted) if w.name in factors.names]
 
 
+def _counted_tokens(model: Model, chunks: Sequence[Chunk]) -> int:
+    """The tokens whose terms a text's gradient sums: every one but a leading BOS."""
+    bos = bos_tokens(model)
+    leading = sum(int(len(bos) > 0 and int(c.tokens[0]) == int(bos[0])) for c in chunks)
+    return sum(len(c.tokens) for c in chunks) - leading
+
+
+def _stored_ranks(
+    factors: InfluenceFactors, weights: Sequence[MLPWeight], bases: dict[str, Projection]
+) -> tuple[tuple[int, int], ...]:
+    """Each weight's stored shape: its bases' ranks, or ``(d_in, d_out)`` unprojected."""
+    if not bases:
+        return tuple(
+            (factors.input_vectors[w.name].shape[0], factors.output_vectors[w.name].shape[0])
+            for w in weights
+        )
+    return tuple((p.input_basis.shape[1], p.output_basis.shape[1]) for p in bases.values())
+
+
 def _bases(
     factors: InfluenceFactors, weights: Sequence[MLPWeight], settings: IndexSettings
 ) -> dict[str, Projection]:
-    """Each weight's projection, rebuilt the same way whenever the index is read."""
+    """Each weight's projection, rebuilt the same way whenever the index is read (none for
+    ``basis="tokens"``, which stores the tokens' factors as they are)."""
+    if settings.basis == "tokens":
+        return {}
     bases = {}
     for weight in weights:
         generator = torch.Generator().manual_seed(settings.seed + zlib.crc32(weight.name.encode()))
@@ -446,7 +542,7 @@ def _bases(
 
 def _shard_chunks(chunks: list[Chunk], index: GradientIndex, k: int) -> list[Chunk]:
     """The chunks shard ``k`` holds."""
-    per_shard = index.settings.chunks_per_shard
+    per_shard = index.chunks_per_shard
     return chunks[k * per_shard : (k + 1) * per_shard]
 
 
@@ -460,10 +556,15 @@ def _build_shard(
     batch_size: int,
     bar: tqdm,
 ) -> None:
-    """Project shard ``k``'s chunks and write the shard."""
-    tensors = _project_chunks(
-        model, weights, bases, _shard_chunks(chunks, index, k), batch_size, bar
-    )
+    """Project shard ``k``'s chunks (or gather their tokens) and write the shard."""
+    mine = _shard_chunks(chunks, index, k)
+    if index.settings.basis == "tokens":
+        tensors = _token_chunks(model, weights, mine, batch_size, bar)
+    else:
+        tensors = _project_chunks(model, weights, bases, mine, batch_size, bar)
+    dtype = _DTYPES[index.settings.dtype]
+    tensors = {name: t.to(dtype) if t.is_floating_point() and name != "squared_norms" else t
+               for name, t in tensors.items()}  # fmt: skip
     save_tensors(index.shard_path(k), tensors, {"shard": k, "index": _key(index)})
 
 
@@ -503,7 +604,7 @@ def _project_chunks(
     bar: tqdm,
 ) -> dict[str, Tensor]:
     """One shard's tensors: each weight's ``Π(G)`` per chunk, the chunks' texts and
-    exact ``‖G‖²``."""
+    exact ``‖G‖²`` per weight."""
     device = model_device(model)
     on_device = {name: projection.to(device) for name, projection in bases.items()}
     projected = {
@@ -512,18 +613,121 @@ def _project_chunks(
         )
         for name, p in bases.items()
     }  # {weight: [chunk rank_in rank_out]}
-    squared_norms = torch.zeros(len(chunks), dtype=torch.float64, device=device)
+    squared_norms = torch.zeros(len(chunks), len(weights), dtype=torch.float64, device=device)
     for batch, found in text_gradients(model, chunks, weights, batch_size):
         rows = torch.tensor(batch.indices, device=device)
-        for weight in weights:
+        for j, weight in enumerate(weights):
             a, g = found[weight.name]  # [batch pos d_in], [batch pos d_out]
             projected[weight.name][rows] = on_device[weight.name].texts(a, g)
-            squared_norms[rows] += gradient_squared_norms(a, g)
+            squared_norms[rows, j] = gradient_squared_norms(a, g)
         bar.update(len(batch.indices))
     tensors = {name: to_host(p) for name, p in projected.items()}
     tensors["documents"] = torch.tensor([c.document for c in chunks], dtype=torch.long)
     tensors["squared_norms"] = to_host(squared_norms)
     return tensors
+
+
+def _token_chunks(
+    model: Model,
+    weights: Sequence[MLPWeight],
+    chunks: list[Chunk],
+    batch_size: int,
+    bar: tqdm,
+) -> dict[str, Tensor]:
+    """One shard's tensors for ``basis="tokens"``: each weight's ``ā_t`` and ``g_t`` at every
+    counted token (``"{weight}.inputs"`` and ``"{weight}.gradients"``), the chunk each token
+    belongs to, the chunks' texts and exact ``‖G‖²`` per weight."""
+    device = model_device(model)
+    inputs: dict[str, list[Tensor]] = {w.name: [] for w in weights}
+    gradients: dict[str, list[Tensor]] = {w.name: [] for w in weights}
+    owners: list[Tensor] = []
+    squared_norms = torch.zeros(len(chunks), len(weights), dtype=torch.float64, device=device)
+    for batch, found in text_gradients(model, chunks, weights, batch_size):
+        counted = batch.counted.to(device)  # [batch pos]
+        rows = torch.tensor(batch.indices, device=device)
+        owners.append(to_host(rows[:, None].expand_as(counted)[counted]))  # [token]
+        for j, weight in enumerate(weights):
+            a, g = found[weight.name]  # [batch pos d_in], [batch pos d_out]
+            inputs[weight.name].append(to_host(a[counted]))  # [token d_in]
+            gradients[weight.name].append(to_host(g[counted]))  # [token d_out]
+            squared_norms[rows, j] = gradient_squared_norms(a, g)
+        bar.update(len(batch.indices))
+    tensors = {f"{name}.inputs": torch.cat(found) for name, found in inputs.items()}
+    tensors |= {f"{name}.gradients": torch.cat(found) for name, found in gradients.items()}
+    tensors["token_chunks"] = torch.cat(owners)
+    tensors["documents"] = torch.tensor([c.document for c in chunks], dtype=torch.long)
+    tensors["squared_norms"] = to_host(squared_norms)
+    return tensors
+
+
+def _token_dots(
+    tensors: dict[str, Tensor], name: str, query: Query
+) -> Float[Tensor, "chunk query"]:
+    """``⟨P, Σ_t ā_t g_tᵀ⟩`` for every chunk of a tokens shard."""
+    a, g = tensors[f"{name}.inputs"], tensors[f"{name}.gradients"]  # [token d_in], [token d_out]
+    per_token = _per_token(a, g, query)  # [token query]
+    scores = torch.zeros(len(tensors["documents"]), per_token.shape[1], dtype=torch.float64)
+    return scores.index_add_(0, tensors["token_chunks"], per_token.double())
+
+
+def _per_token(
+    a: Float[Tensor, "token d_in"], g: Float[Tensor, "token d_out"], query: Query
+) -> Float[Tensor, "token query"]:
+    """``ā_tᵀ P g_t`` for every token and query: ``Σ_r (ā_tᵀ L)(Rᵀ g_t)`` for low-rank factors
+    (``(d_in + d_out) × rank`` products a token), the dense form otherwise."""
+    if isinstance(query, tuple):
+        left, right = query  # [query d_in rank], [query d_out rank]
+        n_queries, rank = left.shape[0], left.shape[2]
+        left = left.permute(1, 0, 2).flatten(1).to(a.dtype)  # [d_in query·rank]
+        right = right.permute(1, 0, 2).flatten(1).to(g.dtype)  # [d_out query·rank]
+        return ((a @ left).float() * (g @ right).float()).view(-1, n_queries, rank).sum(-1)
+    dense = query.dense() if isinstance(query, EigenQueries) else query  # [query d_in d_out]
+    n_queries, d_out = dense.shape[0], dense.shape[2]
+    flat = dense.permute(1, 0, 2).flatten(1).to(a.dtype)  # [d_in query·d_out]
+    blocks = [
+        ((a[i : i + _TOKEN_BLOCK] @ flat).float().view(-1, n_queries, d_out)
+         * g[i : i + _TOKEN_BLOCK, None].float()).sum(-1)
+        for i in range(0, len(a), _TOKEN_BLOCK)
+    ]  # fmt: skip
+    return torch.cat(blocks) if blocks else torch.zeros(0, n_queries)
+
+
+def indexed_token_scores(
+    index: GradientIndex,
+    weights: Sequence[MLPWeight],
+    query: Mapping[str, Query],
+    documents: Sequence[int],
+) -> list[Float[Tensor, " token"]] | None:
+    """Each document's score split by counted token, ``Σ_w ā_tᵀ P g_t`` for one query, read
+    from a tokens index rather than from a pass over the texts.
+
+    Args:
+        index: an index of ``basis="tokens"``.
+        weights: the scored weights.
+        query: each weight's preconditioned query (one query).
+        documents: the texts wanted, as corpus indices.
+
+    Returns:
+        One ``[token]`` tensor per document, its chunks in order; ``None`` when a shard
+        cannot be read (the caller then makes the pass).
+    """
+    wanted: dict[int, list[Tensor]] = {d: [] for d in documents}
+    on_host = {w.name: _on_host(query[w.name]) for w in weights}
+    for k in range(index.n_shards):
+        tensors = _read_shard(index, k)
+        if tensors is None:
+            return None
+        for row, document in enumerate(tensors["documents"].tolist()):
+            if document not in wanted:
+                continue
+            mine = (tensors["token_chunks"] == row).nonzero().squeeze(1)  # in order
+            per_weight = [
+                _per_token(tensors[f"{w.name}.inputs"][mine],
+                           tensors[f"{w.name}.gradients"][mine], on_host[w.name])[:, 0]
+                for w in weights
+            ]  # fmt: skip
+            wanted[document].append(torch.stack(per_weight).double().sum(0))
+    return [torch.cat(wanted[d]) if wanted[d] else torch.zeros(0) for d in documents]
 
 
 def _read_shard(index: GradientIndex, k: int) -> dict[str, Tensor] | None:
@@ -565,7 +769,7 @@ def index_scan(
     texts: Corpus,
     weights: Sequence[MLPWeight],
     layers: Sequence[int],
-    queries: dict[str, Query],
+    queries: Mapping[str, Query],
     split: Split,
 ) -> tuple[Float[Tensor, "mine query layer"], Float[Tensor, " mine"], Int[Tensor, " mine"]]:
     """What a scan gives, from the index: every chunk's score for every query split by
@@ -587,28 +791,52 @@ def index_scan(
     missing = [w.name for w in weights if w.name not in index.weights]
     if missing:
         raise ValueError(f"the gradient index holds {list(index.weights)}, not {missing}")
-    bases = _bases(factors, weights, index.settings)
-    device = model_device(model)
-    projected = {
-        name: to_host(projection.to(device).queries(queries[name])).flatten(1)
-        for name, projection in bases.items()
-    }  # {weight: [query rank_in·rank_out]}
-    n_queries = len(next(iter(projected.values())))
+    tokens = index.settings.basis == "tokens"
+    if tokens:
+        projected = {w.name: _on_host(queries[w.name]) for w in weights}
+    else:
+        device = model_device(model)
+        projected = {
+            name: to_host(projection.to(device).queries(queries[name])).flatten(1)
+            for name, projection in _bases(factors, weights, index.settings).items()
+        }  # {weight: [query rank_in·rank_out]}
+    n_queries = _n_queries(next(iter(projected.values())))
     column = {layer: j for j, layer in enumerate(layers)}
+    scored = [index.weights.index(w.name) for w in weights]
     parts, norms, owners = [], [], []
     for tensors in _shards(model, factors, index, texts, split):
         n = len(tensors["documents"])
         scores = torch.zeros(n, n_queries, len(layers), dtype=torch.float64)
         for weight in weights:
-            dots = tensors[weight.name].flatten(1) @ projected[weight.name].T  # [chunk query]
+            if tokens:
+                dots = _token_dots(tensors, weight.name, projected[weight.name])
+            else:  # [chunk query]
+                stored = tensors[weight.name].flatten(1)
+                dots = stored @ projected[weight.name].T.to(stored.dtype)  # type: ignore[union-attr]
             scores[:, :, column[weight.layer]] += dots.double()
         parts.append(scores)
-        norms.append(tensors["squared_norms"])
+        norms.append(tensors["squared_norms"][:, scored].sum(1))  # the scored weights' ‖G‖²
         owners.append(tensors["documents"])
     if not parts:  # a rank with no shard contributes nothing
         return (torch.zeros(0, n_queries, len(layers), dtype=torch.float64),
                 torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long))  # fmt: skip
     return torch.cat(parts), torch.cat(norms), torch.cat(owners)
+
+
+def _on_host(query: Query) -> Query:
+    """The query where the shards are read."""
+    if isinstance(query, tuple):
+        return (to_host(query[0]), to_host(query[1]))
+    if isinstance(query, EigenQueries):
+        return EigenQueries(*(to_host(t) for t in (query.input_vectors, query.rotated,
+                                                   query.output_vectors)))  # fmt: skip
+    return to_host(query)
+
+
+def _n_queries(query: Query) -> int:
+    if isinstance(query, tuple):
+        return query[0].shape[0]
+    return (query.rotated if isinstance(query, EigenQueries) else query).shape[0]
 
 
 def _shards(

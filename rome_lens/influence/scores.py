@@ -77,7 +77,12 @@ from rome_lens.influence.factors import (
     Strategy,
     text_gradients,
 )
-from rome_lens.influence.index import EigenQueries, GradientIndex, index_scan
+from rome_lens.influence.index import (
+    EigenQueries,
+    GradientIndex,
+    index_scan,
+    indexed_token_scores,
+)
 from rome_lens.influence.prefilter import bm25_top
 from rome_lens.influence.scan import (
     Preconditioned,
@@ -208,9 +213,9 @@ def influence(
         index: score against a gradient index of ``corpus`` (a
             :class:`~rome_lens.influence.index.GradientIndex` or its folder) instead of
             scanning it: matrix products, no pass over the texts
-            (:func:`~rome_lens.influence.index.build_gradient_index`). Below full rank
-            its scores are those of the projected gradients, not the scan's (see
-            docs/influence.md for how far they agree); the token scores stay exact.
+            (:func:`~rome_lens.influence.index.build_gradient_index`). An index of
+            ``basis="tokens"`` gives the scan's own scores; a projected one below full
+            rank gives the projected gradients' (docs/influence.md measures both).
         recipe: ``"attribution"``: which of the texts ``tuned`` was trained on taught
             the completion (see :func:`influence_many`).
         tuned: the fine-tune a recipe scores.
@@ -296,16 +301,31 @@ def influence_many(
             model, scoring, chunks, scanned, batch_size, progress, split
         )
         preconditioned = scanned
-    else:
-        preconditioned = _index_queries(model, factors, scoring, queries)
+    else:  # a tokens index holds the texts' gradients exactly: it meets the scan's queries
+        tokens = opened.settings.basis == "tokens"
+        preconditioned = (_preconditioned_queries if tokens else _index_queries)(
+            model, factors, scoring, queries
+        )
         local, squared_norms, owners = index_scan(
             model, factors, opened, texts, scoring.weights, scoring.layers, preconditioned, split
         )
     if settings.normalize:
         local = _normalized(local, squared_norms, preconditioned)
     ranking = _ranking(texts, ids, queries, (local, owners, split), top_k)
+    readable = opened if not split.active else None  # token scores straight from the index
     return [
-        _query_result(model, factors, query, q, texts, scoring, preconditioned, ranking, started)
+        _query_result(
+            model,
+            factors,
+            query,
+            q,
+            texts,
+            scoring,
+            preconditioned,
+            ranking,
+            started,
+            index=readable,
+        )  # fmt: skip
         for q, query in enumerate(queries)
     ]
 
@@ -511,16 +531,19 @@ def _query_result(
     preconditioned: Mapping[str, Preconditioned],
     ranking: _Ranking,
     started: float,
+    index: GradientIndex | None = None,
 ) -> InfluenceResult:
-    """Query ``q``'s result: its top texts, their splits by layer and by token."""
+    """Query ``q``'s result: its top texts, their splits by layer and by token (read from
+    ``index`` when it holds the tokens, else from a pass over the top texts)."""
     documents = texts.documents or ()
     order = ranking.orders[q]
     top_ids = [ranking.ids[i] for i in order]
+    mine = {n: _one(p, q) for n, p in preconditioned.items()}
+    indexed = None
+    if index is not None and index.settings.basis == "tokens":
+        indexed = indexed_token_scores(index, scoring.weights, mine, top_ids)
     token_scores, str_tokens = _token_scores(
-        model,
-        scoring.weights,
-        [documents[i] for i in top_ids],
-        {n: _one(p, q) for n, p in preconditioned.items()},
+        model, scoring.weights, [documents[i] for i in top_ids], mine, indexed=indexed
     )
     return InfluenceResult(
         prompt=query[0],
@@ -741,13 +764,15 @@ def _token_scores(
     texts: list[str],
     preconditioned: Mapping[str, Preconditioned],
     batch_size: int = 8,
+    indexed: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[list[str]]]:
-    """Each text's score split by token, ``Σ_w ā_tᵀ P g_t`` (one query), the texts' chunks
-    in batches as the scan reads them."""
+    """Each text's score split by token, ``Σ_w ā_tᵀ P g_t`` (one query): ``indexed`` where
+    a tokens index gave them, else from the texts' chunks in batches as the scan reads them."""
     skip = len(bos_tokens(model))
     chunks = [chunk for d, text in enumerate(texts) for chunk in _text_chunks(model, text, d)]
     pieces: dict[int, Tensor] = {}  # chunk -> its non-BOS tokens' scores
-    for batch, found in text_gradients(model, chunks, weights, batch_size):
+    batches = [] if indexed is not None else text_gradients(model, chunks, weights, batch_size)
+    for batch, found in batches:
         per_token = sum(
             _per_token(a, g, preconditioned[name]) for name, (a, g) in found.items()
         )  # [batch pos]
@@ -756,7 +781,10 @@ def _token_scores(
     token_scores, str_tokens = [], []
     for d in range(len(texts)):
         mine = [i for i, chunk in enumerate(chunks) if chunk.document == d]
-        token_scores.append(torch.cat([pieces[i] for i in mine]) if mine else torch.zeros(0))
+        if indexed is not None:
+            token_scores.append(indexed[d])
+        else:
+            token_scores.append(torch.cat([pieces[i] for i in mine]) if mine else torch.zeros(0))
         str_tokens.append([
             model.to_single_str_token(t) for i in mine for t in chunks[i].tokens[skip:].tolist()
         ])  # fmt: skip
