@@ -68,40 +68,24 @@ def scan_and_index(model, factors, index, settings=None):
     )
 
 
-class TestScores:
-    @pytest.mark.parametrize(
-        "settings",
-        [
-            None,
-            ScoreSettings(strategy="kfac", normalize=True),
-            ScoreSettings(strategy="identity", layers=(1,), normalize=True),
-            ScoreSettings(query_rank=2),
-        ],
-    )
-    def test_every_direction_kept_gives_the_scans_scores(self, micro, factors, full_index,
-                                                         settings):  # fmt: skip
-        """With the whole eigenbasis kept, the index's scores, layer splits and ranking are the
-        scan's (any strategy, normalised, a subset of layers, low-rank queries)."""
-        scanned, indexed = scan_and_index(micro, factors, full_index, settings)
-        for s, i in zip(scanned, indexed, strict=True):
-            torch.testing.assert_close(i.all_scores, s.all_scores, rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(i.layer_scores, s.layer_scores, rtol=1e-4, atol=1e-6)
-            assert i.text_ids == s.text_ids
+SETTINGS = [
+    None,
+    ScoreSettings(strategy="kfac", normalize=True),
+    ScoreSettings(strategy="identity", layers=(1,), normalize=True),
+    ScoreSettings(query_rank=2),
+]
 
-    @pytest.mark.parametrize(
-        "settings",
-        [
-            None,
-            ScoreSettings(strategy="kfac", normalize=True),
-            ScoreSettings(strategy="identity", layers=(1,), normalize=True),
-            ScoreSettings(query_rank=2),
-        ],
-    )
-    def test_a_tokens_index_gives_the_scans_scores(self, micro, factors, token_index,
-                                                   settings):  # fmt: skip
-        """Storing each token's ā_t and g_t loses nothing: the scores, layer splits and ranking
-        are the scan's for any strategy, normalised, a subset of layers, low-rank queries."""
-        scanned, indexed = scan_and_index(micro, factors, token_index, settings)
+
+class TestScores:
+    @pytest.mark.parametrize("settings", SETTINGS)
+    @pytest.mark.parametrize("which", ["full_index", "token_index"])
+    def test_a_lossless_index_gives_the_scans_scores(self, micro, factors, request, which,
+                                                     settings):  # fmt: skip
+        """Every direction of the eigenbasis kept, or every token's ā_t and g_t: the index's
+        scores, layer splits and ranking are the scan's (any strategy, normalised, a subset of
+        layers, low-rank queries)."""
+        index = request.getfixturevalue(which)
+        scanned, indexed = scan_and_index(micro, factors, index, settings)
         for s, i in zip(scanned, indexed, strict=True):
             torch.testing.assert_close(i.all_scores, s.all_scores, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(i.layer_scores, s.layer_scores, rtol=1e-4, atol=1e-6)
