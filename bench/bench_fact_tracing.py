@@ -24,7 +24,8 @@ whose teaching text we know, then ask each method to find that text.
 * ``train``: fine-tune the MLP weights (W_in, W_gate, W_out) of ``--layers``
   on the whole corpus (:func:`rome_lens.influence.fine_tune`, cached) and
   report the share of facts learnt: the query prompt prefers ``target_new``
-  over ``ground_truth``.
+  over ``ground_truth``, after the last epoch and after each epoch kept by
+  ``--checkpoints`` (whose weights checkpoint averaging also uses).
 * ``scores``: for each learnt fact, the query (CounterFact ``prompt``,
   completion ``target_new``) ranks the whole corpus by EK-FAC, K-FAC,
   diagonal, identity (the gradient dot product), gradient cosine (the same,
@@ -79,7 +80,6 @@ GRADIENT_METHODS = ("ekfac", "kfac", "diagonal", "identity")
 METHODS = (*GRADIENT_METHODS, "cosine", "bm25")
 SUBJECT_STEMS = ("{} is", "{} was", "{} has")
 RRF_K = 60  # reciprocal-rank fusion's constant (Cormack et al. 2009)
-CHECKPOINTS = (3, 4)  # epochs whose weights fine_tune keeps, for checkpoint averaging
 # The ablation: every ingredient of the attribution recipe on and off (docs/influence.md).
 ABLATION: dict[str, AttributionSettings] = {
     "ekfac": AttributionSettings(normalize=False),
@@ -116,6 +116,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--checkpoints", default="3,4",
+        help="epochs whose weights are kept too, for checkpoint averaging and the training table",
+    )  # fmt: skip
     parser.add_argument("--query-rank", type=int, default=32)
     parser.add_argument("--retrain-facts", type=int, default=20)
     parser.add_argument("--retrain-random", action="store_true", help="also remove random texts")
@@ -148,7 +152,7 @@ def main() -> None:
         epochs=args.epochs,
         lr=args.lr,
         batch_size=args.batch_size,
-        checkpoints=CHECKPOINTS,
+        checkpoints=tuple(int(x) for x in args.checkpoints.split(",") if x),
     )
     tuned = fine_tune(model, texts, config)
     learnt = train_report(model, tuned, cases, args)
@@ -217,24 +221,30 @@ def row(text: str, kind: str, fact: int) -> dict:
 
 
 def train_report(model, tuned, cases, args) -> list[int]:
-    """The facts the fine-tuned model has learnt; writes fact_tracing_training.csv."""
+    """The facts the fine-tuned model has learnt; writes fact_tracing_training.csv.
+
+    One row for the final weights, then one for each kept epoch (``--checkpoints``)."""
     before = case_scores(model, cases)
-    with tuned.applied(model):
-        after = case_scores(model, cases)
-    learnt = [i for i in range(len(cases)) if after.efficacy_score[i]]
-    table = pd.DataFrame(
-        [{
+    epochs = len(tuned.losses)
+    kept = [(epochs, None), *((e, e) for e in tuned.config["checkpoints"])]
+    rows, learnt = [], []
+    for epoch, checkpoint in kept:
+        with tuned.applied(model, checkpoint=checkpoint):
+            after = case_scores(model, cases)
+        facts = [i for i in range(len(cases)) if after.efficacy_score[i]]
+        if checkpoint is None:
+            learnt = facts
+        rows.append({
             "batch_size": tuned.config["batch_size"], "lr": tuned.config["lr"],
             "layers": "-".join(map(str, tuned.config["layers"])),
             "facts": len(cases), "learnt_before": int(before.efficacy_score.sum()),
-            "learnt": len(learnt), "learnt_pct": 100 * len(learnt) / len(cases),
+            "learnt": len(facts), "learnt_pct": 100 * len(facts) / len(cases),
             "paraphrase_pct": 100 * after.paraphrase_score.mean(),
-            "weights": len(tuned.weights), "epochs": len(tuned.losses),
-            "first_loss": tuned.losses[0], "last_loss": tuned.losses[-1],
-            "train_seconds": tuned.seconds,
-        }]
-    )  # fmt: skip
-    report(args.out, f"fact_tracing{args.suffix}_training", table)
+            "weights": len(tuned.weights), "epochs": epoch,
+            "first_loss": tuned.losses[0], "last_loss": tuned.losses[epoch - 1],
+            "train_seconds": tuned.seconds * epoch / epochs,
+        })  # fmt: skip
+    report(args.out, f"fact_tracing{args.suffix}_training", pd.DataFrame(rows))
     return learnt
 
 

@@ -5,7 +5,7 @@
                    [--neighbor P ...] --out DIR
     rome-lens lens PROMPT [--targets T ...] --out DIR
     rome-lens microscope TEXT_OR_FILE [--adapter PATH] --out DIR
-    rome-lens influence PROMPT --completion C --corpus FILE [--index DIR | --tuned FILE]
+    rome-lens influence PROMPT COMPLETION --corpus FILE [--index DIR | --tuned FILE]
         [--layers L ...] --out DIR
     rome-lens demo [--out DIR]
 
@@ -162,7 +162,13 @@ def _parser() -> argparse.ArgumentParser:
 
     infl = commands.add_parser("influence", help="which texts of a corpus drive a completion")
     infl.add_argument("prompt", help="the query's prompt")
-    infl.add_argument("--completion", required=True, help="the answer whose probability counts")
+    infl.add_argument(
+        "completion_arg",
+        nargs="?",
+        metavar="COMPLETION",
+        help="the answer whose probability counts (or --completion)",
+    )
+    infl.add_argument("--completion", default=None, help="the same as COMPLETION")
     infl.add_argument(
         "--corpus",
         required=True,
@@ -259,11 +265,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if args.command == "influence":
+        _resolve_completion(args)
     for name in ("samples", "window", "reference_tokens", "context_steps", "fit_tokens", "top_k"):
         value = getattr(args, name, 1)
         if value < 1:
             flag = name.replace("_", "-")
             raise ValueError(f"--{flag} must be a positive integer, got {value}")
+
+
+def _resolve_completion(args: argparse.Namespace) -> None:
+    """COMPLETION may come as the second positional or as --completion, not as two answers."""
+    given = {c for c in (args.completion_arg, args.completion) if c is not None}
+    if not given:
+        raise ValueError("influence needs a COMPLETION: rome-lens influence PROMPT COMPLETION ...")
+    if len(given) > 1:
+        raise ValueError(
+            f"two completions given, {args.completion_arg!r} and --completion "
+            f"{args.completion!r}: pass one"
+        )
+    args.completion = given.pop()
 
 
 def _model(path: Path | None, prepend_bos: bool | None) -> Model:

@@ -100,6 +100,8 @@ class TestCommandLineOnAnyModel:
             (["trace", PROMPT, "--subject", "Louvre"], "subject 'Louvre' is not in the prompt"),
             (["edit", "{} is in", "--subject", "X", "--new", " "], "non-empty"),
             (["edit", "{} is in", "--subject", "X", "--new", "Y", "--layer", "9"], "layer"),
+            (["influence", PROMPT, "--corpus", "c.txt"], "needs a COMPLETION"),
+            (["influence", PROMPT, "Paris", "--completion", "Rome", "--corpus", "c.txt"], "two"),
         ],
     )
     def test_bad_input_is_one_line_and_status_2(self, tiny_path, tmp_path, capsys, args, message):
@@ -143,7 +145,7 @@ class TestInfluence:
         corpus.write_text(
             "The Eiffel Tower is in Paris.\n\nCats sleep a lot.\n\nBerlin is in Germany."
         )
-        args = ["influence", "The Eiffel Tower is in", "--completion", "Paris"]
+        args = ["influence", "The Eiffel Tower is in", "Paris"]
         args += ["--corpus", str(corpus), "--layers", "1", "2", "--fit-tokens", "100"]
         out = tmp_path / "out"
         assert main([*args, "--model-path", tiny_path, "--no-progress", "--out", str(out)]) == 0

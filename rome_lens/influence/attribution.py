@@ -19,7 +19,8 @@ keeps Adam's second moments and, on request, earlier epochs' weights):
   badly fitted texts do not outrank the rest (unit normalisation);
 * ``checkpoints``: average the normalised scores over the fine-tune's kept
   epochs and its end, against a single checkpoint's saturated gradients
-  (DDA's denoising, arXiv 2410.01285);
+  (DDA's denoising, arXiv 2410.01285); keep epochs from early in training,
+  while the facts are still being learnt: later ones are as saturated as the end;
 * ``debias``: subtract the base model's scores, what a text's gradient shares
   with the query before any fine-tuning (DDA's debiasing).
 
