@@ -242,7 +242,7 @@ def train_report(model, tuned, cases, args) -> list[int]:
             "paraphrase_pct": 100 * after.paraphrase_score.mean(),
             "weights": len(tuned.weights), "epochs": epoch,
             "first_loss": tuned.losses[0], "last_loss": tuned.losses[epoch - 1],
-            "train_seconds": tuned.seconds * epoch / epochs,
+            "train_seconds": tuned.seconds if checkpoint is None else None,  # timed as a whole
         })  # fmt: skip
     report(args.out, f"fact_tracing{args.suffix}_training", pd.DataFrame(rows))
     return learnt
